@@ -1,0 +1,1 @@
+"""stabench: how well training-stabilization techniques keep deep networks trainable."""

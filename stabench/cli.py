@@ -1,0 +1,156 @@
+"""Command line: parse, validate, call. Bad input exits 2 with one line; no traceback."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .registry import UserError
+
+DEFAULT_OUT = "runs"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise UserError(f"{self.prog}: {message}")
+
+
+def _parse_set(items: list[str]) -> dict:
+    from .tasks import parse_value
+
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise UserError(f"--set expects key=value, got '{item}'")
+        out[key.strip()] = parse_value(value.strip())
+    return out
+
+
+def _spec_from_args(args):
+    from .config import make_spec, parse_lrs
+
+    overrides = _parse_set(args.set)
+    for flag, key in (("steps", "train.steps"), ("batch_size", "train.batch_size")):
+        value = getattr(args, flag)
+        if value is not None:
+            if value <= 0:
+                raise UserError(f"--{flag.replace('_', '-')} must be positive, got {value}")
+            overrides[key] = value
+    if args.seeds is not None and args.seeds <= 0:
+        raise UserError(f"--seeds must be positive, got {args.seeds}")
+    return make_spec(args.task, args.method, args.init, args.optimizer, args.seeds,
+                     parse_lrs(args.lrs) if args.lrs else None, overrides, args.fake_data)
+
+
+def print_record(record, reused: bool) -> None:
+    from .leaderboard import lr_table
+
+    spec, timing = record.spec, record.data["timing"]
+    print(f"task {spec.task} | method {spec.method} | init {spec.init} | optimizer {spec.optimizer}"
+          f" | {len(spec.seeds)} seeds x {len(spec.lrs)} lrs | {spec.train['steps']} steps")
+    print(lr_table(record.runs).to_string(index=False))
+    prov = record.data["provenance"]
+    print(f"compile {timing['compile_s']:.2f} s | steady {timing['steady_s']:.2f} s | "
+          f"{timing['samples_per_s']:,.0f} samples/s | {prov['device_count']}x {prov['device_kind']}")
+    if reused:
+        print(f"reused stored record {record.path} (trained {prov['date']}); --force retrains")
+    else:
+        print(f"record written to {record.path}")
+
+
+def cmd_run(args) -> int:
+    from .store import Store
+
+    spec = _spec_from_args(args)
+    store = Store(args.out)
+    if not args.force:
+        record = store.load(spec)
+        if record is not None:
+            print_record(record, reused=True)
+            return 0
+    store.check_writable(spec)
+
+    from tqdm import tqdm
+
+    from .runner import enable_compilation_cache, load_data, run_cell
+
+    data = load_data(spec, args.data_dir)
+    enable_compilation_cache()
+    steps = spec.train["steps"]
+    with tqdm(total=steps, desc=f"{spec.task} {spec.method}", unit="step", file=sys.stderr,
+              leave=False) as bar:
+        record = run_cell(spec, store, args.data_dir, lambda done: bar.update(done - bar.n),
+                          data=data)
+    print_record(record, reused=False)
+    return 0
+
+
+def cmd_list(args) -> int:
+    if args.what == "tasks":
+        from .tasks import all_tasks
+
+        for task in all_tasks().values():
+            print(f"{task.name:16s} {task.description}")
+        return 0
+    registry = _registry(args.what)
+    for entry in registry.entries():
+        ref = f"  [{entry.ref}]" if entry.ref else ""
+        print(f"{entry.signature_text():40s} {entry.help}{ref}")
+    return 0
+
+
+def _registry(what: str):
+    if what == "methods":
+        from .methods import METHODS as reg
+    elif what == "inits":
+        from .inits import INITS as reg
+    elif what == "optimizers":
+        from .optimizers import OPTIMIZERS as reg
+    else:
+        from .models import MODELS as reg
+    return reg
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="stabench", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
+
+    run = sub.add_parser("run", help="train one cell (seeds x learning rates) and store its record")
+    run.add_argument("--task", default="digits", help="task name or alias (see: list tasks)")
+    run.add_argument("--method", default="none", help="method string, e.g. clip_norm(max_norm=0.5)")
+    run.add_argument("--init", default="default", help="init string, e.g. normal(std=0.01)")
+    run.add_argument("--optimizer", default=None, help="overrides the task's optimizer")
+    run.add_argument("--seeds", type=int, default=None, help="number of seeds (0..N-1)")
+    run.add_argument("--lrs", default=None, help="comma-separated learning rates")
+    run.add_argument("--steps", type=int, default=None)
+    run.add_argument("--batch-size", type=int, default=None)
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a task field, e.g. model.depth=20")
+    run.add_argument("--fake-data", action="store_true",
+                     help="random data with the task's shapes (runs anywhere, offline)")
+    run.add_argument("--data-dir", default=None, help="TFDS data directory (else $TFDS_DATA_DIR)")
+    run.add_argument("--out", default=DEFAULT_OUT, help=f"results directory (default {DEFAULT_OUT}/)")
+    run.add_argument("--force", action="store_true", help="retrain even if a record exists")
+    run.set_defaults(func=cmd_run)
+
+    lst = sub.add_parser("list", help="list tasks, methods, inits, optimizers or models")
+    lst.add_argument("what", choices=["tasks", "methods", "inits", "optimizers", "models"])
+    lst.set_defaults(func=cmd_list)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; nothing partial was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

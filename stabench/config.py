@@ -1,0 +1,134 @@
+"""Run specs: what a cell is, validated up front, with a stable hash; and building a cell from one."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from . import methods
+from .data import DATASETS, Source, fake
+from .inits import INITS
+from .models import MODELS
+from .optimizers import OPTIMIZERS
+from .registry import UserError
+from .tasks import TARGET_METRICS, TaskSpec, get_task, with_overrides
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """A cell: task (with overrides resolved), method, init, optimizer, and its runs."""
+
+    task: str
+    task_config: dict
+    method: str
+    init: str
+    optimizer: str
+    seeds: tuple[int, ...]
+    lrs: tuple[float, ...]
+    fake_data: bool = False
+
+    def to_dict(self) -> dict:
+        return {"format_version": FORMAT_VERSION, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunSpec":
+        d = {k: v for k, v in d.items() if k != "format_version"}
+        return cls(**{**d, "seeds": tuple(d["seeds"]), "lrs": tuple(d["lrs"])})
+
+    @property
+    def hash(self) -> str:
+        text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    @property
+    def runs(self) -> list[tuple[int, float]]:
+        """(seed, lr) of every run, learning-rate major."""
+        return [(s, lr) for lr in self.lrs for s in self.seeds]
+
+    @property
+    def train(self) -> dict:
+        return self.task_config["train"]
+
+    @property
+    def target(self) -> tuple[str, float, str]:
+        t = self.task_config["target"]
+        return t["metric"], float(t["value"]), TARGET_METRICS[t["metric"]]
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise UserError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def parse_lrs(text: str) -> tuple[float, ...]:
+    try:
+        lrs = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise UserError(f"--lrs must be comma-separated numbers, got '{text}'") from None
+    if not lrs or not all(math.isfinite(x) and x > 0 for x in lrs):
+        raise UserError(f"--lrs must be positive finite numbers, got '{text}'")
+    return lrs
+
+
+def make_spec(task: str, method: str = "none", init: str = "default", optimizer: str | None = None,
+              seeds: int | None = None, lrs: tuple[float, ...] | None = None,
+              overrides: dict[str, Any] | None = None, fake_data: bool = False) -> RunSpec:
+    """Validate every part of a cell before anything runs or is written."""
+    spec_task = with_overrides(get_task(task), overrides or {})
+    train = spec_task.train
+    seeds = _positive_int("seeds", train["seeds"] if seeds is None else seeds)
+    lrs = tuple(float(x) for x in (train["lrs"] if lrs is None else lrs))
+    if not all(math.isfinite(x) and x > 0 for x in lrs):
+        raise UserError(f"learning rates must be positive and finite, got {list(lrs)}")
+    source = data_source(spec_task)
+    n_train = fake(source.meta).x_train.shape[0] if fake_data else source.meta.n_train
+    if train["batch_size"] > n_train:
+        raise UserError(f"batch size {train['batch_size']} exceeds the {n_train} training examples "
+                        f"of task {spec_task.name}")
+    MODELS.get(spec_task.component("model"))
+    spec = RunSpec(
+        task=spec_task.name,
+        task_config=spec_task.config,
+        method=methods.canonical(methods.resolve(method)),
+        init=str(INITS.resolve(init)),
+        optimizer=str(OPTIMIZERS.resolve(optimizer or train["optimizer"])),
+        seeds=tuple(range(seeds)),
+        lrs=lrs,
+        fake_data=fake_data,
+    )
+    build_cell(spec, source)  # factories check their own arguments now, not mid-sweep
+    return spec
+
+
+def data_source(task: TaskSpec) -> Source:
+    return DATASETS.get(task.component("dataset"))
+
+
+def task_of(spec: RunSpec) -> TaskSpec:
+    return TaskSpec(spec.task, spec.task_config, f"record of task {spec.task}")
+
+
+def build_cell(spec: RunSpec, source: Source):
+    """The engine's Cell for a spec: model builder with the init, method, optimizer, loss."""
+    from .train import Cell
+
+    task = task_of(spec)
+    build_model = MODELS.get(task.component("model"))
+    init = INITS.get(spec.init)
+    meta = source.meta
+    train = spec.train
+    return Cell(
+        build_model=lambda rngs: build_model(meta, init.kernel_init, rngs),
+        method=methods.build(methods.resolve(spec.method)),
+        optimizer=OPTIMIZERS.get(spec.optimizer),
+        loss=spec.task_config["loss"],
+        steps=train["steps"],
+        batch_size=train["batch_size"],
+        eval_every=train["eval_every"],
+    )

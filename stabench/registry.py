@@ -1,0 +1,191 @@
+"""One registry class for every concept: tasks' datasets, models, methods, inits, optimizers.
+
+Entries are factories registered under a name. A spec string names an entry with optional literal
+keyword arguments, `clip_norm(max_norm=0.5)`; `Registry.get` parses it, checks every argument against
+the factory's signature and calls the factory.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable
+
+
+class UserError(ValueError):
+    """Bad input from the user: reported in one line, exit code 2, never a traceback."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    factory: Callable[..., Any]
+    help: str
+    ref: str
+    meta: dict
+
+    def parameters(self) -> dict[str, inspect.Parameter]:
+        return {
+            p.name: p
+            for p in inspect.signature(self.factory).parameters.values()
+            if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+        }
+
+    def signature_text(self) -> str:
+        parts = [f"{p.name}={p.default!r}" if p.default is not p.empty else p.name
+                 for p in self.parameters().values()]
+        return f"{self.name}({', '.join(parts)})" if parts else self.name
+
+
+@dataclass(frozen=True)
+class Call:
+    """A parsed spec: an entry name and its keyword arguments (defaults filled in)."""
+
+    name: str
+    kwargs: tuple[tuple[str, Any], ...]
+
+    def __str__(self) -> str:
+        if not self.kwargs:
+            return self.name
+        return f"{self.name}({', '.join(f'{k}={v!r}' for k, v in self.kwargs)})"
+
+
+def closest(name: str, choices) -> str:
+    match = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
+    return f" Did you mean '{match[0]}'?" if match else ""
+
+
+def _literal(node: ast.AST, where: str) -> Any:
+    if isinstance(node, ast.Name):  # a bare word is a string: shape=cosine
+        if node.id in ("True", "False", "None"):
+            return {"True": True, "False": False, "None": None}[node.id]
+        return node.id
+    try:
+        return ast.literal_eval(node)
+    except ValueError:
+        raise UserError(f"{where}: '{ast.unparse(node)}' is not a literal value") from None
+
+
+def parse_call(spec: str, kind: str = "entry") -> tuple[str, dict[str, Any]]:
+    """Parse `name` or `name(k=v, ...)` into its name and raw literal keyword arguments."""
+    text = spec.strip()
+    try:
+        node = ast.parse(text, mode="eval").body
+    except SyntaxError:
+        raise UserError(f"cannot parse {kind} '{spec}': write name or name(key=value, ...)") from None
+    if isinstance(node, ast.Name):
+        return node.id, {}
+    if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)):
+        raise UserError(f"cannot parse {kind} '{spec}': write name or name(key=value, ...)")
+    if node.args:
+        raise UserError(f"{kind} '{spec}': arguments must be named, e.g. {node.func.id}(key=value)")
+    kwargs = {}
+    for kw in node.keywords:
+        if kw.arg is None:
+            raise UserError(f"{kind} '{spec}': '**' is not allowed")
+        kwargs[kw.arg] = _literal(kw.value, f"{kind} '{spec}'")
+    return node.func.id, kwargs
+
+
+def split_plus(spec: str) -> list[str]:
+    """Split `a(x=1)+b` at top-level '+' signs (not inside brackets or numbers like 1e+3)."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(spec):
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+            if depth < 0:
+                raise UserError(f"unbalanced brackets in '{spec}'")
+        elif ch == "+" and depth == 0:
+            parts.append(spec[start:i])
+            start = i + 1
+    if depth != 0:
+        raise UserError(f"unbalanced brackets in '{spec}'")
+    parts.append(spec[start:])
+    if any(not p.strip() for p in parts):
+        raise UserError(f"empty term in '{spec}'")
+    return [p.strip() for p in parts]
+
+
+def _coerce(value: Any, param: inspect.Parameter, where: str) -> Any:
+    """Check a literal against the annotation (or the default's type) of the factory parameter."""
+    expected = param.annotation if param.annotation is not param.empty else None
+    if isinstance(expected, str):  # from __future__ annotations
+        expected = {"float": float, "int": int, "str": str, "bool": bool}.get(expected)
+    if expected is None and param.default is not param.empty and param.default is not None:
+        expected = type(param.default)
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected in (float, int, str, bool) and not (
+        isinstance(value, expected) and not (expected is not bool and isinstance(value, bool))
+    ):
+        raise UserError(f"{where}: {param.name} must be {expected.__name__}, got {value!r}")
+    return value
+
+
+class Registry:
+    """Name -> factory. `register` rejects duplicates; `get` builds from a spec string."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._entries: dict[str, Entry] = {}
+
+    def register(self, name: str, *, help: str, ref: str = "", **meta) -> Callable:
+        def decorator(factory: Callable) -> Callable:
+            if name in self._entries:
+                raise ValueError(f"duplicate {self.kind} name '{name}'")
+            self._entries[name] = Entry(name, factory, help, ref, meta)
+            return factory
+
+        return decorator
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def entries(self) -> list[Entry]:
+        return [self._entries[n] for n in self.names()]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def entry(self, name: str) -> Entry:
+        if name not in self._entries:
+            raise UserError(
+                f"unknown {self.kind} '{name}'.{closest(name, self._entries)}"
+                f" Valid {self.kind}s: {', '.join(self.names())}"
+            )
+        return self._entries[name]
+
+    def resolve(self, spec: str) -> Call:
+        """Parse and validate a spec; the result names every argument, defaults included."""
+        name, raw = parse_call(spec, self.kind)
+        entry = self.entry(name)
+        params = entry.parameters()
+        where = f"{self.kind} '{spec}'"
+        kwargs = {}
+        for key, value in raw.items():
+            if key not in params:
+                accepted = ", ".join(params) or "none"
+                raise UserError(
+                    f"{where}: unknown argument '{key}'.{closest(key, params)} Accepted: {accepted}"
+                )
+            kwargs[key] = _coerce(value, params[key], where)
+        missing = [p for p in params.values() if p.default is p.empty and p.name not in kwargs]
+        if missing:
+            raise UserError(f"{where}: missing argument(s) {', '.join(p.name for p in missing)}")
+        full = {p.name: kwargs.get(p.name, p.default) for p in params.values()}
+        return Call(name, tuple(full.items()))
+
+    def build(self, call: Call) -> Any:
+        try:
+            return self._entries[call.name].factory(**dict(call.kwargs))
+        except UserError:
+            raise
+        except ValueError as err:  # a factory's own argument check
+            raise UserError(f"{self.kind} '{call}': {err}") from None
+
+    def get(self, spec: str) -> Any:
+        return self.build(self.resolve(spec))

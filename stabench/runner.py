@@ -1,0 +1,62 @@
+"""One cell from spec to stored record: load data, compile and train, compute metrics, save."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .config import RunSpec, build_cell, data_source, task_of
+from .data import Dataset, check_finite, fake
+from .metrics import run_metrics
+from .store import Record, Store, provenance
+
+DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "stabench" / "jax"
+
+
+def enable_compilation_cache(directory: str | os.PathLike | None = None) -> str:
+    """Persist compiled programs so a re-run recompiles nothing (STABENCH_CACHE_DIR overrides)."""
+    import jax
+
+    directory = str(directory or os.environ.get("STABENCH_CACHE_DIR") or DEFAULT_CACHE)
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return directory
+
+
+def load_data(spec: RunSpec, data_dir: str | None = None) -> Dataset:
+    source = data_source(task_of(spec))
+    data = fake(source.meta) if spec.fake_data else source.load(data_dir)
+    return check_finite(data, source.name)
+
+
+def train_spec(spec: RunSpec, data: Dataset, on_chunk: Callable[[int], None] | None = None):
+    """Train every run of the cell; returns the record body and the telemetry arrays."""
+    from .train import Engine
+
+    engine = Engine(build_cell(spec, data_source(task_of(spec))), data)
+    seeds, lrs = (np.array(x) for x in zip(*spec.runs))
+    result = engine.run(seeds, lrs, on_chunk)
+    runs = []
+    for i, (seed, lr) in enumerate(spec.runs):
+        tel = {k: v[i] for k, v in result.telemetry.items()}
+        ev = {k: v[i] for k, v in result.evals.items()}
+        metrics = run_metrics(tel, ev, result.eval_steps, int(result.diverged_at[i]), spec.target)
+        runs.append({"seed": int(seed), "lr": float(lr), **metrics})
+    body = {"runs": runs, "timing": result.timing, "provenance": provenance(),
+            "layer_names": result.layer_names, "eval_steps": result.eval_steps.tolist()}
+    arrays = {**result.telemetry, **{f"eval_{k}": v for k, v in result.evals.items()},
+              "eval_steps": result.eval_steps, "diverged_at": result.diverged_at,
+              "seeds": seeds, "lrs": lrs}
+    return body, arrays
+
+
+def run_cell(spec: RunSpec, store: Store, data_dir: str | None = None,
+             on_chunk: Callable[[int], None] | None = None, data: Dataset | None = None) -> Record:
+    if data is None:
+        data = load_data(spec, data_dir)
+    body, arrays = train_spec(spec, data, on_chunk)
+    return store.save(spec, body, arrays)

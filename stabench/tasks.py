@@ -1,0 +1,181 @@
+"""Task specs: one TOML file per task under tasks/, loaded into frozen TaskSpec values."""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .registry import UserError, closest, parse_call
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+LOSSES = ("cross_entropy", "mse")
+TARGET_METRICS = {"test_accuracy": "max", "test_loss": "min"}
+
+# section -> field -> (type, required)
+SCHEMA: dict[str, dict[str, tuple[type | tuple, bool]]] = {
+    "": {"description": (str, True), "aliases": (list, False), "expect": (str, False),
+         "loss": (str, True)},
+    "dataset": {"name": (str, True)},
+    "model": {"name": (str, True)},
+    "train": {"optimizer": (str, True), "lrs": (list, True), "seeds": (int, True),
+              "steps": (int, True), "batch_size": (int, True), "eval_every": (int, True)},
+    "target": {"metric": (str, True), "value": ((int, float), True)},
+}
+OPEN_SECTIONS = ("dataset", "model")  # their other keys are the factory's arguments
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    config: dict  # the validated TOML document, overrides applied
+    source: str
+
+    @property
+    def description(self) -> str:
+        return self.config["description"]
+
+    @property
+    def train(self) -> dict:
+        return self.config["train"]
+
+    @property
+    def loss(self) -> str:
+        return self.config["loss"]
+
+    def component(self, section: str) -> str:
+        """The dataset or model section as a registry spec string: name(k=v, ...)."""
+        fields = dict(self.config[section])
+        name = fields.pop("name")
+        args = ", ".join(f"{k}={v!r}" for k, v in sorted(fields.items()))
+        return f"{name}({args})" if args else name
+
+
+def task_dir():
+    """tasks/ of a source checkout (editable installs, `python -m` from the repo), else the copy
+    installed as package data `stabench.task_files`."""
+    checkout = Path(__file__).resolve().parent.parent / "tasks"
+    if checkout.is_dir():
+        return checkout
+    return resources.files("stabench.task_files")
+
+
+def _type_name(t) -> str:
+    return " or ".join(x.__name__ for x in t) if isinstance(t, tuple) else t.__name__
+
+
+def validate(doc: dict, source: str) -> dict:
+    """Check a task document against SCHEMA; errors name the file and the field."""
+    for section, fields in SCHEMA.items():
+        table = doc if section == "" else doc.get(section)
+        if not isinstance(table, dict):
+            raise UserError(f"{source}: missing section [{section}]")
+        for field, (ftype, required) in fields.items():
+            key = f"{section}.{field}" if section else field
+            if field not in table:
+                if required:
+                    raise UserError(f"{source}: missing field '{key}'")
+                continue
+            value = table[field]
+            if isinstance(value, bool) or not isinstance(value, ftype):
+                raise UserError(
+                    f"{source}: field '{key}' must be {_type_name(ftype)}, got {value!r}"
+                )
+        if section and section not in OPEN_SECTIONS:
+            extra = set(table) - set(fields)
+            if extra:
+                raise UserError(f"{source}: unknown field(s) {sorted(extra)} in [{section}]")
+    train = doc["train"]
+    lrs = train["lrs"]
+    if not lrs or not all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+        for x in lrs
+    ):
+        raise UserError(f"{source}: field 'train.lrs' must be a non-empty list of positive numbers")
+    for field in ("seeds", "steps", "batch_size", "eval_every"):
+        if train[field] <= 0:
+            raise UserError(f"{source}: field 'train.{field}' must be positive, got {train[field]}")
+    if doc["loss"] not in LOSSES:
+        raise UserError(f"{source}: field 'loss' must be one of {', '.join(LOSSES)}")
+    if doc["target"]["metric"] not in TARGET_METRICS:
+        raise UserError(
+            f"{source}: field 'target.metric' must be one of {', '.join(TARGET_METRICS)}"
+        )
+    for section in OPEN_SECTIONS:
+        spec = ", ".join(f"{k}={v!r}" for k, v in doc[section].items() if k != "name")
+        parse_call(f"{doc[section]['name']}({spec})", section)
+    return doc
+
+
+def _load_all() -> dict[str, TaskSpec]:
+    tasks = {}
+    for path in sorted(task_dir().iterdir(), key=lambda p: p.name):
+        if not path.name.endswith(".toml"):
+            continue
+        name = path.name[: -len(".toml")]
+        source = f"tasks/{path.name}"
+        try:
+            doc = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise UserError(f"{source}: not valid TOML: {err}") from None
+        tasks[name] = TaskSpec(name, validate(doc, source), source)
+    return tasks
+
+
+_CACHE: dict[str, TaskSpec] = {}
+
+
+def all_tasks() -> dict[str, TaskSpec]:
+    if not _CACHE:
+        _CACHE.update(_load_all())
+    return _CACHE
+
+
+def aliases() -> dict[str, str]:
+    return {a: t.name for t in all_tasks().values() for a in t.config.get("aliases", [])}
+
+
+def get_task(name: str) -> TaskSpec:
+    tasks = all_tasks()
+    name = aliases().get(name, name)
+    if name not in tasks:
+        choices = sorted(tasks) + sorted(aliases())
+        raise UserError(
+            f"unknown task '{name}'.{closest(name, choices)} Valid tasks: {', '.join(sorted(tasks))}"
+        )
+    return tasks[name]
+
+
+def parse_value(text: str) -> Any:
+    """A --set value: a TOML literal (number, bool, list, quoted string) or else a bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def with_overrides(task: TaskSpec, overrides: dict[str, Any]) -> TaskSpec:
+    """Apply `section.key=value` overrides; keys must exist (open sections accept new args)."""
+    doc = copy.deepcopy(task.config)
+    for key, value in overrides.items():
+        section, _, field = key.rpartition(".")
+        table = doc if section == "" else doc.get(section)
+        if not isinstance(table, dict) or (field not in table and section not in OPEN_SECTIONS):
+            valid = sorted(
+                [k for k, v in doc.items() if not isinstance(v, dict)]
+                + [f"{s}.{k}" for s, t in doc.items() if isinstance(t, dict) for k in t]
+            )
+            raise UserError(
+                f"--set: no key '{key}' in task {task.name}.{closest(key, valid)}"
+                f" Valid keys: {', '.join(valid)}"
+            )
+        table[field] = value
+    return TaskSpec(task.name, validate(doc, f"{task.source} with --set"), task.source)

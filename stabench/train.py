@@ -1,0 +1,258 @@
+"""The compiled engine: every run of a cell (seeds x learning rates) in one program.
+
+`jit(vmap(run))` where each run initializes its own parameters from its seed and `lax.scan`s over
+training steps; the scan runs in chunks of `eval_every` steps so the host can report progress,
+evaluate, and stop once every run has diverged. Telemetry is computed inside the program.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from .data import Dataset
+from .models import LayerLayout
+
+TELEMETRY = ("loss", "grad_norm", "grad_norm_post", "update_norm", "param_norm", "nonfinite",
+             "changed", "layer_grad_norm")
+EVAL_BATCH = 1024
+
+
+@dataclass(frozen=True)
+class Cell:
+    """What one compiled program trains: a model, the method's transform, an optimizer, a loss."""
+
+    build_model: Callable[[nnx.Rngs], nnx.Module]
+    method: optax.GradientTransformation
+    optimizer: Callable[[Any], optax.GradientTransformation]  # lr -> transformation
+    loss: str  # "cross_entropy" | "mse"
+    steps: int
+    batch_size: int
+    eval_every: int
+
+
+class Carry(NamedTuple):
+    params: Any
+    rest: Any  # non-parameter model state, e.g. batch statistics
+    method_state: Any
+    opt_state: Any
+    alive: jax.Array  # False once the run hit a non-finite loss or parameters
+    diverged_at: jax.Array  # step of that event, -1 if none
+
+
+@dataclass
+class CellResult:
+    telemetry: dict[str, np.ndarray]  # name -> [runs, steps(, layers)]
+    eval_steps: np.ndarray  # [evals]
+    evals: dict[str, np.ndarray]  # test_loss, test_accuracy -> [runs, evals]
+    diverged_at: np.ndarray  # [runs], -1 where the run stayed finite
+    layer_names: list[str]
+    timing: dict[str, float]
+
+
+def loss_and_metrics(kind: str, out: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-example loss and per-example score (correctness, or squared error for regression)."""
+    if kind == "cross_entropy":
+        loss = optax.softmax_cross_entropy_with_integer_labels(out, y)
+        return loss, (jnp.argmax(out, -1) == y).astype(jnp.float32)
+    pred = out.reshape(y.shape)
+    err = jnp.square(pred - y).reshape(y.shape[0], -1).mean(-1)
+    return err, err
+
+
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def _any_changed(a, b) -> jax.Array:
+    return jnp.any(jnp.stack([jnp.any(x != y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))]))
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The order of training examples in one epoch of a seed: shared by every lr of that seed,
+    drawn on the host so any other implementation can replay it."""
+    return np.random.default_rng((seed, epoch)).permutation(n)
+
+
+class Engine:
+    """Builds and compiles the programs of one cell for a given number of runs."""
+
+    def __init__(self, cell: Cell, data: Dataset):
+        self.cell = cell
+        self.data = data
+        if cell.batch_size > len(data.x_train):
+            raise ValueError(f"batch size {cell.batch_size} exceeds the {len(data.x_train)} "
+                             "training examples")
+        abstract = nnx.eval_shape(lambda: cell.build_model(nnx.Rngs(0)))
+        self.graphdef, abstract_params, _ = nnx.split(abstract, nnx.Param, ...)
+        self.layout = LayerLayout(abstract_params, abstract.layer_order,
+                                  getattr(abstract, "stacked_layers", ()))
+        self.chunk = min(cell.eval_every, cell.steps)
+        self.n_chunks = math.ceil(cell.steps / self.chunk)
+        self.arrays = self._device_data()
+
+    def _device_data(self) -> dict[str, jax.Array]:
+        d = self.data
+        n_test = len(d.x_test)
+        eval_batch = min(EVAL_BATCH, n_test)
+        n_pad = -n_test % eval_batch
+        pad = lambda a: np.concatenate([a, np.repeat(a[:1], n_pad, 0)])  # noqa: E731
+        arrays = {
+            "x_train": d.x_train, "y_train": d.y_train,
+            "x_test": pad(d.x_test).reshape(-1, eval_batch, *d.x_test.shape[1:]),
+            "y_test": pad(d.y_test).reshape(-1, eval_batch, *d.y_test.shape[1:]),
+            "w_test": np.concatenate([np.ones(n_test), np.zeros(n_pad)]).astype(np.float32)
+                        .reshape(-1, eval_batch),
+        }
+        if d.mean is not None:
+            arrays["mean"], arrays["std"] = np.asarray(d.mean, np.float32), np.asarray(d.std, np.float32)
+        return jax.device_put(arrays)
+
+    # ---- the pure per-run functions, vmapped below ------------------------------------------
+    def _inputs(self, x, arrays):
+        if "mean" in arrays:
+            return (x.astype(jnp.float32) - arrays["mean"]) / arrays["std"]
+        return x
+
+    def _init_run(self, seed, lr) -> Carry:
+        model = self.cell.build_model(nnx.Rngs(jax.random.fold_in(jax.random.key(seed), 0)))
+        _, params, rest = nnx.split(model, nnx.Param, ...)
+        return Carry(params, rest, self.cell.method.init(params),
+                     self.cell.optimizer(lr).init(params), jnp.array(True), jnp.array(-1, jnp.int32))
+
+    def _forward_loss(self, params, rest, x, y):
+        model = nnx.merge(self.graphdef, params, rest)
+        loss, _ = loss_and_metrics(self.cell.loss, model(x), y)
+        return loss.mean(), nnx.state(model, nnx.Not(nnx.Param))
+
+    def _step(self, carry: Carry, t, idx, lr, arrays):
+        cell = self.cell
+        x, y = self._inputs(arrays["x_train"][idx], arrays), arrays["y_train"][idx]
+        (loss, rest), grads = jax.value_and_grad(self._forward_loss, has_aux=True)(
+            carry.params, carry.rest, x, y)
+        clipped, method_state = cell.method.update(grads, carry.method_state, carry.params)
+        updates, opt_state = cell.optimizer(lr).update(clipped, carry.opt_state, carry.params)
+        params = optax.apply_updates(carry.params, updates)
+
+        in_range = t < cell.steps
+        finite = jnp.isfinite(loss) & _all_finite(params)
+        keep = carry.alive & in_range
+        accept = keep & finite
+        new = Carry(params, rest, method_state, opt_state, carry.alive, carry.diverged_at)
+        merged = jax.tree.map(lambda a, b: jnp.where(accept, a, b), new, carry)
+        merged = merged._replace(
+            alive=carry.alive & (finite | ~in_range),
+            diverged_at=jnp.where(keep & ~finite, t, carry.diverged_at).astype(jnp.int32))
+
+        grad_norm = optax.global_norm(grads)
+        record = {
+            "loss": loss, "grad_norm": grad_norm, "grad_norm_post": optax.global_norm(clipped),
+            "update_norm": optax.global_norm(updates), "param_norm": optax.global_norm(merged.params),
+            "nonfinite": (~jnp.isfinite(loss) | ~jnp.isfinite(grad_norm)).astype(jnp.float32),
+            "changed": _any_changed(grads, clipped).astype(jnp.float32),
+            "layer_grad_norm": self.layout.norms(grads),
+        }
+        record = {k: jnp.where(keep, v, jnp.nan).astype(jnp.float32) for k, v in record.items()}
+        return merged, record
+
+    def _evaluate(self, carry: Carry, arrays):
+        def one_batch(batch):
+            x, y, w = batch
+            model = nnx.merge(self.graphdef, carry.params, carry.rest)  # inside: nnx needs one trace level
+            model.eval()
+            loss, score = loss_and_metrics(self.cell.loss, model(self._inputs(x, arrays)), y)
+            return jnp.sum(loss * w), jnp.sum(score * w)
+
+        loss_sum, score_sum = jax.lax.map(one_batch, (arrays["x_test"], arrays["y_test"],
+                                                      arrays["w_test"]))
+        n = jnp.sum(arrays["w_test"])
+        alive = lambda v: jnp.where(carry.alive, v, jnp.nan)  # noqa: E731
+        out = {"test_loss": alive(loss_sum.sum() / n)}
+        if self.cell.loss == "cross_entropy":
+            out["test_accuracy"] = alive(score_sum.sum() / n)
+        return out
+
+    def _chunk_run(self, carry, idx, lr, step0, arrays):
+        def body(c, t_idx):
+            return self._step(c, *t_idx, lr, arrays)
+
+        steps = step0 + jnp.arange(self.chunk, dtype=jnp.int32)
+        carry, records = jax.lax.scan(body, carry, (steps, idx))
+        return carry, records, self._evaluate(carry, arrays)
+
+    def batch_indices(self, seeds: np.ndarray, step0: int) -> np.ndarray:
+        """Training-example indices [runs, chunk, batch] for the chunk starting at step0."""
+        n, b = len(self.data.x_train), self.cell.batch_size
+        steps = np.arange(step0, step0 + self.chunk)
+        out = {}
+        for seed in np.unique(seeds):
+            pos = steps * b
+            orders = {e: epoch_order(int(seed), int(e), n) for e in np.unique(pos // (n // b * b))}
+            out[seed] = np.stack([
+                orders[p // (n // b * b)][p % (n // b * b):][:b] for p in pos])
+        return np.stack([out[s] for s in seeds]).astype(np.int32)
+
+    # ---- compiled programs --------------------------------------------------------------------
+    def compile(self, seeds: np.ndarray, lrs: np.ndarray):
+        """Lower and compile the init and chunk programs for these runs; returns them and seconds."""
+        t0 = time.perf_counter()
+        init = jax.jit(jax.vmap(self._init_run)).lower(seeds, lrs).compile()
+        carry_shape = jax.eval_shape(jax.vmap(self._init_run), seeds, lrs)
+        idx = jax.ShapeDtypeStruct((len(lrs), self.chunk, self.cell.batch_size), jnp.int32)
+        chunk = jax.jit(jax.vmap(self._chunk_run, in_axes=(0, 0, 0, None, None)),
+                        donate_argnums=(0,)).lower(
+            carry_shape, idx, lrs, jnp.int32(0), self.arrays).compile()
+        return init, chunk, time.perf_counter() - t0
+
+    def run(self, seeds, lrs, on_chunk: Callable[[int], None] | None = None) -> CellResult:
+        """Train runs (seeds[i], lrs[i]) to completion or until every run has diverged."""
+        host_seeds = np.asarray(seeds, np.int32)
+        seeds, lrs = jnp.asarray(host_seeds), jnp.asarray(np.asarray(lrs, np.float32))
+        init, chunk, compile_s = self.compile(seeds, lrs)
+
+        t0 = time.perf_counter()
+        carry = jax.block_until_ready(init(seeds, lrs))
+        init_s = time.perf_counter() - t0
+
+        records, evals, eval_steps = [], [], []
+        t0 = time.perf_counter()
+        for i in range(self.n_chunks):
+            idx = self.batch_indices(host_seeds, i * self.chunk)
+            carry, rec, ev = chunk(carry, idx, lrs, jnp.int32(i * self.chunk), self.arrays)
+            rec, ev, alive = jax.device_get((rec, ev, carry.alive))
+            records.append(rec)
+            evals.append(ev)
+            eval_steps.append(min((i + 1) * self.chunk, self.cell.steps))
+            if on_chunk:
+                on_chunk(eval_steps[-1])
+            if not alive.any():
+                break
+        diverged_at = np.asarray(jax.device_get(carry.diverged_at))
+        steady_s = time.perf_counter() - t0
+
+        runs, steps = len(lrs), self.cell.steps
+        telemetry = {}
+        for name in TELEMETRY:
+            done = np.concatenate([r[name] for r in records], axis=1)[:, :steps]
+            full = np.full((runs, steps, *done.shape[2:]), np.nan, np.float32)
+            full[:, : done.shape[1]] = done
+            telemetry[name] = full
+        steps_done = min(len(records) * self.chunk, steps)
+        return CellResult(
+            telemetry=telemetry,
+            eval_steps=np.asarray(eval_steps),
+            evals={k: np.stack([e[k] for e in evals], axis=1) for k in evals[0]},
+            diverged_at=diverged_at,
+            layer_names=list(self.layout.names),
+            timing={"compile_s": compile_s, "init_s": init_s, "steady_s": steady_s,
+                    "steps_done": steps_done,
+                    "samples_per_s": runs * steps_done * self.cell.batch_size / steady_s},
+        )
