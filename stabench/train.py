@@ -73,7 +73,33 @@ def _all_finite(tree) -> jax.Array:
 
 
 def _any_changed(a, b) -> jax.Array:
-    return jnp.any(jnp.stack([jnp.any(x != y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))]))
+    """Whether the transform changed any element (NaN in both counts as unchanged)."""
+    def differs(x, y):
+        return jnp.any((x != y) & ~(jnp.isnan(x) & jnp.isnan(y)))
+
+    return jnp.any(jnp.stack([differs(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))]))
+
+
+_COMPILES = {"count": 0, "names": []}
+
+
+def _on_compile_event(event: str, duration: float, fun_name: str = "", **_) -> None:
+    if event == "/jax/core/compile/backend_compile_duration":
+        _COMPILES["count"] += 1
+        _COMPILES["names"].append(fun_name)
+
+
+jax.monitoring.register_event_duration_secs_listener(_on_compile_event)
+
+
+def backend_compiles() -> int:
+    """XLA compilations so far in this process (persistent-cache hits included)."""
+    return _COMPILES["count"]
+
+
+def compiled_names() -> list[str]:
+    """Names of the programs compiled so far in this process, in order."""
+    return list(_COMPILES["names"])
 
 
 def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
@@ -152,10 +178,10 @@ class Engine:
             alive=carry.alive & (finite | ~in_range),
             diverged_at=jnp.where(keep & ~finite, t, carry.diverged_at).astype(jnp.int32))
 
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         record = {
-            "loss": loss, "grad_norm": grad_norm, "grad_norm_post": optax.global_norm(clipped),
-            "update_norm": optax.global_norm(updates), "param_norm": optax.global_norm(merged.params),
+            "loss": loss, "grad_norm": grad_norm, "grad_norm_post": optax.tree.norm(clipped),
+            "update_norm": optax.tree.norm(updates), "param_norm": optax.tree.norm(merged.params),
             "nonfinite": (~jnp.isfinite(loss) | ~jnp.isfinite(grad_norm)).astype(jnp.float32),
             "changed": _any_changed(grads, clipped).astype(jnp.float32),
             "layer_grad_norm": self.layout.norms(grads),
@@ -215,7 +241,7 @@ class Engine:
     def run(self, seeds, lrs, on_chunk: Callable[[int], None] | None = None) -> CellResult:
         """Train runs (seeds[i], lrs[i]) to completion or until every run has diverged."""
         host_seeds = np.asarray(seeds, np.int32)
-        seeds, lrs = jnp.asarray(host_seeds), jnp.asarray(np.asarray(lrs, np.float32))
+        seeds, lrs = jax.device_put((host_seeds, np.asarray(lrs, np.float32)))  # no compile
         init, chunk, compile_s = self.compile(seeds, lrs)
 
         t0 = time.perf_counter()
@@ -223,10 +249,11 @@ class Engine:
         init_s = time.perf_counter() - t0
 
         records, evals, eval_steps = [], [], []
+        compiles_before = backend_compiles()
         t0 = time.perf_counter()
         for i in range(self.n_chunks):
             idx = self.batch_indices(host_seeds, i * self.chunk)
-            carry, rec, ev = chunk(carry, idx, lrs, jnp.int32(i * self.chunk), self.arrays)
+            carry, rec, ev = chunk(carry, idx, lrs, np.int32(i * self.chunk), self.arrays)
             rec, ev, alive = jax.device_get((rec, ev, carry.alive))
             records.append(rec)
             evals.append(ev)
@@ -237,6 +264,7 @@ class Engine:
                 break
         diverged_at = np.asarray(jax.device_get(carry.diverged_at))
         steady_s = time.perf_counter() - t0
+        steady_compiles = backend_compiles() - compiles_before
 
         runs, steps = len(lrs), self.cell.steps
         telemetry = {}
@@ -253,6 +281,6 @@ class Engine:
             diverged_at=diverged_at,
             layer_names=list(self.layout.names),
             timing={"compile_s": compile_s, "init_s": init_s, "steady_s": steady_s,
-                    "steps_done": steps_done,
+                    "steps_done": steps_done, "steady_compiles": steady_compiles,
                     "samples_per_s": runs * steps_done * self.cell.batch_size / steady_s},
         )

@@ -1,0 +1,66 @@
+"""The CLI end to end, in subprocesses, as a user types it."""
+
+import json
+
+import pytest
+
+from conftest import run_cli
+
+FAST = ("--steps", "40", "--seeds", "2", "--lrs", "0.1,3")
+
+
+def test_run_writes_record_then_reuses_it(tmp_path):
+    out = tmp_path / "out"
+    first = run_cli("run", "--task", "digits", "--method", "clip_norm", *FAST, "--out", out)
+    assert first.returncode == 0, first.stderr
+    assert "record written to" in first.stdout and "test acc" in first.stdout
+    records = list(out.rglob("*.json"))
+    assert len(records) == 1 and records[0].with_suffix(".npz").exists()
+    data = json.loads(records[0].read_text())
+    assert len(data["runs"]) == 4 and data["timing"]["compile_s"] > 0
+    assert data["provenance"]["versions"]["jax"]
+
+    second = run_cli("run", "--task", "digits", "--method", "clip_norm(max_norm=1)", *FAST,
+                     "--out", out)
+    assert second.returncode == 0, second.stderr
+    assert "reused stored record" in second.stdout
+    assert records[0].read_bytes() == json.dumps(data, indent=1, sort_keys=True).encode()
+
+
+@pytest.mark.parametrize("args, expected", [
+    (("--task", "cifar-11"), "unknown task 'cifar-11'"),
+    (("--method", "clip_nrm"), "Did you mean 'clip_norm'"),
+    (("--method", "clip_norm(max_nrm=1)"), "Accepted: max_norm"),
+    (("--method", "clip_norm(max_norm=)"), "cannot parse"),
+    (("--method", "clip_norm(max_norm=abc)"), "max_norm must be float"),
+    (("--method", "clip_norm(max_norm=-1)"), "max_norm must be positive"),
+    (("--init", "hee_normal"), "Did you mean 'he_normal'"),
+    (("--optimizer", "sgdd"), "Valid optimizers: adam, sgd"),
+    (("--lrs", "0.1,-1"), "positive finite"),
+    (("--lrs", "0.1,nan"), "positive finite"),
+    (("--steps", "0"), "--steps must be positive"),
+    (("--seeds", "-2"), "--seeds must be positive"),
+    (("--batch-size", "5000"), "exceeds the 1438 training examples"),
+    (("--set", "model.nope=3"), "unknown argument 'nope'"),
+    (("--set", "train.stepz=3"), "Valid keys"),
+    (("--steps", "ten"), "invalid int value"),
+])
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, args, expected):
+    out = tmp_path / "out"
+    proc = run_cli("run", *args, "--out", out)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
+def test_list_shows_every_entry_with_help():
+    from stabench.methods import METHODS
+
+    proc = run_cli("list", "methods")
+    assert proc.returncode == 0
+    for entry in METHODS.entries():
+        assert entry.name in proc.stdout and entry.help in proc.stdout
+    tasks = run_cli("list", "tasks")
+    assert "digits" in tasks.stdout

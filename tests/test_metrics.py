@@ -1,0 +1,70 @@
+import math
+
+import numpy as np
+import pytest
+
+from stabench import metrics
+
+
+def test_divergence_by_moving_average():
+    loss = np.concatenate([np.full(50, 2.3), np.full(50, 10.0)])
+    gn = np.ones(100)
+    # L0 = 2.3, limit max(4.6, 3.3) = 4.6; the 20-step mean passes 4.6 when 6 of 20 values are 10
+    assert metrics.divergence_step(loss, gn, -1) == 50 + 5
+    assert metrics.divergence_step(np.full(100, 2.3), gn, -1) is None
+
+
+def test_divergence_by_nonfinite_and_freeze():
+    loss = np.full(100, 1.0)
+    gn = np.ones(100)
+    gn[30] = np.inf
+    assert metrics.divergence_step(loss, gn, -1) == 30
+    assert metrics.divergence_step(np.full(100, 1.0), np.ones(100), 70) == 70
+
+
+def test_moving_average_criterion_starts_after_step_20():
+    loss = np.concatenate([np.full(10, 1.0), np.full(11, 50.0), np.full(79, 1.0)])
+    # the 20-step mean already exceeds the limit at step 19 and 20, but counts only after step 20
+    assert metrics.divergence_step(loss, np.ones(100), -1) == 21
+
+
+def test_loss_spikes_count_once_per_window():
+    loss = np.ones(300)
+    loss[100] = loss[120] = 5.0  # one event
+    loss[250] = 5.0  # another
+    assert metrics.loss_spikes(loss) == 2
+
+
+@pytest.mark.parametrize("k, n, lo, hi", [(0, 10, 0.0, 0.2775), (5, 10, 0.2366, 0.7634)])
+def test_wilson_interval_known_values(k, n, lo, hi):
+    p, a, b = metrics.wilson(k, n)
+    assert p == k / n
+    assert a == pytest.approx(lo, abs=1e-4) and b == pytest.approx(hi, abs=1e-4)
+
+
+def test_mean_ci_student_t():
+    m, lo, hi = metrics.mean_ci([1.0, 2.0, 3.0])
+    assert m == 2.0
+    assert hi - m == pytest.approx(4.302653 * 1.0 / math.sqrt(3), rel=1e-6)
+    assert math.isnan(metrics.mean_ci([1.0])[1])
+
+
+def test_first_reaching_target():
+    steps = np.array([100, 200, 300])
+    assert metrics.first_reaching(np.array([0.5, 0.96, 0.97]), steps, 0.95, "max") == 200
+    assert metrics.first_reaching(np.array([0.5, 0.6, 0.7]), steps, 0.95, "max") == math.inf
+    assert metrics.first_reaching(np.array([0.5, 0.03, 0.01]), steps, 0.04, "min") == 200
+
+
+def test_run_metrics_failed_run_scores_zero():
+    steps = 50
+    tel = {"loss": np.full(steps, 1.0), "grad_norm": np.ones(steps), "changed": np.zeros(steps),
+           "nonfinite": np.zeros(steps)}
+    tel["loss"][25:] = np.nan
+    tel["grad_norm"][25:] = np.nan
+    tel["nonfinite"][24] = 1.0
+    ev = {"test_loss": np.array([0.5, np.nan]), "test_accuracy": np.array([0.9, np.nan])}
+    out = metrics.run_metrics(tel, ev, np.array([25, 50]), 24, ("test_accuracy", 0.95, "max"))
+    assert out["diverged"] == 1.0 and out["divergence_step"] == 24
+    assert out["test_accuracy"] == 0.0 and out["final_train_loss"] == math.inf
+    assert out["nonfinite_steps"] == 1.0 and out["steps_to_target"] == math.inf
