@@ -19,7 +19,7 @@ import optax
 from flax import nnx
 
 from .data import Dataset
-from .models import LayerLayout
+from .models import MUTABLE, LayerLayout
 
 TELEMETRY = ("loss", "grad_norm", "grad_norm_post", "update_norm", "param_norm", "nonfinite",
              "changed", "layer_grad_norm")
@@ -118,7 +118,7 @@ class Engine:
             raise ValueError(f"batch size {cell.batch_size} exceeds the {len(data.x_train)} "
                              "training examples")
         abstract = nnx.eval_shape(lambda: cell.build_model(nnx.Rngs(0)))
-        self.graphdef, abstract_params, _ = nnx.split(abstract, nnx.Param, ...)
+        self.graphdef, abstract_params, _ = nnx.split(abstract, nnx.Param, MUTABLE)
         self.layout = LayerLayout(abstract_params, abstract.layer_order,
                                   getattr(abstract, "stacked_layers", ()))
         self.chunk = min(cell.eval_every, cell.steps)
@@ -150,14 +150,14 @@ class Engine:
 
     def _init_run(self, seed, lr) -> Carry:
         model = self.cell.build_model(nnx.Rngs(jax.random.fold_in(jax.random.key(seed), 0)))
-        _, params, rest = nnx.split(model, nnx.Param, ...)
+        _, params, rest = nnx.split(model, nnx.Param, MUTABLE)
         return Carry(params, rest, self.cell.method.init(params),
                      self.cell.optimizer(lr).init(params), jnp.array(True), jnp.array(-1, jnp.int32))
 
     def _forward_loss(self, params, rest, x, y):
         model = nnx.merge(self.graphdef, params, rest)
         loss, _ = loss_and_metrics(self.cell.loss, model(x), y)
-        return loss.mean(), nnx.state(model, nnx.Not(nnx.Param))
+        return loss.mean(), nnx.state(model, MUTABLE)
 
     def _step(self, carry: Carry, t, idx, lr, arrays):
         cell = self.cell

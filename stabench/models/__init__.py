@@ -3,7 +3,12 @@
 A model factory takes the task's model arguments and returns a builder
 `(meta, kernel_init, rngs) -> nnx.Module`. Every model names its top-level parts in depth order
 (`layer_order`); parts listed in `stacked_layers` hold a leading layer axis (built with nnx.vmap and
-applied with nnx.scan), so each index along it is one layer.
+applied with `scan_layers`), so each index along it is one layer.
+
+Models call `observe(self, "part", output)` on each top-level part's output (`part/3` for item 3
+of a list; `scan_layers` does it per layer of a stack), so `activation_stds` reports every layer's
+activation std in the same order as the per-layer gradient norms. Training ignores these values
+and XLA removes their computation.
 """
 
 from __future__ import annotations
@@ -35,13 +40,16 @@ class LayerLayout:
         self._groups = sorted(groups.items(), key=lambda kv: (layer_order.index(kv[0][0]), kv[0]))
         self._stacked = stacked
         self.names: list[str] = []
+        self._layers_per_group: list[int] = []
         for key, idx in self._groups:
             label = "/".join(map(str, key))
             if key[0] in stacked:
                 depth = _shape(leaves[idx[0]])[0]
                 self.names += [f"{label}[{d}]" for d in range(depth)]
             else:
+                depth = 1
                 self.names.append(label)
+            self._layers_per_group.append(depth)
 
     def __len__(self) -> int:
         return len(self.names)
@@ -61,24 +69,58 @@ class LayerLayout:
     def norms(self, tree: Any) -> jax.Array:
         return jnp.sqrt(self.sq_norms(tree))
 
+    def observed(self, intermediates: Any) -> jax.Array:
+        """The per-layer values `observe` recorded (a vector per stack), in layer order; NaN for
+        a part the model does not observe."""
+        by_layer = {}
+        for path, leaf in nnx.to_flat_state(intermediates):
+            name = str(path[0])
+            if name.endswith(ACTIVATION_STD):
+                key = tuple(int(p) if p.isdigit() else p
+                            for p in name[: -len(ACTIVATION_STD)].split("__"))
+                by_layer[key] = jnp.reshape(_value(leaf), (-1,))
+        return jnp.concatenate([by_layer.get(key, jnp.full((n,), jnp.nan))
+                                for (key, _), n in zip(self._groups, self._layers_per_group)])
 
-def scan_layers(stack: nnx.Module, h: jax.Array) -> jax.Array:
+
+ACTIVATION_STD = "__activation_std"
+
+
+def observe(model: nnx.Module, part: str, h: jax.Array, std: jax.Array | None = None) -> jax.Array:
+    """Record on the model the std of a part's output (or the given per-layer stds); returns h."""
+    model.sow(nnx.Intermediate, part.replace("/", "__") + ACTIVATION_STD,
+              jnp.std(h) if std is None else std, reduce_fn=lambda _, new: new)
+    return h
+
+
+def scan_layers(model: nnx.Module, part: str, h: jax.Array) -> jax.Array:
     """Apply a stack of identical layers (leading layer axis) in order with lax.scan.
 
     Plain jax.lax.scan over the split state, rather than nnx.scan, so the model can be called under
     any outer transformation; state a layer mutates (batch statistics) is written back.
     """
+    stack = getattr(model, part)
     graphdef, state = nnx.split(stack)
 
     def body(carry, layer_state):
         layer = nnx.merge(graphdef, layer_state)
         out = layer(carry)
-        return out, nnx.state(layer, nnx.Not(nnx.Param))
+        return out, (nnx.state(layer, MUTABLE), jnp.std(out))
 
-    h, new_state = jax.lax.scan(body, h, state)
+    h, (new_state, stds) = jax.lax.scan(body, h, state)
     if jax.tree.leaves(new_state):
         nnx.update(stack, new_state)
-    return h
+    return observe(model, part, h, stds)
+
+
+# Model state that training carries and updates besides the parameters (e.g. batch statistics).
+MUTABLE = nnx.Not(nnx.Any(nnx.Param, nnx.Intermediate))
+
+
+def activation_stds(model: nnx.Module, x: jax.Array, layout: LayerLayout) -> jax.Array:
+    """Per-layer activation std of one forward pass, in the layout's layer order."""
+    model(x)
+    return layout.observed(nnx.pop(model, nnx.Intermediate))
 
 
 def _value(leaf):

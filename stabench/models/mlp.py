@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from . import MODELS, scan_layers
+from . import MODELS, observe, scan_layers
 
 ACTIVATIONS = {"relu": jax.nn.relu, "tanh": jax.nn.tanh, "sigmoid": jax.nn.sigmoid,
                "gelu": jax.nn.gelu, "linear": lambda x: x}
@@ -57,12 +57,11 @@ class MLP(nnx.Module):
         self.activation = activation
 
     def __call__(self, x):
-        h = self.input(x.reshape(x.shape[0], -1))
-
-        h = scan_layers(self.blocks, h)
+        h = observe(self, "input", self.input(x.reshape(x.shape[0], -1)))
+        h = scan_layers(self, "blocks", h)
         if self.final_norm is not None:
             h = self.final_norm(h)
-        return self.head(ACTIVATIONS[self.activation](h))
+        return observe(self, "head", self.head(ACTIVATIONS[self.activation](h)))
 
 
 @MODELS.register("mlp", help="MLP: input layer, `depth` identical hidden blocks, linear head",
