@@ -5,10 +5,10 @@ A model factory takes the task's model arguments and returns a builder
 (`layer_order`); parts listed in `stacked_layers` hold a leading layer axis (built with nnx.vmap and
 applied with `scan_layers`), so each index along it is one layer.
 
-Models call `observe(self, "part", output)` on each top-level part's output (`part/3` for item 3
-of a list; `scan_layers` does it per layer of a stack), so `activation_stds` reports every layer's
-activation std in the same order as the per-layer gradient norms. Training ignores these values
-and XLA removes their computation.
+Models call `observe("part", output)` on each top-level part's output (`part/3` for item 3 of a
+list; `scan_layers` does it per layer of a stack), so `activation_stds` reports every layer's
+activation std in the same order as the per-layer gradient norms. Outside `activation_stds` it
+records nothing.
 """
 
 from __future__ import annotations
@@ -69,27 +69,23 @@ class LayerLayout:
     def norms(self, tree: Any) -> jax.Array:
         return jnp.sqrt(self.sq_norms(tree))
 
-    def observed(self, intermediates: Any) -> jax.Array:
+    def observed(self, recorded: dict[str, jax.Array]) -> jax.Array:
         """The per-layer values `observe` recorded (a vector per stack), in layer order; NaN for
         a part the model does not observe."""
-        by_layer = {}
-        for path, leaf in nnx.to_flat_state(intermediates):
-            name = str(path[0])
-            if name.endswith(ACTIVATION_STD):
-                key = tuple(int(p) if p.isdigit() else p
-                            for p in name[: -len(ACTIVATION_STD)].split("__"))
-                by_layer[key] = jnp.reshape(_value(leaf), (-1,))
+        by_layer = {tuple(int(p) if p.isdigit() else p for p in part.split("/")):
+                    jnp.reshape(value, (-1,)) for part, value in recorded.items()}
         return jnp.concatenate([by_layer.get(key, jnp.full((n,), jnp.nan))
                                 for (key, _), n in zip(self._groups, self._layers_per_group)])
 
 
-ACTIVATION_STD = "__activation_std"
+_RECORDERS: list[dict] = []  # active activation_stds calls, innermost last
 
 
-def observe(model: nnx.Module, part: str, h: jax.Array, std: jax.Array | None = None) -> jax.Array:
-    """Record on the model the std of a part's output (or the given per-layer stds); returns h."""
-    model.sow(nnx.Intermediate, part.replace("/", "__") + ACTIVATION_STD,
-              jnp.std(h) if std is None else std, reduce_fn=lambda _, new: new)
+def observe(part: str, h: jax.Array, std: jax.Array | None = None) -> jax.Array:
+    """Report the std of a part's output (or the given per-layer stds) to an active
+    `activation_stds` call; returns h unchanged."""
+    if _RECORDERS:
+        _RECORDERS[-1][part] = jnp.std(h) if std is None else std
     return h
 
 
@@ -110,17 +106,22 @@ def scan_layers(model: nnx.Module, part: str, h: jax.Array) -> jax.Array:
     h, (new_state, stds) = jax.lax.scan(body, h, state)
     if jax.tree.leaves(new_state):
         nnx.update(stack, new_state)
-    return observe(model, part, h, stds)
+    return observe(part, h, stds)
 
 
 # Model state that training carries and updates besides the parameters (e.g. batch statistics).
-MUTABLE = nnx.Not(nnx.Any(nnx.Param, nnx.Intermediate))
+MUTABLE = nnx.Not(nnx.Param)
 
 
 def activation_stds(model: nnx.Module, x: jax.Array, layout: LayerLayout) -> jax.Array:
     """Per-layer activation std of one forward pass, in the layout's layer order."""
-    model(x)
-    return layout.observed(nnx.pop(model, nnx.Intermediate))
+    recorded: dict[str, jax.Array] = {}
+    _RECORDERS.append(recorded)
+    try:
+        model(x)
+    finally:
+        _RECORDERS.pop()
+    return layout.observed(recorded)
 
 
 def _value(leaf):

@@ -57,11 +57,11 @@ class MLP(nnx.Module):
         self.activation = activation
 
     def __call__(self, x):
-        h = observe(self, "input", self.input(x.reshape(x.shape[0], -1)))
+        h = observe("input", self.input(x.reshape(x.shape[0], -1)))
         h = scan_layers(self, "blocks", h)
         if self.final_norm is not None:
             h = self.final_norm(h)
-        return observe(self, "head", self.head(ACTIVATIONS[self.activation](h)))
+        return observe("head", self.head(ACTIVATIONS[self.activation](h)))
 
 
 @MODELS.register("mlp", help="MLP: input layer, `depth` identical hidden blocks, linear head",
