@@ -80,7 +80,7 @@ def _any_changed(a, b) -> jax.Array:
     return jnp.any(jnp.stack([differs(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))]))
 
 
-_COMPILES = {"count": 0, "names": []}
+_COMPILES = {"count": 0, "names": [], "cache_hits": 0}
 
 
 def _on_compile_event(event: str, duration: float, fun_name: str = "", **_) -> None:
@@ -89,12 +89,23 @@ def _on_compile_event(event: str, duration: float, fun_name: str = "", **_) -> N
         _COMPILES["names"].append(fun_name)
 
 
+def _on_event(event: str, **_) -> None:
+    if event == "/jax/compilation_cache/cache_hits":
+        _COMPILES["cache_hits"] += 1
+
+
 jax.monitoring.register_event_duration_secs_listener(_on_compile_event)
+jax.monitoring.register_event_listener(_on_event)
 
 
 def backend_compiles() -> int:
     """XLA compilations so far in this process (persistent-cache hits included)."""
     return _COMPILES["count"]
+
+
+def cache_hits() -> int:
+    """Programs loaded from the persistent compilation cache so far in this process."""
+    return _COMPILES["cache_hits"]
 
 
 def compiled_names() -> list[str]:
@@ -235,14 +246,16 @@ class Engine:
         idx = jax.ShapeDtypeStruct((len(lrs), self.chunk, self.cell.batch_size), jnp.int32)
         chunk = jax.jit(jax.vmap(self._chunk_run, in_axes=(0, 0, 0, None, None)),
                         donate_argnums=(0,)).lower(
-            carry_shape, idx, lrs, jnp.int32(0), self.arrays).compile()
+            carry_shape, idx, lrs, jax.ShapeDtypeStruct((), jnp.int32), self.arrays).compile()
         return init, chunk, time.perf_counter() - t0
 
     def run(self, seeds, lrs, on_chunk: Callable[[int], None] | None = None) -> CellResult:
         """Train runs (seeds[i], lrs[i]) to completion or until every run has diverged."""
         host_seeds = np.asarray(seeds, np.int32)
         seeds, lrs = jax.device_put((host_seeds, np.asarray(lrs, np.float32)))  # no compile
+        hits_before = cache_hits()
         init, chunk, compile_s = self.compile(seeds, lrs)
+        compile_cache_hits = cache_hits() - hits_before
 
         t0 = time.perf_counter()
         carry = jax.block_until_ready(init(seeds, lrs))
@@ -282,5 +295,6 @@ class Engine:
             layer_names=list(self.layout.names),
             timing={"compile_s": compile_s, "init_s": init_s, "steady_s": steady_s,
                     "steps_done": steps_done, "steady_compiles": steady_compiles,
+                    "compile_cache_hits": compile_cache_hits,
                     "samples_per_s": runs * steps_done * self.cell.batch_size / steady_s},
         )

@@ -64,3 +64,23 @@ def test_list_shows_every_entry_with_help():
         assert entry.name in proc.stdout and entry.help in proc.stdout
     tasks = run_cli("list", "tasks")
     assert "digits" in tasks.stdout
+
+
+def test_fresh_process_rerun_hits_persistent_compilation_cache(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    env = {**os.environ, "STABENCH_CACHE_DIR": str(tmp_path / "cache")}
+    records = []
+    for attempt in range(2):
+        proc = subprocess.run([sys.executable, "-m", "stabench", "run", *FAST, "--force",
+                               "--out", tmp_path / "out"], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr
+        records.append(json.loads(next((tmp_path / "out").rglob("*.json")).read_text()))
+    assert records[0]["timing"]["compile_cache_hits"] == 0
+    assert records[1]["timing"]["compile_cache_hits"] == 2  # the init and the chunk program
+    assert records[1]["provenance"]["compilation_cache"] == str(tmp_path / "cache")
