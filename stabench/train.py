@@ -3,6 +3,7 @@
 `jit(vmap(run))` where each run initializes its own parameters from its seed and `lax.scan`s over
 training steps; the scan runs in chunks of `eval_every` steps so the host can report progress,
 evaluate, and stop once every run has diverged. Telemetry is computed inside the program.
+The runs axis is sharded over all local devices (a 1-D mesh), padded to a multiple of their count.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from .data import Dataset
 from .models import MUTABLE, LayerLayout
@@ -122,9 +125,13 @@ def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
 class Engine:
     """Builds and compiles the programs of one cell for a given number of runs."""
 
-    def __init__(self, cell: Cell, data: Dataset):
+    def __init__(self, cell: Cell, data: Dataset, devices: list | None = None):
         self.cell = cell
         self.data = data
+        self.devices = list(devices or jax.local_devices())
+        mesh = Mesh(np.array(self.devices), ("runs",))
+        self.by_run = NamedSharding(mesh, P("runs"))
+        self.replicated = NamedSharding(mesh, P())
         if cell.batch_size > len(data.x_train):
             raise ValueError(f"batch size {cell.batch_size} exceeds the {len(data.x_train)} "
                              "training examples")
@@ -151,7 +158,7 @@ class Engine:
         }
         if d.mean is not None:
             arrays["mean"], arrays["std"] = np.asarray(d.mean, np.float32), np.asarray(d.std, np.float32)
-        return jax.device_put(arrays)
+        return jax.device_put(arrays, self.replicated)
 
     # ---- the pure per-run functions, vmapped below ------------------------------------------
     def _inputs(self, x, arrays):
@@ -241,18 +248,24 @@ class Engine:
     def compile(self, seeds: np.ndarray, lrs: np.ndarray):
         """Lower and compile the init and chunk programs for these runs; returns them and seconds."""
         t0 = time.perf_counter()
-        init = jax.jit(jax.vmap(self._init_run)).lower(seeds, lrs).compile()
+        run, rep = self.by_run, self.replicated
+        init = jax.jit(jax.vmap(self._init_run), in_shardings=(run, run), out_shardings=run)
+        init = init.lower(seeds, lrs).compile()
         carry_shape = jax.eval_shape(jax.vmap(self._init_run), seeds, lrs)
         idx = jax.ShapeDtypeStruct((len(lrs), self.chunk, self.cell.batch_size), jnp.int32)
         chunk = jax.jit(jax.vmap(self._chunk_run, in_axes=(0, 0, 0, None, None)),
+                        in_shardings=(run, run, run, rep, rep), out_shardings=run,
                         donate_argnums=(0,)).lower(
             carry_shape, idx, lrs, jax.ShapeDtypeStruct((), jnp.int32), self.arrays).compile()
         return init, chunk, time.perf_counter() - t0
 
     def run(self, seeds, lrs, on_chunk: Callable[[int], None] | None = None) -> CellResult:
         """Train runs (seeds[i], lrs[i]) to completion or until every run has diverged."""
-        host_seeds = np.asarray(seeds, np.int32)
-        seeds, lrs = jax.device_put((host_seeds, np.asarray(lrs, np.float32)))  # no compile
+        runs = len(lrs)
+        pad = -runs % len(self.devices)  # copies of the last run, dropped from the results
+        host_seeds = np.asarray(np.concatenate([seeds, np.repeat(seeds[-1:], pad)]), np.int32)
+        host_lrs = np.asarray(np.concatenate([lrs, np.repeat(lrs[-1:], pad)]), np.float32)
+        seeds, lrs = jax.device_put((host_seeds, host_lrs), self.by_run)  # no compile
         hits_before = cache_hits()
         init, chunk, compile_s = self.compile(seeds, lrs)
         compile_cache_hits = cache_hits() - hits_before
@@ -279,10 +292,10 @@ class Engine:
         steady_s = time.perf_counter() - t0
         steady_compiles = backend_compiles() - compiles_before
 
-        runs, steps = len(lrs), self.cell.steps
+        steps = self.cell.steps
         telemetry = {}
         for name in TELEMETRY:
-            done = np.concatenate([r[name] for r in records], axis=1)[:, :steps]
+            done = np.concatenate([r[name] for r in records], axis=1)[:runs, :steps]
             full = np.full((runs, steps, *done.shape[2:]), np.nan, np.float32)
             full[:, : done.shape[1]] = done
             telemetry[name] = full
@@ -290,8 +303,8 @@ class Engine:
         return CellResult(
             telemetry=telemetry,
             eval_steps=np.asarray(eval_steps),
-            evals={k: np.stack([e[k] for e in evals], axis=1) for k in evals[0]},
-            diverged_at=diverged_at,
+            evals={k: np.stack([e[k] for e in evals], axis=1)[:runs] for k in evals[0]},
+            diverged_at=diverged_at[:runs],
             layer_names=list(self.layout.names),
             timing={"compile_s": compile_s, "init_s": init_s, "steady_s": steady_s,
                     "steps_done": steps_done, "steady_compiles": steady_compiles,
