@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from .registry import UserError
 
@@ -80,9 +81,35 @@ def cmd_run(args) -> int:
     steps = spec.train["steps"]
     with tqdm(total=steps, desc=f"{spec.task} {spec.method}", unit="step", file=sys.stderr,
               leave=False) as bar:
-        record = run_cell(spec, store, args.data_dir, lambda done: bar.update(done - bar.n),
-                          data=data)
+        try:
+            record = run_cell(spec, store, args.data_dir, lambda done: bar.update(done - bar.n),
+                              data=data)
+        except KeyboardInterrupt:
+            bar.close()
+            print(f"interrupted at step {bar.n} of {steps}: nothing of this cell was saved "
+                  f"(records are written whole or not at all); run the same command again to "
+                  f"train it", file=sys.stderr)
+            return 130
     print_record(record, reused=False)
+    return 0
+
+
+def cmd_rerun(args) -> int:
+    from .runner import enable_compilation_cache, rerun
+    from .store import BadRecord, read_record
+
+    try:
+        record = read_record(Path(args.record))
+    except BadRecord as err:
+        raise UserError(str(err)) from None
+    enable_compilation_cache()
+    differences = rerun(record, args.data_dir)
+    if differences:
+        print(f"{record.path}: NOT reproduced ({len(differences)} differences)")
+        print("\n".join(differences[:20]))
+        return 1
+    print(f"{record.path}: reproduced exactly ({len(record.runs)} runs: every metric equal, "
+          f"telemetry bit-identical)")
     return 0
 
 
@@ -133,6 +160,11 @@ def build_parser() -> ArgumentParser:
     run.add_argument("--out", default=DEFAULT_OUT, help=f"results directory (default {DEFAULT_OUT}/)")
     run.add_argument("--force", action="store_true", help="retrain even if a record exists")
     run.set_defaults(func=cmd_run)
+
+    rerun = sub.add_parser("rerun", help="retrain a stored record and check it reproduces")
+    rerun.add_argument("record", help="path of a record (.json) written by run or sweep")
+    rerun.add_argument("--data-dir", default=None, help="TFDS data directory")
+    rerun.set_defaults(func=cmd_rerun)
 
     lst = sub.add_parser("list", help="list tasks, methods, inits, optimizers or models")
     lst.add_argument("what", choices=["tasks", "methods", "inits", "optimizers", "models"])

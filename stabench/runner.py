@@ -60,3 +60,20 @@ def run_cell(spec: RunSpec, store: Store, data_dir: str | None = None,
         data = load_data(spec, data_dir)
     body, arrays = train_spec(spec, data, on_chunk)
     return store.save(spec, body, arrays)
+
+
+def rerun(record: Record, data_dir: str | None = None) -> list[str]:
+    """Retrain a stored record's spec; the differences from what it stored (empty: reproduced)."""
+    body, arrays = train_spec(record.spec, load_data(record.spec, data_dir))
+    stored = record.telemetry()
+    out = []
+    for name, values in arrays.items():
+        if not np.array_equal(np.asarray(values), stored[name], equal_nan=True):
+            with np.errstate(invalid="ignore"):
+                diff = np.nanmax(np.abs(np.asarray(values, np.float64) - stored[name]))
+            out.append(f"telemetry {name}: max abs difference {diff:.3g}")
+    for i, (new, old) in enumerate(zip(body["runs"], record.runs)):
+        for key, value in new.items():
+            if not (value == old[key] or (np.isnan(value) and np.isnan(old[key]))):
+                out.append(f"run {i} {key}: stored {old[key]!r}, now {value!r}")
+    return out
