@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -28,9 +29,8 @@ def _parse_set(items: list[str]) -> dict:
     return out
 
 
-def _spec_from_args(args):
-    from .config import make_spec, parse_lrs
-
+def _overrides(args) -> dict:
+    """--set items plus --steps and --batch-size; checks --seeds."""
     overrides = _parse_set(args.set)
     for flag, key in (("steps", "train.steps"), ("batch_size", "train.batch_size")):
         value = getattr(args, flag)
@@ -40,6 +40,13 @@ def _spec_from_args(args):
             overrides[key] = value
     if args.seeds is not None and args.seeds <= 0:
         raise UserError(f"--seeds must be positive, got {args.seeds}")
+    return overrides
+
+
+def _spec_from_args(args):
+    from .config import make_spec, parse_lrs
+
+    overrides = _overrides(args)
     return make_spec(args.task, args.method, args.init, args.optimizer, args.seeds,
                      parse_lrs(args.lrs) if args.lrs else None, overrides, args.fake_data)
 
@@ -113,6 +120,86 @@ def cmd_rerun(args) -> int:
     return 0
 
 
+def _sweep_from_args(args):
+    """The sweep and its results directory: a suite, or lists given on the command line."""
+    from .config import parse_lrs
+    from .sweep import SweepSpec, TaskEntry, load_suite, suite_spec
+
+    overrides = _overrides(args)
+    lrs = parse_lrs(args.lrs) if args.lrs else None
+    if args.suite:
+        given = [f"--{f}" for f in ("task", "method", "init", "optimizer") if getattr(args, f)]
+        if given:
+            raise UserError(f"--suite names the tasks, methods, inits and optimizers; drop "
+                            f"{', '.join(given)} or drop --suite")
+        name, doc = load_suite(args.suite)
+        spec = suite_spec(doc, args.fake_data, overrides, args.seeds, lrs)
+        if args.search:
+            spec = dataclasses.replace(spec, search=args.search)
+        return spec, args.out or f"results/{name}"
+    if not args.task:
+        raise UserError("give --suite NAME or at least one --task")
+    spec = SweepSpec(tasks=tuple(TaskEntry(t) for t in args.task),
+                     methods=tuple(args.method or ["none"]), inits=tuple(args.init or ["default"]),
+                     optimizers=tuple(args.optimizer or [None]), seeds=args.seeds, lrs=lrs,
+                     search=args.search or "grid", fake_data=args.fake_data,
+                     overrides=tuple(overrides.items()))
+    return spec, args.out or DEFAULT_OUT
+
+
+def cmd_sweep(args) -> int:
+    from .executor import Progress, cell_label, make_executor, run_sweep
+    from .store import Store
+    from .sweep import parse_shard, shard
+
+    if args.workers is not None and args.workers <= 0:
+        raise UserError(f"--workers must be positive, got {args.workers}")
+    part = parse_shard(args.shard) if args.shard else None
+    spec, out = _sweep_from_args(args)
+    cells = spec.cells()
+    if part:
+        cells = shard(cells, *part)
+    if args.dry_run:
+        store = Store(out)
+        for cell in cells:
+            state = "stored" if store.load(cell) is not None else "to train"
+            print(f"{state:9s} {cell_label(cell)} | {len(cell.seeds)} seeds x {len(cell.lrs)} lrs"
+                  f" | {cell.train['steps']} steps")
+        print(f"{len(cells)} cells; results in {out}")
+        return 0
+    try:
+        summary = run_sweep(cells, out, make_executor(args.workers, args.data_dir), Progress())
+    except KeyboardInterrupt:
+        print(f"interrupted: finished cells are stored in {out} (cells in flight are not); run "
+              f"the same command again to resume", file=sys.stderr)
+        return 130
+    print("\n".join(summary.lines(out)))
+    return 1 if summary.failed else 0
+
+
+def cmd_report(args) -> int:
+    from .leaderboard import write_report
+
+    markdown = write_report(args.directory, args.out, plots=not args.no_plots,
+                            warn=lambda m: print(m, file=sys.stderr))
+    print(markdown)
+    print(f"report written to {args.out or args.directory}: report.md, leaderboards.tex, "
+          f"leaderboard.csv, overall.csv, runs.parquet"
+          f"{', plots/' if not args.no_plots else ''}", file=sys.stderr)
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from .store import merge
+
+    copied, present, bad = merge(args.out, args.sources)
+    for message in bad:
+        print(f"skipped {message}", file=sys.stderr)
+    print(f"merged into {args.out}: {copied} records copied, {present} already there, "
+          f"{len(bad)} skipped")
+    return 0
+
+
 def cmd_list(args) -> int:
     if args.what == "tasks":
         from .tasks import all_tasks
@@ -165,6 +252,48 @@ def build_parser() -> ArgumentParser:
     rerun.add_argument("record", help="path of a record (.json) written by run or sweep")
     rerun.add_argument("--data-dir", default=None, help="TFDS data directory")
     rerun.set_defaults(func=cmd_rerun)
+
+    sweep = sub.add_parser("sweep", help="train many cells: lists and grids of tasks, methods, "
+                                          "inits and optimizers; resumable")
+    sweep.add_argument("--suite", default=None,
+                       help="tasks/suites/NAME.toml (or a path to a suite file)")
+    for flag, example in (("task", "digits adding"), ("method", "none 'clip_norm(max_norm=[0.25,1,4])'"),
+                          ("init", "default he_normal"), ("optimizer", "'sgd(momentum=0.9)' adam")):
+        sweep.add_argument(f"--{flag}", nargs="+", action="extend", default=None,
+                           help=f"one or more, e.g. {example}; a list argument is a grid")
+    sweep.add_argument("--seeds", type=int, default=None, help="seeds per cell (default: task's)")
+    sweep.add_argument("--lrs", default=None, help="learning rates trained inside every cell")
+    sweep.add_argument("--steps", type=int, default=None)
+    sweep.add_argument("--batch-size", type=int, default=None)
+    sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a task field; a list for a scalar field is a grid: "
+                            "model.depth=[4,8,16]")
+    sweep.add_argument("--search", default=None,
+                       help="grid (default) or random(n=K, seed=S) over method/init/optimizer "
+                            "arguments written as lists or loguniform(a,b) / uniform(a,b)")
+    sweep.add_argument("--shard", default=None, metavar="I/N",
+                       help="run only shard I of N (1-based) of the cells")
+    sweep.add_argument("--workers", type=int, default=None,
+                       help="worker processes, each pinned to a core (default: one per core)")
+    sweep.add_argument("--fake-data", action="store_true")
+    sweep.add_argument("--data-dir", default=None, help="TFDS data directory")
+    sweep.add_argument("--out", default=None,
+                       help=f"results directory (default results/SUITE or {DEFAULT_OUT}/)")
+    sweep.add_argument("--dry-run", action="store_true",
+                       help="list the cells and whether each is stored; train nothing")
+    sweep.set_defaults(func=cmd_sweep)
+
+    report = sub.add_parser("report", help="leaderboards (Markdown, LaTeX, CSV, Parquet) and plots "
+                                           "from a results directory")
+    report.add_argument("directory")
+    report.add_argument("--out", default=None, help="where to write (default: the directory)")
+    report.add_argument("--no-plots", action="store_true")
+    report.set_defaults(func=cmd_report)
+
+    merge = sub.add_parser("merge", help="combine result directories (e.g. sweep shards)")
+    merge.add_argument("out", help="directory to merge into (created if absent)")
+    merge.add_argument("sources", nargs="+", help="result directories to copy records from")
+    merge.set_defaults(func=cmd_merge)
 
     lst = sub.add_parser("list", help="list tasks, methods, inits, optimizers or models")
     lst.add_argument("what", choices=["tasks", "methods", "inits", "optimizers", "models"])

@@ -1,13 +1,23 @@
-"""Tables from stored records."""
+"""Tables from stored records: a cell's per-learning-rate table, per-task and overall leaderboards,
+and the report's files (Markdown, LaTeX via pandas Styler, CSV, long-form Parquet).
+
+Definitions of every column are in the captions the tables carry (DESIGN section 4).
+"""
 
 from __future__ import annotations
 
+import json
 import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
 
-from .metrics import mean_ci
+from .metrics import (fisher_p, improvement, lr_sensitivity, mean_ci, performance_ratios,
+                      profile_score, stable_width, welch_p, wilson)
 
 
 def _fmt(x: float, digits: int = 3) -> str:
@@ -40,3 +50,512 @@ def lr_table(runs: list[dict]) -> pd.DataFrame:
         row["clipped share"] = _fmt(float(g["clipped_share"].mean()), 2)
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+# ---- long form: one row per run ----------------------------------------------------------------
+ALPHA = 0.05
+MARK = "\u2020"  # dagger: not significantly different from the column's best
+ENTRY = ["method", "init", "optimizer"]
+PROVENANCE = ("git_commit", "device_kind", "backend", "device_count", "cpu_count", "date")
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def variant_labels(specs: list) -> dict[str, str]:
+    """Spec hash -> task label: the task name plus the config fields that differ between records
+    of that task (learning rates and seeds are within-cell axes, not variants)."""
+    by_task: dict[str, list] = {}
+    for spec in specs:
+        by_task.setdefault(spec.task, []).append(spec)
+    skip = {"train.lrs", "train.seeds", "description", "expect", "aliases"}
+    labels = {}
+    for task, group in by_task.items():
+        flat = [flatten(s.task_config) for s in group]
+        keys = sorted({k for f in flat for k in f} - skip)
+        varying = [k for k in keys if len({repr(f.get(k)) for f in flat}) > 1]
+        leaves = [k.rpartition(".")[2] for k in varying]
+        names = [leaf if leaves.count(leaf) == 1 else k for k, leaf in zip(varying, leaves)]
+        for spec, f in zip(group, flat):
+            parts = [f"{n}={_short(f.get(k))}" for n, k in zip(names, varying)]
+            label = f"{task}[{','.join(parts)}]" if parts else task
+            labels[spec.hash] = label + (" (fake data)" if spec.fake_data else "")
+    return labels
+
+
+def _short(value) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def runs_frame(records: list) -> pd.DataFrame:
+    """One row per run: every spec field (task config flattened as config.*), the run's metrics,
+    the cell's timing and provenance."""
+    labels = variant_labels([r.spec for r in records])
+    rows = []
+    for rec in records:
+        spec, data = rec.spec, rec.data
+        metric, value, mode = spec.target
+        prov = data["provenance"]
+        cell = {
+            "spec_hash": spec.hash, "record": str(rec.path), "task": spec.task,
+            "variant": labels[spec.hash], "method": spec.method, "init": spec.init,
+            "optimizer": spec.optimizer, "fake_data": spec.fake_data, "n_seeds": len(spec.seeds),
+            "lr_grid": json.dumps(list(spec.lrs)), "steps": spec.train["steps"],
+            "target_metric": metric, "target_value": value, "target_mode": mode,
+            **{f"config.{k}": json.dumps(v) if isinstance(v, (list, dict)) else v
+               for k, v in flatten(spec.task_config).items()},
+            **{f"timing.{k}": v for k, v in data["timing"].items()},
+            **{f"version.{k}": v for k, v in prov["versions"].items()},
+            **{k: prov.get(k) for k in PROVENANCE},
+        }
+        # The loss before any update (step 0) is the same for every LR of a seed; the mean of the
+        # first 10 steps (initial_loss) is not when a large LR blows up within them.
+        with np.load(rec.path.with_suffix(".npz")) as tel:
+            at_init = tel["loss"][:, 0].astype(np.float64)
+        for run, loss0 in zip(rec.runs, at_init):
+            rows.append({**cell, **run, "init_loss": float(loss0)})
+    df = pd.DataFrame(rows)
+    for col in df.columns:  # a field typed differently by different tasks: keep it as text
+        types = {type(v) for v in df[col] if v is not None and not (isinstance(v, float) and math.isnan(v))}
+        if len(types) > 1 and not types <= {int, float}:
+            df[col] = df[col].map(lambda v: None if v is None else str(v))
+    return df
+
+
+def dedupe_runs(df: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """One run per (task variant, entry, seed, lr): a cell trained twice counts once (the newest)."""
+    key = ["variant", *ENTRY, "seed", "lr"]
+    ordered = df.sort_values("date", kind="stable")
+    kept = ordered.drop_duplicates(key, keep="last").sort_index()
+    return kept, len(df) - len(kept)
+
+
+# ---- per-task leaderboard ----------------------------------------------------------------------
+def _entry_stats(g: pd.DataFrame, metric: str, mode: str) -> dict:
+    by_lr = g.groupby("lr", sort=True)
+    quality = by_lr[metric].mean()
+    best_lr = float(quality.idxmax() if mode == "max" else quality.idxmin())
+    at_best = g[g["lr"] == best_lr].sort_values("seed")
+    k, n = int(g["diverged"].sum()), len(g)
+    _, d_lo, d_hi = wilson(k, n)
+    stable = by_lr["diverged"].max() == 0
+    reached = by_lr["steps_to_target"].apply(lambda s: bool(np.isfinite(s).all()))
+    stable_lrs = stable[stable].index
+    return {
+        "runs": n, "seeds": g["seed"].nunique(), "lrs": len(quality), "best_lr": best_lr,
+        "quality_seeds": at_best[metric].to_numpy(np.float64),
+        "diverged_runs": k, "diverged_rate": k / n, "diverged_lo": d_lo, "diverged_hi": d_hi,
+        "lr_sensitivity": lr_sensitivity(g["lr"], g["final_train_loss"], g["init_loss"]),
+        "max_stable_lr": float(stable_lrs.max()) if len(stable_lrs) else math.nan,
+        "stable_width": stable_width(quality.index, (stable & reached).to_numpy()),
+        "steps_to_target": float(by_lr["steps_to_target"].median().min()),
+        "clipped_share": float(at_best["clipped_share"].mean()),
+        "max_grad_norm": float(at_best["max_grad_norm"].median()),
+    }
+
+
+def task_board(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per entry (method, init, optimizer) of one task variant; numeric columns, per-seed
+    samples (`*_seeds`) and significance flags (`*_tie`: not distinguishable from the best)."""
+    metric, mode = runs["target_metric"].iloc[0], runs["target_mode"].iloc[0]
+    gain = improvement(runs["final_train_loss"], runs["init_loss"])
+    runs = runs.assign(_gain=gain)
+    groups = list(runs.groupby(ENTRY, sort=True))
+    best_gain = max(g.groupby("lr")["_gain"].mean().max() for _, g in groups)
+    rows = []
+    for key, g in groups:
+        row = dict(zip(ENTRY, key))
+        row.update(_entry_stats(g, metric, mode))
+        m, lo, hi = mean_ci(row["quality_seeds"])
+        row.update(quality_metric=metric, quality_mode=mode, quality_mean=m, quality_lo=lo,
+                   quality_hi=hi)
+        if best_gain > 0:
+            per_seed = g.groupby("seed")["_gain"].mean() / best_gain
+            row.update(stability=float(g["_gain"].mean() / best_gain),
+                       stability_seeds=per_seed.to_numpy(np.float64))
+        else:  # nothing improved on this task: no scale to measure stability against
+            row.update(stability=math.nan, stability_seeds=np.array([]))
+        rows.append(row)
+    board = pd.DataFrame(rows)
+    board["rank"] = board["stability"].rank(ascending=False, method="min")
+    _mark_ties(board)
+    return board.sort_values(["rank", "quality_mean"], ascending=[True, mode == "min"],
+                             na_position="last", kind="stable").reset_index(drop=True)
+
+
+def _best_index(values: pd.Series, mode: str):
+    v = values.astype(float)
+    if v.isna().all():
+        return None
+    return v.idxmax() if mode == "max" else v.idxmin()
+
+
+def _mark_ties(board: pd.DataFrame) -> None:
+    """Flag entries not significantly different from the column's best (alpha 0.05): Welch t-test
+    over seeds for quality and stability, Fisher's exact test for divergence. NaN: not testable,
+    or equal to the best (those are bold)."""
+    mode = board["quality_mode"].iloc[0]
+    for col, samples, col_mode in (("quality", "quality_seeds", mode),
+                                   ("stability", "stability_seeds", "max")):
+        values = board[f"{col}_mean" if col == "quality" else col]
+        best = _best_index(values, col_mode)
+        flags = []
+        for i in board.index:
+            p = math.nan if best is None or values[i] == values[best] else welch_p(
+                board.at[best, samples], board.at[i, samples])
+            flags.append(math.nan if math.isnan(p) else p >= ALPHA)
+        board[f"{col}_tie"] = flags
+    rate = board["diverged_rate"]
+    best = _best_index(rate, "min")
+    board["diverged_tie"] = [
+        math.nan if rate[i] == rate[best] else fisher_p(
+            board.at[best, "diverged_runs"], board.at[best, "runs"], board.at[i, "diverged_runs"],
+            board.at[i, "runs"]) >= ALPHA
+        for i in board.index]
+
+
+# ---- overall leaderboard -----------------------------------------------------------------------
+def task_weights(variants: list[str], task_of_variant: dict[str, str]) -> np.ndarray:
+    """Each task counts once; its variants (depths, sizes) share its weight."""
+    names = [task_of_variant[v] for v in variants]
+    return np.array([1.0 / names.count(n) for n in names])
+
+
+def overall_board(boards: dict[str, pd.DataFrame], task_of_variant: dict[str, str]) -> tuple[
+        pd.DataFrame, np.ndarray, list[str]]:
+    """One row per entry across task variants; also the [entries, variants] performance ratios and
+    the variants no entry brought to its target (left out of the profiles)."""
+    variants = sorted(boards)
+    entries = sorted({tuple(r) for b in boards.values() for r in b[ENTRY].itertuples(index=False)})
+    weights = task_weights(variants, task_of_variant)
+    shape = (len(entries), len(variants))
+    steps, stability, rank = np.full(shape, np.nan), np.full(shape, np.nan), np.full(shape, np.nan)
+    div_k, div_n = np.zeros(len(entries), int), np.zeros(len(entries), int)
+    for j, v in enumerate(variants):
+        b = boards[v].set_index(ENTRY)
+        for i, e in enumerate(entries):
+            if e in b.index:
+                steps[i, j] = b.at[e, "steps_to_target"]
+                stability[i, j] = b.at[e, "stability"]
+                rank[i, j] = b.at[e, "rank"]
+                div_k[i] += b.at[e, "diverged_runs"]
+                div_n[i] += b.at[e, "runs"]
+    ratios = performance_ratios(steps)
+    unsolved = [v for j, v in enumerate(variants) if np.isnan(ratios[:, j]).all()]
+    scores = profile_score(ratios, weights) if len(unsolved) < len(variants) \
+        else np.full(len(entries), np.nan)
+    rows = []
+    for i, e in enumerate(entries):
+        ran = ~np.isnan(rank[i])
+        w = weights * ran
+        ok = ran & ~np.isnan(stability[i])
+        p, lo, hi = wilson(int(div_k[i]), int(div_n[i]))
+        rows.append({
+            **dict(zip(ENTRY, e)), "tasks": int(ran.sum()),
+            "stability": float(np.average(stability[i][ok], weights=weights[ok])) if ok.any()
+            else math.nan,
+            "profile_score": float(scores[i]),
+            "mean_rank": float(np.average(rank[i][ran], weights=w[ran])),
+            "diverged_runs": int(div_k[i]), "runs": int(div_n[i]),
+            "diverged_rate": p, "diverged_lo": lo, "diverged_hi": hi,
+        })
+    board = pd.DataFrame(rows)
+    board["rank"] = board["stability"].rank(ascending=False, method="min")
+    order = board.sort_values(["rank", "profile_score"], ascending=[True, False],
+                              na_position="last", kind="stable").index
+    return board.loc[order].reset_index(drop=True), ratios[order], unsolved
+
+
+# ---- rendering ---------------------------------------------------------------------------------
+COLUMNS = {  # column -> (header, direction for bold: max, min or None)
+    "rank": ("rank", "min"),
+    "quality": (None, None),  # header and direction from the task's target
+    "diverged": ("diverged (95% CI)", "min"),
+    "lr_sensitivity": ("LR sensitivity", "min"),
+    "max_stable_lr": ("max stable LR", "max"),
+    "stable_width": ("stable width", "max"),
+    "steps_to_target": ("steps to target", "min"),
+    "clipped_share": ("clipped share", None),
+    "max_grad_norm": ("max grad norm", "min"),
+    "stability": ("stability", "max"),
+}
+OVERALL = {
+    "rank": ("rank", "min"), "tasks": ("tasks", None), "stability": ("stability", "max"),
+    "profile_score": ("profile score", "max"), "mean_rank": ("mean rank", "min"),
+    "diverged": ("diverged (95% CI)", "min"),
+}
+
+
+@dataclass
+class Table:
+    """Display strings with bold and significance flags, ready for Markdown and LaTeX."""
+
+    frame: pd.DataFrame  # strings
+    bold: pd.DataFrame  # bool, same shape
+    caption: str
+    label: str
+
+
+def _bold_mask(values: pd.Series, direction: str | None) -> pd.Series:
+    v = pd.to_numeric(values, errors="coerce").astype(float)
+    if direction is None or v.isna().all():
+        return pd.Series(False, index=values.index)
+    best = v.max() if direction == "max" else v.min()
+    return v == best
+
+
+def _entry_columns(board: pd.DataFrame) -> list[str]:
+    """method always; init and optimizer where they vary."""
+    return ["method"] + [c for c in ("init", "optimizer") if board[c].nunique() > 1]
+
+
+def _marked(text: str, tie) -> str:
+    return text + MARK if tie is True else text
+
+
+def _fmt_steps(x: float) -> str:
+    return "never" if math.isinf(x) else _fmt(x, 6)
+
+
+def render_task(variant: str, board: pd.DataFrame, runs: pd.DataFrame) -> Table:
+    metric, mode = board["quality_metric"].iloc[0], board["quality_mode"].iloc[0]
+    quality_header = f"{metric.replace('test_', 'test ')} (95% CI)"
+    names = _entry_columns(board)
+    frame = pd.DataFrame({"rank": board["rank"].map(lambda r: _fmt(r, 3))})
+    for c in names:
+        frame[c] = board[c]
+    frame[quality_header] = [
+        _marked(_ci(m, lo, hi), t) for m, lo, hi, t in
+        zip(board["quality_mean"], board["quality_lo"], board["quality_hi"], board["quality_tie"])]
+    frame["best LR"] = board["best_lr"].map(_fmt)
+    frame[COLUMNS["diverged"][0]] = [
+        _marked(f"{_fmt(p, 2)} [{_fmt(lo, 2)}, {_fmt(hi, 2)}]", t) for p, lo, hi, t in
+        zip(board["diverged_rate"], board["diverged_lo"], board["diverged_hi"], board["diverged_tie"])]
+    for col in ("lr_sensitivity", "max_stable_lr", "stable_width"):
+        frame[COLUMNS[col][0]] = board[col].map(_fmt)
+    frame[COLUMNS["steps_to_target"][0]] = board["steps_to_target"].map(_fmt_steps)
+    frame[COLUMNS["clipped_share"][0]] = board["clipped_share"].map(lambda x: _fmt(x, 2))
+    frame[COLUMNS["max_grad_norm"][0]] = board["max_grad_norm"].map(_fmt)
+    frame[COLUMNS["stability"][0]] = [_marked(_fmt(s), t) for s, t in
+                                      zip(board["stability"], board["stability_tie"])]
+    numeric = {"rank": board["rank"], quality_header: board["quality_mean"],
+               COLUMNS["diverged"][0]: board["diverged_rate"]}
+    directions = {"rank": "min", quality_header: mode, COLUMNS["diverged"][0]: "min"}
+    for col in ("lr_sensitivity", "max_stable_lr", "stable_width", "steps_to_target",
+                "clipped_share", "max_grad_norm", "stability"):
+        numeric[COLUMNS[col][0]] = board[col]
+        directions[COLUMNS[col][0]] = COLUMNS[col][1]
+    bold = pd.DataFrame({c: _bold_mask(numeric[c], directions[c]) if c in numeric
+                         else pd.Series(False, index=frame.index) for c in frame.columns})
+    return Table(frame, bold, task_caption(variant, board, runs), f"tab:{_label(variant)}")
+
+
+def task_caption(variant: str, board: pd.DataFrame, runs: pd.DataFrame) -> str:
+    metric, mode = board["quality_metric"].iloc[0], board["quality_mode"].iloc[0]
+    value = runs["target_value"].iloc[0]
+    lrs = sorted(runs["lr"].unique())
+    fixed = [f"{c} {board[c].iloc[0]}" for c in ("init", "optimizer") if board[c].nunique() == 1]
+    return (
+        f"Task {variant}: {len(board)} entries, {runs['seed'].nunique()} seeds x {len(lrs)} learning "
+        f"rates ({', '.join(_fmt(x) for x in lrs)}), {int(runs['steps'].max())} steps"
+        f"{'; ' + ', '.join(fixed) if fixed else ''}. Target: {metric} "
+        f"{'>=' if mode == 'max' else '<='} {_fmt(value)}. "
+        f"{metric} at each entry's best learning rate: mean over seeds with a 95% Student-t "
+        f"interval. Diverged: share of all runs (every learning rate and seed) with a 95% Wilson "
+        f"interval. LR sensitivity (Wortsman et al. 2023): mean over the grid of the final training "
+        f"loss, capped at the loss at initialization, minus its minimum over the grid. Max stable LR: largest "
+        f"learning rate where no seed diverged. Stable width: log10 span of consecutive learning "
+        f"rates where every seed stays stable and reaches the target. Steps to target: minimum over "
+        f"learning rates of the median over seeds. Clipped share (mean) and max grad norm (median) "
+        f"over the seeds at the best learning rate. Stability: mean over all runs of the loss "
+        f"improvement (loss at initialization minus final loss, at least 0) divided by the best mean "
+        f"improvement any entry reaches at one learning rate on this task; rank by stability. "
+        f"Bold: best in the column. {MARK}: not significantly different from the best (two-sided "
+        f"Welch t-test over seeds for {metric} and stability, Fisher's exact test for divergence; "
+        f"alpha = {ALPHA}, no correction for multiple comparisons).")
+
+
+def render_overall(board: pd.DataFrame, unsolved: list[str], n_variants: int) -> Table:
+    names = _entry_columns(board)
+    frame = pd.DataFrame({"rank": board["rank"].map(lambda r: _fmt(r, 3))})
+    for c in names:
+        frame[c] = board[c]
+    frame["tasks"] = board["tasks"].astype(str)
+    frame["stability"] = board["stability"].map(_fmt)
+    frame["profile score"] = board["profile_score"].map(_fmt)
+    frame["mean rank"] = board["mean_rank"].map(lambda x: _fmt(x, 3))
+    frame[OVERALL["diverged"][0]] = [
+        f"{_fmt(p, 2)} [{_fmt(lo, 2)}, {_fmt(hi, 2)}]" for p, lo, hi in
+        zip(board["diverged_rate"], board["diverged_lo"], board["diverged_hi"])]
+    numeric = {"rank": board["rank"], "stability": board["stability"],
+               "profile score": board["profile_score"], "mean rank": board["mean_rank"],
+               OVERALL["diverged"][0]: board["diverged_rate"]}
+    directions = {"rank": "min", "stability": "max", "profile score": "max", "mean rank": "min",
+                  OVERALL["diverged"][0]: "min"}
+    bold = pd.DataFrame({c: _bold_mask(numeric[c], directions[c]) if c in numeric
+                         else pd.Series(False, index=frame.index) for c in frame.columns})
+    caption = (
+        f"Overall, across {n_variants} task variants (each task counts once; its variants share its "
+        f"weight). Stability: weighted mean of the per-task stability scores. Profile score "
+        f"(AlgoPerf): (1/3) times the integral from 1 to 4 of rho(tau), the weighted share of tasks "
+        f"an entry brings to the target within tau times the fewest steps any entry needs; an entry "
+        f"that never reaches the target, or did not run the task, counts as infinitely slow. Mean "
+        f"rank: weighted mean of the per-task ranks. Diverged: share of all runs with a 95% Wilson "
+        f"interval. Rank by stability; bold: best in the column.")
+    if unsolved:
+        caption += (f" Left out of the profiles because no entry reached the target: "
+                    f"{', '.join(unsolved)}.")
+    return Table(frame, bold, caption, "tab:overall")
+
+
+def _label(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def to_markdown(table: Table) -> str:
+    cells = table.frame.copy()
+    for col in cells.columns:
+        cells[col] = [f"**{v}**" if b else str(v) for v, b in zip(cells[col], table.bold[col])]
+    esc = lambda s: str(s).replace("|", "\\|")  # noqa: E731
+    lines = ["| " + " | ".join(esc(c) for c in cells.columns) + " |",
+             "|" + "|".join("---" for _ in cells.columns) + "|"]
+    lines += ["| " + " | ".join(esc(v) for v in row) + " |" for row in cells.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def to_latex(table: Table) -> str:
+    """booktabs table with caption and label; every value and header LaTeX-escaped by the Styler,
+    the significance mark added after escaping."""
+    styler = table.frame.style.format(
+        escape="latex", formatter=lambda s: str(s).replace(MARK, r"$^{\dagger}$"))
+    styler = styler.format_index(escape="latex", axis=1).hide(axis="index")
+    bold = table.bold.to_numpy()
+    styler = styler.apply(lambda df: pd.DataFrame(
+        np.where(bold, "textbf:--rwrap;", ""), index=df.index, columns=df.columns), axis=None)
+    caption = escape_latex(table.caption).replace(MARK, r"$^{\dagger}$")
+    return styler.to_latex(hrules=True, caption=caption, label=table.label,
+                           position_float="centering", column_format="l" * table.frame.shape[1])
+
+
+def escape_latex(text: str) -> str:
+    """The Styler's own LaTeX escaping, for text outside a table cell (captions)."""
+    return pd.DataFrame([[text]]).style.format(escape="latex").hide(axis="index").hide(
+        axis="columns").to_latex().split("\n")[1].rsplit(" \\\\", 1)[0]
+
+
+# ---- the report ----------------------------------------------------------------------------------
+@dataclass
+class Report:
+    runs: pd.DataFrame  # every run, as stored
+    used: pd.DataFrame  # duplicates removed: what the tables count
+    boards: dict[str, pd.DataFrame]  # variant -> task board
+    overall: pd.DataFrame
+    ratios: np.ndarray  # [overall entries, sorted variants]
+    unsolved: list[str]
+    notes: list[str]
+
+
+def build_report(records: list) -> Report:
+    runs = runs_frame(records)
+    used, duplicates = dedupe_runs(runs)
+    notes = []
+    if duplicates:
+        notes.append(f"{duplicates} runs were trained more than once (same task, entry, seed and "
+                     f"learning rate); the newest of each counts.")
+    versions = sorted({f"stabench {v} (git {str(c)[:10]})" for v, c in
+                       zip(runs["version.stabench"], runs["git_commit"])})
+    if len(versions) > 1:
+        notes.append(f"records come from {len(versions)} code versions ({'; '.join(versions)}): "
+                     f"compare entries trained by different versions with care.")
+    boards = {v: task_board(g) for v, g in used.groupby("variant", sort=True)}
+    task_of_variant = dict(zip(used["variant"], used["task"]))
+    overall, ratios, unsolved = overall_board(boards, task_of_variant)
+    return Report(runs, used, boards, overall, ratios, unsolved, notes)
+
+
+def _provenance(runs: pd.DataFrame, directory: Path) -> list[str]:
+    cells = runs.drop_duplicates("spec_hash")
+    devices = sorted({f"{n}x {k} ({b}), {c} CPU cores" for n, k, b, c in zip(
+        cells["device_count"], cells["device_kind"], cells["backend"], cells["cpu_count"])})
+    versions = sorted({f"jax {j}, flax {f}, optax {o}" for j, f, o in zip(
+        cells["version.jax"], cells["version.flax"], cells["version.optax"])})
+    commits = sorted({str(c)[:10] for c in cells["git_commit"]})
+    return [
+        f"- records: {len(cells)} cells, {len(runs)} runs, read from `{directory}`",
+        f"- hardware: {'; '.join(devices)}",
+        f"- software: {'; '.join(versions)}; stabench git {', '.join(commits)}",
+        f"- trained: {cells['date'].min()} to {cells['date'].max()}; compile "
+        f"{cells['timing.compile_s'].sum():.0f} s, training {cells['timing.steady_s'].sum():.0f} s "
+        f"(summed over cells)",
+    ]
+
+
+CSV_DROP = ("quality_seeds", "stability_seeds")
+
+
+def write_report(directory: str | Path, out: str | Path | None = None, plots: bool = True,
+                 warn: Callable[[str], None] = print) -> str:
+    """Read every record under `directory`, write the report files to `out` (default: the same
+    directory) and return the Markdown. Untrustworthy records are reported through `warn` and
+    left out; a directory with none that can be used is a UserError."""
+    from .registry import UserError
+    from .store import Store
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise UserError(f"no results directory {directory}")
+    records, bad = Store(directory).records()
+    for message in bad:
+        warn(f"skipped {message}")
+    if not records:
+        raise UserError(f"no usable records in {directory}"
+                        + (f" ({len(bad)} skipped, listed above)" if bad else "")
+                        + f"; write some with: python -m stabench sweep ... --out {directory}")
+    out = Path(out or directory)
+    out.mkdir(parents=True, exist_ok=True)
+    report = build_report(records)
+    for note in report.notes:
+        warn(f"note: {note}")
+    figures = {}
+    if plots:
+        from . import plots as plotting
+
+        figures = plotting.report_figures(report, records, out / "plots")
+
+    tables = [render_overall(report.overall, report.unsolved, len(report.boards))]
+    tables += [render_task(v, b, report.used[report.used["variant"] == v])
+               for v, b in report.boards.items()]
+    lines = ["# stabench report", ""]
+    lines += [f"> Note: {n}" for n in report.notes] + ([""] if report.notes else [])
+    lines += [f"{report.runs['spec_hash'].nunique()} cells, {len(report.used)} runs, "
+              f"{len(report.boards)} task variants.", ""]
+    for table, key in zip(tables, ["overall", *report.boards]):
+        lines += [f"## {'Overall' if key == 'overall' else key}", "", to_markdown(table), "",
+                  table.caption, ""]
+        lines += [f"![{title}]({path.relative_to(out).as_posix()}.png)" for title, path in
+                  figures.get(key, [])]
+        lines += [""] if figures.get(key) else []
+    lines += ["## Provenance", "", *_provenance(report.runs, directory), ""]
+    markdown = "\n".join(lines)
+    (out / "report.md").write_text(markdown)
+    (out / "leaderboards.tex").write_text(
+        "% needs \\usepackage{booktabs}\n" + "\n".join(to_latex(t) for t in tables))
+    pd.concat([b.drop(columns=list(CSV_DROP)).assign(variant=v) for v, b in report.boards.items()],
+              ignore_index=True).to_csv(out / "leaderboard.csv", index=False)
+    report.overall.to_csv(out / "overall.csv", index=False)
+    parquet = report.runs.assign(record=[str(Path(p).relative_to(directory))
+                                         for p in report.runs["record"]])
+    parquet.to_parquet(out / "runs.parquet", index=False)
+    return markdown

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 from scipy import stats
@@ -14,9 +15,15 @@ SPIKE_FACTOR, SPIKE_WINDOW = 1.5, 50  # loss spike: loss > 1.5x its 50-step mean
 
 
 def initial_loss(loss: np.ndarray) -> float:
+    """Mean loss of the first 10 steps, but never above the loss before any update (step 0): a
+    large learning rate can blow the loss up within those steps, and an L0 inflated by that would
+    hide the divergence it measures."""
     head = loss[:INITIAL_STEPS]
     head = head[np.isfinite(head)]
-    return float(head.mean()) if head.size else math.inf
+    if not head.size:
+        return math.inf
+    mean = float(head.mean())
+    return min(mean, float(loss[0])) if np.isfinite(loss[0]) else mean
 
 
 def moving_average(x: np.ndarray, window: int) -> np.ndarray:
@@ -122,3 +129,91 @@ def wilson(k: int, n: int, level: float = 0.95) -> tuple[float, float, float]:
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return p, max(0.0, centre - half), min(1.0, centre + half)
+
+
+# ---- across runs: learning-rate grids, tasks, comparisons (the leaderboard's statistics) ---------
+def lr_sensitivity(lrs, final_loss, initial) -> float:
+    """Wortsman et al. 2023: mean over the LR grid of (min(final loss, L0) - best of those over the
+    grid). Each run's final loss is capped at its own initial loss L0 (a diverged run counts as L0)
+    and averaged over the seeds of its LR."""
+    capped = np.minimum(np.asarray(final_loss, np.float64), np.asarray(initial, np.float64))
+    lrs = np.asarray(lrs)
+    per_lr = np.array([capped[lrs == lr].mean() for lr in np.unique(lrs)])
+    return float((per_lr - per_lr.min()).mean())
+
+
+def improvement(final_loss, initial) -> np.ndarray:
+    """Loss improvement of each run, L0 - min(final loss, L0): zero for a run that diverged or
+    never got below its start."""
+    initial = np.asarray(initial, np.float64)
+    return initial - np.minimum(np.asarray(final_loss, np.float64), initial)
+
+
+def stable_width(lrs, ok) -> float:
+    """log10(max/min) of the widest run of consecutive grid LRs that are all ok (stable and reaching
+    the target); 0 for a single ok LR, NaN when none is."""
+    lrs, ok = np.asarray(lrs, np.float64), np.asarray(ok, bool)
+    order = np.argsort(lrs)
+    lrs, ok = lrs[order], ok[order]
+    best, start = math.nan, None
+    for i in range(len(lrs) + 1):
+        if i < len(lrs) and ok[i]:
+            start = i if start is None else start
+        elif start is not None:
+            width = math.log10(lrs[i - 1] / lrs[start])
+            best = width if math.isnan(best) else max(best, width)
+            start = None
+    return best
+
+
+PROFILE_TAU_MAX = 4.0  # AlgoPerf integrates the profile from tau = 1 to 4
+
+
+def performance_ratios(steps: np.ndarray) -> np.ndarray:
+    """[entries, tasks] steps to target -> r = steps / best steps on that task (inf: never
+    reached). A task no entry reaches gives NaN ratios (it says nothing about the entries)."""
+    steps = np.asarray(steps, np.float64)
+    best = np.min(np.where(np.isnan(steps), np.inf, steps), axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = np.where(np.isfinite(best), steps / best, np.nan)
+    return np.where(np.isnan(steps) & np.isfinite(best), np.inf, r)
+
+
+def performance_profile(ratios: np.ndarray, taus: np.ndarray, weights=None) -> np.ndarray:
+    """rho(tau) = (weighted) share of tasks with r <= tau, for each entry: [entries, taus]. Tasks
+    with NaN ratios (no entry reached the target) are left out."""
+    ratios = np.asarray(ratios, np.float64)
+    w = np.ones(ratios.shape[1]) if weights is None else np.asarray(weights, np.float64)
+    keep = ~np.isnan(ratios).all(axis=0)
+    ratios, w = ratios[:, keep], w[keep] / w[keep].sum()
+    return np.stack([(w * (ratios <= tau)).sum(axis=1) for tau in np.asarray(taus)], axis=1)
+
+
+def profile_score(ratios: np.ndarray, weights=None) -> np.ndarray:
+    """AlgoPerf score (1/3) * integral of rho(tau) from 1 to 4, exactly: a task with ratio r adds
+    its weight times (4 - max(r, 1)) / 3 when r <= 4."""
+    ratios = np.asarray(ratios, np.float64)
+    w = np.ones(ratios.shape[1]) if weights is None else np.asarray(weights, np.float64)
+    keep = ~np.isnan(ratios).all(axis=0)
+    ratios, w = ratios[:, keep], w[keep] / w[keep].sum()
+    area = np.clip(PROFILE_TAU_MAX - np.maximum(ratios, 1.0), 0.0, PROFILE_TAU_MAX - 1.0)
+    area = np.where(np.isfinite(ratios), area, 0.0)
+    return (w * area).sum(axis=1) / (PROFILE_TAU_MAX - 1.0)
+
+
+def welch_p(a, b) -> float:
+    """Two-sided Welch t-test p-value of equal means. Two constant samples give 1 if equal, else 0;
+    NaN when a sample has fewer than 2 values or a non-finite one (no test possible)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.size < 2 or b.size < 2 or not (np.isfinite(a).all() and np.isfinite(b).all()):
+        return math.nan
+    if a.var() == 0 and b.var() == 0:
+        return 1.0 if a.mean() == b.mean() else 0.0
+    with warnings.catch_warnings():  # nearly equal samples: scipy warns, the p-value is still ~1
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+
+
+def fisher_p(k1: int, n1: int, k2: int, n2: int) -> float:
+    """Two-sided Fisher exact test p-value of equal proportions k1/n1 and k2/n2."""
+    return float(stats.fisher_exact([[k1, n1 - k1], [k2, n2 - k2]]).pvalue)

@@ -174,3 +174,25 @@ def provenance() -> dict:
         "compilation_cache": jax.config.jax_compilation_cache_dir,
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def merge(dest: str | os.PathLike, sources: list[str | os.PathLike]) -> tuple[int, int, list[str]]:
+    """Copy every trustworthy record (and its telemetry) of the source directories into dest,
+    atomically; a cell dest already holds is kept. Returns (copied, already present, problems)."""
+    target = Store(dest)
+    copied, present, problems = 0, 0, []
+    for source in sources:
+        if not Path(source).is_dir():
+            raise UserError(f"merge: no results directory {source}")
+        good, bad = Store(source).records()
+        problems += bad
+        for record in good:
+            if target.load(record.spec) is not None:
+                present += 1
+                continue
+            path = target.path_for(record.spec)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path.with_suffix(".npz"), record.path.with_suffix(".npz").read_bytes())
+            atomic_write(path, record.path.read_bytes())
+            copied += 1
+    return copied, present, problems

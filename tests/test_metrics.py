@@ -22,6 +22,17 @@ def test_divergence_by_nonfinite_and_freeze():
     assert metrics.divergence_step(np.full(100, 1.0), np.ones(100), 70) == 70
 
 
+def test_blow_up_within_the_first_ten_steps_is_divergence():
+    # the loss explodes at steps 3-9, then settles near its start: the mean of the first 10 steps
+    # (about 20) would hide it; L0 stays the step-0 loss, so the spike's moving average counts
+    loss = np.concatenate([[2.3, 2.3, 2.3], np.full(7, 30.0), np.full(90, 2.6)])
+    assert metrics.initial_loss(loss) == 2.3
+    # limit max(4.6, 3.3) = 4.6; the 20-step mean at step 21 still holds 6 spikes: (6*30+14*2.6)/20
+    assert metrics.divergence_step(loss, np.ones(100), -1) == 21
+    calm = np.linspace(2.3, 1.0, 100)
+    assert metrics.initial_loss(calm) == pytest.approx(calm[:10].mean())
+
+
 def test_moving_average_criterion_starts_after_step_20():
     loss = np.concatenate([np.full(10, 1.0), np.full(11, 50.0), np.full(79, 1.0)])
     # the 20-step mean already exceeds the limit at step 19 and 20, but counts only after step 20

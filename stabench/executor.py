@@ -1,0 +1,366 @@
+"""Running a sweep's cells: the executor interface, the local executors, resume and progress.
+
+An executor takes cells (RunSpecs) and a results directory and yields one `Outcome` per cell as
+cells finish; records are written only through `Store.save` (atomic), so a sweep killed at any
+instant loses at most its cells in flight. `run_sweep` skips cells already stored (resume) and
+counts what happened. Another engine (a cluster scheduler) plugs in by implementing `Executor`.
+
+On a CPU host one process leaves cores idle at these model sizes (DESIGN section 3), so the local
+executor runs one worker process per core, each pinned to its core before JAX starts (XLA then
+sizes its thread pool to that core). Workers are long-lived: each keeps its loaded dataset and
+JAX's in-memory caches across cells and uses the persistent compilation cache.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import signal
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Iterator, Protocol, Sequence
+
+from .config import RunSpec, task_of
+from .store import Store
+
+
+@dataclass(frozen=True)
+class Outcome:
+    index: int  # position of the cell in the list given to the executor
+    path: str | None  # the record written; None when the cell failed
+    runs: int
+    diverged: int
+    seconds: float
+    error: str | None = None
+
+
+class Listener(Protocol):
+    def started(self, index: int, slot: int) -> None: ...
+
+    def progressed(self, index: int, slot: int, steps: int) -> None: ...
+
+
+class Executor(Protocol):
+    slots: int  # cells trained at once
+
+    def run(self, cells: Sequence[RunSpec], out: str,
+            listener: Listener | None = None) -> Iterator[Outcome]: ...
+
+
+def usable_cores() -> list[int]:
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
+def default_workers() -> int:
+    """One per usable core on a CPU host; one on accelerators (the engine shards its runs over
+    every local device)."""
+    import jax
+
+    return len(usable_cores()) if jax.default_backend() == "cpu" else 1
+
+
+class DataCache:
+    """The last dataset loaded: consecutive cells of a sweep mostly share their task's data."""
+
+    def __init__(self, data_dir: str | None):
+        self.data_dir = data_dir
+        self.key, self.data = None, None
+
+    def __call__(self, spec: RunSpec):
+        from .runner import load_data
+
+        key = (task_of(spec).component("dataset"), spec.fake_data)
+        if key != self.key:
+            self.key, self.data = None, None  # release the old one before loading
+            self.data, self.key = load_data(spec, self.data_dir), key
+        return self.data
+
+
+def _where(err: BaseException) -> str:
+    frames = traceback.extract_tb(err.__traceback__)
+    return f" (at {os.path.basename(frames[-1].filename)}:{frames[-1].lineno})" if frames else ""
+
+
+def train_one(index: int, spec: RunSpec, store: Store, data: DataCache, on_chunk) -> Outcome:
+    """Train and store one cell; a failure becomes the outcome's one-line error."""
+    from .runner import run_cell
+
+    t0 = time.perf_counter()
+    try:
+        record = run_cell(spec, store, data.data_dir, on_chunk, data=data(spec))
+    except Exception as err:  # noqa: BLE001  (one cell's failure must not end the sweep)
+        return Outcome(index, None, len(spec.runs), 0, time.perf_counter() - t0,
+                       f"{type(err).__name__}: {err}{_where(err)}")
+    diverged = int(sum(run["diverged"] for run in record.runs))
+    return Outcome(index, str(record.path), len(record.runs), diverged, time.perf_counter() - t0)
+
+
+class SerialExecutor:
+    """Cells one after another in this process (one worker, or accelerators)."""
+
+    slots = 1
+
+    def __init__(self, data_dir: str | None = None):
+        self.data_dir = data_dir
+
+    def run(self, cells, out, listener=None):
+        from .runner import enable_compilation_cache
+
+        enable_compilation_cache()
+        store, data = Store(out), DataCache(self.data_dir)
+        for index, spec in enumerate(cells):
+            if listener:
+                listener.started(index, 0)
+            on_chunk = (lambda steps, i=index: listener.progressed(i, 0, steps)) if listener else None
+            yield train_one(index, spec, store, data, on_chunk)
+
+
+def _worker(slot: int, cpu: int | None, out: str, data_dir: str | None, inbox, results) -> None:
+    """A worker process: pin to its core, then train the cells the parent sends until None."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops workers
+    if cpu is not None and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {cpu})
+    from .runner import enable_compilation_cache
+
+    enable_compilation_cache()
+    store, data = Store(out), DataCache(data_dir)
+    parent = mp.parent_process()
+    while True:
+        try:
+            item = inbox.get(timeout=1.0)
+        except queue.Empty:
+            if parent is not None and not parent.is_alive():
+                return  # the sweep was killed: stop rather than linger
+            continue
+        if item is None:
+            return
+        index, spec = item
+        outcome = train_one(index, spec, store, data,
+                            lambda steps: results.put(("progress", slot, index, steps)))
+        results.put(("done", slot, outcome))
+
+
+@dataclass
+class _Slot:
+    cpu: int | None
+    process: mp.Process | None = None
+    inbox: object = None
+    index: int | None = None  # cell in flight
+    started: float = field(default=0.0)
+
+
+class LocalExecutor:
+    """One spawned worker process per slot, each pinned to its own core where the OS allows."""
+
+    def __init__(self, workers: int, data_dir: str | None = None):
+        self.slots = workers
+        self.data_dir = data_dir
+        cores = usable_cores()
+        self.cpus = [cores[i % len(cores)] if len(cores) > 1 else None for i in range(workers)]
+
+    def run(self, cells, out, listener=None):
+        ctx = mp.get_context("spawn")  # never fork a process that has started JAX's threads
+        results = ctx.Queue()
+        todo = list(range(len(cells)))[::-1]  # popped from the end: sweep order
+        slots = [_Slot(cpu) for cpu in self.cpus[:max(1, min(self.slots, len(cells)))]]
+
+        def start(slot_id: int) -> None:
+            slot = slots[slot_id]
+            slot.inbox = ctx.Queue()
+            slot.process = ctx.Process(target=_worker, daemon=True, args=(
+                slot_id, slot.cpu, str(out), self.data_dir, slot.inbox, results))
+            slot.process.start()
+
+        def feed(slot_id: int) -> None:
+            slot = slots[slot_id]
+            slot.index = todo.pop() if todo else None
+            slot.inbox.put(None if slot.index is None else (slot.index, cells[slot.index]))
+            if slot.index is not None:
+                slot.started = time.perf_counter()
+                if listener:
+                    listener.started(slot.index, slot_id)
+
+        pending = len(cells)
+        try:
+            for slot_id in range(len(slots)):
+                start(slot_id)
+                feed(slot_id)
+            while pending:
+                try:
+                    message = results.get(timeout=1.0)
+                except queue.Empty:
+                    message = None
+                if message and message[0] == "progress":
+                    _, slot_id, index, steps = message
+                    if listener and slots[slot_id].index == index:
+                        listener.progressed(index, slot_id, steps)
+                elif message:
+                    _, slot_id, outcome = message
+                    if slots[slot_id].index == outcome.index:
+                        pending -= 1
+                        feed(slot_id)
+                        yield outcome
+                for slot_id, slot in enumerate(slots):
+                    if slot.index is not None and not slot.process.is_alive():
+                        yield Outcome(slot.index, None, len(cells[slot.index].runs), 0,
+                                      time.perf_counter() - slot.started,
+                                      f"worker process died (exit code {slot.process.exitcode}; "
+                                      f"out of memory?)")
+                        pending -= 1
+                        slot.index = None
+                        if todo:
+                            start(slot_id)
+                            feed(slot_id)
+        finally:
+            for slot in slots:
+                if slot.process is not None and slot.process.is_alive():
+                    if slot.index is None:
+                        slot.process.join(timeout=5)
+                    if slot.process.is_alive():
+                        slot.process.terminate()  # interrupted: its cell in flight is not written
+                        slot.process.join(timeout=5)
+
+
+def make_executor(workers: int | None, data_dir: str | None = None) -> Executor:
+    workers = default_workers() if workers is None else workers
+    return SerialExecutor(data_dir) if workers == 1 else LocalExecutor(workers, data_dir)
+
+
+# ---- a sweep: resume, run, count ------------------------------------------------------------------
+@dataclass
+class Summary:
+    cells: int = 0
+    trained: int = 0
+    skipped: int = 0
+    failed: list[tuple[RunSpec, str]] = field(default_factory=list)
+    runs: int = 0
+    diverged: int = 0
+    seconds: float = 0.0
+
+    def lines(self, out: str) -> list[str]:
+        lines = [f"sweep: {self.cells} cells: {self.trained} trained, {self.skipped} skipped "
+                 f"(already stored), {len(self.failed)} failed | {self.runs} runs trained, "
+                 f"{self.diverged} diverged | wall {_duration(self.seconds)} | results in {out}"]
+        for spec, error in self.failed:
+            lines.append(f"failed: {cell_label(spec)}: {error}")
+        if self.failed:
+            lines.append("run the same command again to retry the failed cells")
+        return lines
+
+
+def cell_label(spec: RunSpec) -> str:
+    """task[fields changed from its file] | method | init | optimizer."""
+    from .leaderboard import flatten
+    from .registry import UserError
+    from .tasks import get_task
+
+    try:
+        base = flatten(get_task(spec.task).config)
+    except UserError:
+        base = {}
+    changed = [f"{k.rpartition('.')[2]}={v}" for k, v in flatten(spec.task_config).items()
+               if k in base and base[k] != v]
+    task = f"{spec.task}[{','.join(changed)}]" if changed else spec.task
+    return f"{task} | {spec.method} | {spec.init} | {spec.optimizer}"
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{seconds:.1f}s"
+
+
+def run_sweep(cells: list[RunSpec], out: str, executor: Executor,
+              progress: "Progress | None" = None) -> Summary:
+    """Train every cell not already stored in `out`; a stored record that does not verify (a torn
+    write) is trained again."""
+    t0 = time.perf_counter()
+    store = Store(out)
+    todo = [spec for spec in cells if store.load(spec) is None]
+    summary = Summary(cells=len(cells), skipped=len(cells) - len(todo))
+    if todo:
+        store.check_writable(todo[0])
+    if progress:
+        progress.begin(todo, summary.skipped, executor.slots)
+    try:
+        for outcome in executor.run(todo, out, progress):
+            if outcome.error is None:
+                summary.trained += 1
+                summary.runs += outcome.runs
+                summary.diverged += outcome.diverged
+            else:
+                summary.failed.append((todo[outcome.index], outcome.error))
+            if progress:
+                progress.finished(outcome)
+    finally:
+        if progress:
+            progress.close()
+        summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+class Progress:
+    """A bar over the sweep's cells, weighted by each cell's work (runs x steps x batch) so its
+    ETA accounts for cell sizes, and one bar per worker for the cell it trains."""
+
+    def __init__(self, file=None, disable: bool | None = None):
+        self.file = file or sys.stderr
+        self.disable = disable
+
+    def begin(self, cells: list[RunSpec], skipped: int, slots: int) -> None:
+        from tqdm import tqdm
+
+        self.cells = cells
+        self.work = [len(s.runs) * s.train["steps"] * s.train["batch_size"] for s in cells]
+        self.counted = [0] * len(cells)
+        self.finished_cells, self.failed, self.skipped = 0, 0, skipped
+        self.total = tqdm(total=max(1, sum(self.work)), file=self.file, disable=self.disable,
+                          desc="sweep", position=0, dynamic_ncols=True,
+                          bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix} "
+                                     "[{elapsed}<{remaining}]")
+        self.bars = [tqdm(total=1, file=self.file, disable=self.disable, position=i + 1,
+                          leave=False, dynamic_ncols=True, unit="step",
+                          bar_format="  {desc} {n_fmt}/{total_fmt} steps |{bar}| "
+                                     "[{elapsed}<{remaining}]")
+                     for i in range(slots)]
+        self._postfix()
+
+    def _postfix(self) -> None:
+        text = f"{self.finished_cells}/{len(self.cells)} cells"
+        if self.skipped:
+            text += f" ({self.skipped} stored before)"
+        if self.failed:
+            text += f", {self.failed} failed"
+        self.total.set_postfix_str(text, refresh=True)
+
+    def _count(self, index: int, work: int) -> None:
+        work = min(work, self.work[index])
+        self.total.update(work - self.counted[index])
+        self.counted[index] = work
+
+    def started(self, index: int, slot: int) -> None:
+        spec = self.cells[index]
+        bar = self.bars[slot]
+        bar.reset(total=spec.train["steps"])
+        bar.set_description_str(cell_label(spec)[:60])
+
+    def progressed(self, index: int, slot: int, steps: int) -> None:
+        bar = self.bars[slot]
+        bar.update(steps - bar.n)
+        self._count(index, self.work[index] * steps // self.cells[index].train["steps"])
+
+    def finished(self, outcome: Outcome) -> None:
+        self._count(outcome.index, self.work[outcome.index])  # also cells stopped early
+        self.finished_cells += 1
+        self.failed += outcome.error is not None
+        self._postfix()
+
+    def close(self) -> None:
+        for bar in self.bars:
+            bar.close()
+        self.total.close()

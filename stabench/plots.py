@@ -1,0 +1,277 @@
+"""Figures (seaborn styling on matplotlib `Figure`s; no pyplot state), saved as PNG and PDF at a
+size that prints in one column of a paper.
+
+Bands are the same 95% Student-t intervals over seeds that the tables report.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.figure import Figure
+
+from .metrics import mean_ci, performance_profile
+
+WIDTH = 7.0  # inches
+PROFILE_ENTRIES = 12  # more lines than this are unreadable in print
+
+
+@contextmanager
+def style():
+    with sns.axes_style("whitegrid"), sns.plotting_context("paper", font_scale=1.0):
+        yield
+
+
+def save(fig: Figure, stem: Path) -> Path:
+    """Write stem.png and stem.pdf; returns the stem."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(stem.with_suffix(".png"), dpi=150, bbox_inches="tight")
+    fig.savefig(stem.with_suffix(".pdf"), bbox_inches="tight")
+    return stem
+
+
+def _palette(labels) -> dict:
+    labels = list(dict.fromkeys(labels))
+    return dict(zip(labels, sns.color_palette("colorblind", len(labels))))
+
+
+def _band(ax, x, groups: pd.core.groupby.DataFrameGroupBy, column: str, color, label) -> None:
+    stats = np.array([mean_ci(g[column].to_numpy()) for _, g in groups])
+    m, lo, hi = stats.T
+    keep = np.isfinite(m)
+    ax.plot(np.asarray(x)[keep], m[keep], marker="o", ms=3, color=color, label=label)
+    band = keep & np.isfinite(lo) & np.isfinite(hi)
+    ax.fill_between(np.asarray(x)[band], lo[band], hi[band], color=color, alpha=0.2, lw=0)
+
+
+def _entry_label(df: pd.DataFrame) -> pd.Series:
+    label = df["method"]
+    if df["optimizer"].nunique() > 1:
+        label = label + " / " + df["optimizer"]
+    return label
+
+
+def lr_curves(runs: pd.DataFrame, title: str) -> Figure:
+    """Final training loss (capped at the loss at initialization, as LR sensitivity counts it) and the
+    target metric against learning rate: one line per method, one column per init."""
+    metric = runs["target_metric"].iloc[0]
+    runs = runs.assign(capped_loss=np.minimum(runs["final_train_loss"], runs["init_loss"]),
+                       entry=_entry_label(runs))
+    inits = sorted(runs["init"].unique())
+    colors = _palette(sorted(runs["entry"].unique()))
+    with style():
+        fig = Figure(figsize=(WIDTH, 4.6 if len(inits) == 1 else 5.2), layout="constrained")
+        axes = fig.subplots(2, len(inits), squeeze=False, sharex=True)
+        for j, init in enumerate(inits):
+            sub = runs[runs["init"] == init]
+            for entry, g in sub.groupby("entry", sort=True):
+                by_lr = g.groupby("lr", sort=True)
+                for ax, column in zip(axes[:, j], ("capped_loss", metric)):
+                    _band(ax, list(by_lr.groups), by_lr, column, colors[entry], entry)
+            axes[0, j].set_title(f"init {init}" if len(inits) > 1 else "")
+            for ax in axes[:, j]:
+                ax.set_xscale("log")
+            axes[1, j].set_xlabel("learning rate")
+        axes[0, 0].set_ylabel("final train loss\n(capped at step-0 loss)")
+        axes[1, 0].set_ylabel(metric.replace("_", " "))
+        if metric == "test_loss":
+            for ax in axes[1]:
+                ax.set_yscale("log")
+        handles, labels = axes[0, 0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="outside right upper", fontsize="small", frameon=False)
+        fig.suptitle(f"{title}: mean over seeds, 95% t-interval bands")
+    return fig
+
+
+def divergence_heatmap(runs: pd.DataFrame, title: str) -> Figure:
+    """Share of seeds that diverged, per entry (rows) and learning rate (columns)."""
+    label = _entry_label(runs)
+    if runs["init"].nunique() > 1:
+        label = label + " / " + runs["init"]
+    table = runs.assign(entry=label).pivot_table(index="entry", columns="lr", values="diverged",
+                                                 aggfunc="mean")
+    table.columns = [f"{x:g}" for x in table.columns]
+    with style():
+        fig = Figure(figsize=(WIDTH, 1.0 + 0.28 * len(table)), layout="constrained")
+        ax = fig.subplots()
+        sns.heatmap(table, ax=ax, vmin=0, vmax=1, cmap="rocket_r", annot=True, fmt=".2g",
+                    annot_kws={"fontsize": 7}, cbar_kws={"label": "diverged share"},
+                    linewidths=0.5)
+        ax.set_xlabel("learning rate")
+        ax.set_ylabel("")
+        ax.set_title(f"{title}: divergence rate")
+    return fig
+
+
+def depth_accuracy(points: pd.DataFrame, metric: str) -> Figure:
+    """Best-LR target metric against depth, plain vs residual twins; one panel per method.
+    `points`: depth, architecture, method, init, quality_mean, quality_lo, quality_hi."""
+    methods = sorted(points["method"].unique())
+    cols = min(4, len(methods))
+    rows = math.ceil(len(methods) / cols)
+    colors = _palette(["plain", "residual"])
+    inits = sorted(points["init"].unique())
+    dashes = dict(zip(inits, ["-", "--", ":", "-."] * len(inits)))
+    with style():
+        fig = Figure(figsize=(WIDTH, 0.6 + 1.9 * rows), layout="constrained")
+        axes = fig.subplots(rows, cols, squeeze=False, sharex=True, sharey=True)
+        for k, method in enumerate(methods):
+            ax = axes[k // cols, k % cols]
+            for (arch, init), g in points[points["method"] == method].groupby(
+                    ["architecture", "init"], sort=True):
+                g = g.sort_values("depth")
+                label = f"{arch}, {init}" if len(inits) > 1 else arch
+                ax.plot(g["depth"], g["quality_mean"], marker="o", ms=3, color=colors[arch],
+                        ls=dashes[init], label=label)
+                ax.fill_between(g["depth"], g["quality_lo"], g["quality_hi"], color=colors[arch],
+                                alpha=0.15, lw=0)
+            ax.set_xscale("log", base=2)
+            ax.set_title(method, fontsize="small")
+        for k in range(len(methods), rows * cols):
+            axes[k // cols, k % cols].set_visible(False)
+        for ax in axes[:, 0]:
+            ax.set_ylabel(metric.replace("_", " "))
+        for ax in axes[-1]:
+            ax.set_xlabel("depth")
+        handles, labels = axes[0, 0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="outside lower center", ncols=min(4, len(labels)),
+                   frameon=False, fontsize="small")
+        fig.suptitle("depth vs best-LR result: plain vs residual (mean over seeds, 95% bands)")
+    return fig
+
+
+def performance_profiles(labels: list[str], ratios: np.ndarray, weights: np.ndarray,
+                         scores: np.ndarray) -> Figure:
+    """rho(tau) for tau in [1, 4] (AlgoPerf), the best-scoring entries first."""
+    order = np.argsort(-np.nan_to_num(scores, nan=-1.0), kind="stable")[:PROFILE_ENTRIES]
+    taus = np.linspace(1.0, 4.0, 301)
+    rho = performance_profile(ratios[order], taus, weights)
+    colors = _palette([labels[i] for i in order])
+    with style():
+        fig = Figure(figsize=(WIDTH, 3.4), layout="constrained")
+        ax = fig.subplots()
+        for k, i in enumerate(order):
+            ax.step(taus, rho[k], where="post", color=colors[labels[i]],
+                    label=f"{labels[i]} ({scores[i]:.2f})")
+        ax.set_xlim(1, 4)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel(r"$\tau$ (steps to target / fewest steps of any entry)")
+        ax.set_ylabel(r"$\rho(\tau)$: share of tasks")
+        shown = f" (best {len(order)} of {len(labels)})" if len(labels) > len(order) else ""
+        ax.set_title(f"performance profiles{shown}; legend: profile score")
+        fig.legend(loc="outside right upper", fontsize="small", frameon=False)
+    return fig
+
+
+def grad_norm_traces(traces: dict[str, np.ndarray], title: str) -> Figure:
+    """Pre-transform gradient norm per step: median over seeds and the inter-quartile band.
+    `traces`: label -> [seeds, steps] (NaN after a run diverged)."""
+    colors = _palette(traces)
+    with style():
+        fig = Figure(figsize=(WIDTH, 3.0), layout="constrained")
+        ax = fig.subplots()
+        for label, values in traces.items():
+            values = np.where(np.isfinite(values) & (values > 0), values, np.nan)
+            steps = np.arange(values.shape[1])
+            with np.errstate(all="ignore"):
+                q25, med, q75 = np.nanpercentile(values, [25, 50, 75], axis=0) \
+                    if np.isfinite(values).any() else (np.full(len(steps), np.nan),) * 3
+            ax.plot(steps, med, color=colors[label], lw=1, label=label)
+            ax.fill_between(steps, q25, q75, color=colors[label], alpha=0.2, lw=0)
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_ylabel("grad norm (before the method)")
+        ax.set_title(f"{title}: median over seeds, inter-quartile band")
+        fig.legend(loc="outside right upper", fontsize="small", frameon=False)
+    return fig
+
+
+# ---- which figures a report draws ------------------------------------------------------------------
+def trace_lr(runs: pd.DataFrame) -> float:
+    """The learning rate whose traces separate methods best: the smallest at which the baseline
+    (method none) diverged, else the largest of the grid."""
+    base = runs[runs["method"] == "none"]
+    bad = base.groupby("lr")["diverged"].max()
+    bad = bad[bad > 0]
+    return float(bad.index.min()) if len(bad) else float(runs["lr"].max())
+
+
+def _traces(runs: pd.DataFrame, records_by_hash: dict, lr: float) -> dict[str, np.ndarray]:
+    init = "default" if "default" in set(runs["init"]) else sorted(runs["init"].unique())[0]
+    sub = runs[(runs["init"] == init) & (runs["lr"] == lr)]
+    traces = {}
+    for (h, method, optimizer), _ in sub.groupby(["spec_hash", "method", "optimizer"], sort=True):
+        tel = records_by_hash[h].telemetry()
+        rows = np.flatnonzero(np.isclose(tel["lrs"], lr))
+        label = method if sub["optimizer"].nunique() == 1 else f"{method} / {optimizer}"
+        traces[label] = tel["grad_norm"][rows]
+    return traces
+
+
+def _depth_points(report, by_hash: dict) -> pd.DataFrame | None:
+    """Best-LR results of task variants whose model has `depth` and `residual` arguments."""
+    from .config import task_of
+    from .models import MODELS
+    from .registry import UserError
+
+    rows = []
+    for variant, board in report.boards.items():
+        spec = by_hash[report.used.loc[report.used["variant"] == variant, "spec_hash"].iloc[0]].spec
+        try:
+            args = dict(MODELS.resolve(task_of(spec).component("model")).kwargs)
+        except UserError:  # a model this version no longer has: no depth to read
+            continue
+        if "depth" not in args or "residual" not in args:
+            continue
+        for _, r in board.iterrows():
+            rows.append({"depth": args["depth"],
+                         "architecture": "residual" if args["residual"] else "plain",
+                         "method": r["method"], "init": r["init"], "metric": r["quality_metric"],
+                         "quality_mean": r["quality_mean"], "quality_lo": r["quality_lo"],
+                         "quality_hi": r["quality_hi"]})
+    points = pd.DataFrame(rows)
+    if points.empty or points["depth"].nunique() < 2 or points["architecture"].nunique() < 2:
+        return None
+    return points
+
+
+def report_figures(report, records: list, directory: Path) -> dict[str, list[tuple[str, Path]]]:
+    """Draw the report's figures into `directory`; returns section -> [(title, path stem)]."""
+    from .leaderboard import _label, task_weights
+
+    figures: dict[str, list[tuple[str, Path]]] = {"overall": []}
+    by_hash = {r.spec.hash: r for r in records}
+    for variant in report.boards:
+        runs = report.used[report.used["variant"] == variant]
+        name = _label(variant)
+        out = figures.setdefault(variant, [])
+        out.append(("loss and result vs learning rate",
+                    save(lr_curves(runs, variant), directory / f"{name}-lr")))
+        out.append(("divergence rate", save(divergence_heatmap(runs, variant),
+                                            directory / f"{name}-divergence")))
+        lr = trace_lr(runs)
+        traces = _traces(runs, by_hash, lr)
+        if traces:
+            out.append((f"grad norm at lr {lr:g}", save(grad_norm_traces(
+                traces, f"{variant}, lr {lr:g}"), directory / f"{name}-gradnorm")))
+    overall = report.overall
+    if len(report.unsolved) < len(report.boards):
+        labels = [" / ".join(str(r[c]) for c in ("method", "init", "optimizer")
+                             if overall[c].nunique() > 1) or r["method"]
+                  for _, r in overall.iterrows()]
+        variants = sorted(report.boards)
+        task_of = dict(zip(report.used["variant"], report.used["task"]))
+        figures["overall"].append(("performance profiles", save(performance_profiles(
+            labels, report.ratios, task_weights(variants, task_of),
+            overall["profile_score"].to_numpy()), directory / "profiles")))
+    points = _depth_points(report, by_hash)
+    if points is not None:
+        for metric, g in points.groupby("metric"):
+            figures["overall"].append((f"depth vs {metric}", save(
+                depth_accuracy(g, metric), directory / f"depth-{_label(metric)}")))
+    return figures

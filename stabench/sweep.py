@@ -1,0 +1,379 @@
+"""Sweeps: lists and grids of tasks, methods, inits and optimizers expanded into cells.
+
+A template is a registry string whose arguments may be lists or ranges (benchopt's grid grammar):
+`clip_norm(max_norm=[0.25,1,4])` is three cells under `--search grid`;
+`clip_norm(max_norm=loguniform(0.01,10))` draws values under `--search random(n=K, seed=S)`.
+Task overrides (`--set model.depth=[4,8]`) with a list for a field that is not itself a list are a
+grid of task variants whatever the search. The learning rate is not a cell axis: every cell trains
+its whole learning-rate grid in one program.
+
+A suite (`tasks/suites/NAME.toml`) names the same lists in a file; see `load_suite`.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import itertools
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import RunSpec, make_spec
+from .registry import Registry, UserError, parse_call, split_plus
+from .tasks import get_task, task_dir
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+RANGES = ("loguniform", "uniform")
+SIGNIFICANT = 4  # drawn values are rounded to 4 significant digits: readable, reproducible names
+
+
+@dataclass(frozen=True)
+class Range:
+    """A continuous search range; integer bounds draw integers (e.g. warmup steps)."""
+
+    kind: str
+    low: float
+    high: float
+
+    @property
+    def integer(self) -> bool:
+        return isinstance(self.low, int) and isinstance(self.high, int)
+
+    def sample(self, rng: np.random.Generator):
+        if self.kind == "loguniform":
+            x = math.exp(rng.uniform(math.log(self.low), math.log(self.high)))
+        else:
+            x = rng.uniform(self.low, self.high)
+        if self.integer:
+            return int(min(max(round(x), self.low), self.high))
+        return float(f"{x:.{SIGNIFICANT}g}")
+
+    def __str__(self) -> str:
+        return f"{self.kind}({self.low!r},{self.high!r})"
+
+
+def _range(node: ast.Call, where: str) -> Range:
+    kind = node.func.id
+    bounds = []
+    for arg in node.args:
+        try:
+            value = ast.literal_eval(arg)
+        except ValueError:
+            value = None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise UserError(f"{where}: {kind} bounds must be numbers, got '{ast.unparse(arg)}'")
+        bounds.append(value)
+    if len(bounds) != 2 or node.keywords:
+        raise UserError(f"{where}: write {kind}(low, high)")
+    low, high = bounds
+    if not low < high or (kind == "loguniform" and low <= 0):
+        raise UserError(f"{where}: {kind}({low}, {high}) needs "
+                        f"{'0 < low < high' if kind == 'loguniform' else 'low < high'}")
+    return Range(kind, low, high)
+
+
+@dataclass(frozen=True)
+class Term:
+    """One registry name with arguments; an argument is a value, a tuple of grid values or a Range."""
+
+    name: str
+    kwargs: tuple[tuple[str, Any], ...]
+
+    def axes(self) -> list[str]:
+        return [k for k, v in self.kwargs if isinstance(v, (tuple, Range))]
+
+    def render(self, choice: dict[str, Any]) -> str:
+        if not self.kwargs:
+            return self.name
+        args = ", ".join(f"{k}={choice.get(k, v)!r}" for k, v in self.kwargs)
+        return f"{self.name}({args})"
+
+
+def parse_term(text: str, kind: str) -> Term:
+    """`name(k=v, k2=[a,b], k3=loguniform(lo,hi))`: lists are grid axes, ranges search axes."""
+    where = f"{kind} '{text}'"
+    try:
+        node = ast.parse(text.strip(), mode="eval").body
+    except SyntaxError:
+        raise UserError(f"cannot parse {where}: write name or name(key=value, ...)") from None
+    if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)):
+        return Term(*parse_call(text, kind)[:1], ())  # a bare name, or parse_call's own error
+    if node.args:
+        raise UserError(f"{where}: arguments must be named, e.g. {node.func.id}(key=value)")
+    kwargs = []
+    for kw in node.keywords:
+        if kw.arg is None:
+            raise UserError(f"{where}: '**' is not allowed")
+        value = kw.value
+        if isinstance(value, ast.List):
+            if not value.elts:
+                raise UserError(f"{where}: the list for '{kw.arg}' is empty")
+            items = tuple(parse_call(f"x({kw.arg}={ast.unparse(e)})", kind)[1][kw.arg]
+                          for e in value.elts)
+            kwargs.append((kw.arg, tuple(dict.fromkeys(items))))
+        elif isinstance(value, ast.Call) and isinstance(value.func, ast.Name) \
+                and value.func.id in RANGES:
+            kwargs.append((kw.arg, _range(value, where)))
+        else:
+            kwargs.append((kw.arg, parse_call(f"x({kw.arg}={ast.unparse(value)})", kind)[1][kw.arg]))
+    return Term(node.func.id, tuple(kwargs))
+
+
+@dataclass(frozen=True)
+class Template:
+    """A method, init or optimizer string with grid or search axes; methods compose with '+'."""
+
+    text: str
+    terms: tuple[Term, ...]
+
+    @classmethod
+    def parse(cls, text: str, kind: str) -> "Template":
+        parts = split_plus(text) if kind == "method" else [text]
+        return cls(text, tuple(parse_term(p, kind) for p in parts))
+
+    def axes(self) -> list[tuple[int, str, Any]]:
+        return [(i, k, dict(t.kwargs)[k]) for i, t in enumerate(self.terms) for k in t.axes()]
+
+    def render(self, choice: dict[tuple[int, str], Any]) -> str:
+        return "+".join(t.render({k: v for (i, k), v in choice.items() if i == n})
+                        for n, t in enumerate(self.terms))
+
+
+# ---- search strategies ---------------------------------------------------------------------------
+SEARCHES = Registry("search")
+
+
+class Grid:
+    def expand(self, template: Template) -> list[str]:
+        axes = template.axes()
+        for _, key, values in axes:
+            if isinstance(values, Range):
+                raise UserError(f"'{template.text}': {key}={values} is a search range; use "
+                                f"--search 'random(n=K)' or list the values as [a, b, ...]")
+        keys = [(i, k) for i, k, _ in axes]
+        return [template.render(dict(zip(keys, combo)))
+                for combo in itertools.product(*(v for _, _, v in axes))]
+
+
+@dataclass(frozen=True)
+class Random:
+    n: int
+    seed: int
+
+    def expand(self, template: Template) -> list[str]:
+        axes = template.axes()
+        if not axes:
+            return [template.text]
+        # Seeded by the template text: the same draws whatever else the sweep contains.
+        digest = int(hashlib.sha256(template.text.encode()).hexdigest()[:8], 16)
+        rng = np.random.default_rng([self.seed, digest])
+        out = []
+        for _ in range(self.n):
+            choice = {(i, k): v.sample(rng) if isinstance(v, Range) else v[rng.integers(len(v))]
+                      for i, k, v in axes}
+            out.append(template.render(choice))
+        return list(dict.fromkeys(out))
+
+
+@SEARCHES.register("grid", help="every combination of the listed argument values")
+def grid() -> Grid:
+    return Grid()
+
+
+@SEARCHES.register("random", help="n random draws per template: list values uniformly, "
+                                  "loguniform(a,b) / uniform(a,b) ranges continuously",
+                   ref="Bergstra & Bengio 2012")
+def random(n: int = 10, seed: int = 0) -> Random:
+    if n <= 0:
+        raise ValueError("n must be positive")
+    return Random(n, seed)
+
+
+# ---- sweeps --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TaskEntry:
+    """A task with overrides (lists are grids of variants) and its own lists, if any."""
+
+    name: str
+    overrides: tuple[tuple[str, Any], ...] = ()
+    methods: tuple[str, ...] | None = None
+    inits: tuple[str, ...] | None = None
+    optimizers: tuple[str, ...] | None = None
+    seeds: int | None = None
+    lrs: tuple[float, ...] | None = None
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    tasks: tuple[TaskEntry, ...]
+    methods: tuple[str, ...] = ("none",)
+    inits: tuple[str, ...] = ("default",)
+    optimizers: tuple[str | None, ...] = (None,)  # None: each task's own optimizer
+    seeds: int | None = None  # None: each task's own
+    lrs: tuple[float, ...] | None = None
+    search: str = "grid"
+    fake_data: bool = False
+    overrides: tuple[tuple[str, Any], ...] = field(default=())  # applied to every task
+
+    def cells(self) -> list[RunSpec]:
+        """Every cell, validated, in order (task variants outermost), duplicates removed."""
+        search = SEARCHES.get(self.search)
+        expanded: dict[tuple[str, str], list[str]] = {}
+
+        def expand(text: str, kind: str) -> list[str]:
+            if (text, kind) not in expanded:
+                expanded[(text, kind)] = search.expand(Template.parse(text, kind))
+            return expanded[(text, kind)]
+
+        cells: dict[str, RunSpec] = {}
+        for entry in self.tasks:
+            overrides = {**dict(entry.overrides), **dict(self.overrides)}  # the command line wins
+            optimizers = entry.optimizers or self.optimizers
+            for variant in task_variants(entry.name, overrides):
+                for opt in optimizers:
+                    for opt_s in ([None] if opt is None else expand(opt, "optimizer")):
+                        for init in entry.inits or self.inits:
+                            for init_s in expand(init, "init"):
+                                for method in entry.methods or self.methods:
+                                    for method_s in expand(method, "method"):
+                                        spec = make_spec(
+                                            entry.name, method_s, init_s, opt_s,
+                                            entry.seeds or self.seeds, entry.lrs or self.lrs,
+                                            variant, self.fake_data)
+                                        cells.setdefault(spec.hash, spec)
+        return list(cells.values())
+
+
+def task_variants(name: str, overrides: dict[str, Any]) -> list[dict[str, Any]]:
+    """Override sets of a task: a list value for a field that is not a list is a grid axis."""
+    config = get_task(name).config
+    axes, fixed = [], {}
+    for key, value in overrides.items():
+        section, _, leaf = key.rpartition(".")
+        current = (config if not section else config.get(section, {})).get(leaf)
+        if isinstance(value, list) and not isinstance(current, list):
+            if not value:
+                raise UserError(f"--set {key}: the list of values is empty")
+            axes.append((key, value))
+        else:
+            fixed[key] = value
+    return [{**fixed, **dict(zip((k for k, _ in axes), combo))}
+            for combo in itertools.product(*(v for _, v in axes))]
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """`i/N` with 1 <= i <= N."""
+    i, slash, n = text.partition("/")
+    try:
+        i, n = int(i), int(n)
+    except ValueError:
+        i = n = 0
+    if not slash or n < 1 or not 1 <= i <= n:
+        raise UserError(f"--shard must be i/N with 1 <= i <= N, got '{text}'")
+    return i, n
+
+
+def shard(cells: list[RunSpec], i: int, n: int) -> list[RunSpec]:
+    """Shard i of n (1-based): every n-th cell in sweep order, so shards get a similar mix."""
+    return cells[i - 1::n]
+
+
+# ---- suites --------------------------------------------------------------------------------------
+SUITE_KEYS = {"description": str, "tasks": list, "methods": list, "inits": list,
+              "optimizers": list, "seeds": int, "lrs": list, "search": str}
+ENTRY_KEYS = {"name": str, "set": dict, "methods": list, "inits": list, "optimizers": list,
+              "seeds": int, "lrs": list}
+
+
+def suite_path(name: str) -> Path:
+    """A suite name (tasks/suites/NAME.toml) or a path to a suite file."""
+    if name.endswith(".toml"):
+        path = Path(name)
+        if not path.is_file():
+            raise UserError(f"suite file {name} does not exist")
+        return path
+    directory = Path(str(task_dir())) / "suites"
+    path = directory / f"{name}.toml"
+    if not path.is_file():
+        from .registry import closest
+
+        names = sorted(p.name[:-5] for p in directory.glob("*.toml")) if directory.is_dir() else []
+        raise UserError(f"unknown suite '{name}'.{closest(name, names)} "
+                        f"Valid suites: {', '.join(names) or 'none'}")
+    return path
+
+
+def _check(table: dict, keys: dict, where: str) -> None:
+    for key, value in table.items():
+        if key not in keys:
+            raise UserError(f"{where}: unknown field '{key}'; valid: {', '.join(keys)}")
+        if isinstance(value, bool) or not isinstance(value, keys[key]):
+            raise UserError(f"{where}: field '{key}' must be {keys[key].__name__}, got {value!r}")
+        if keys[key] is list and key != "tasks" and not all(
+                isinstance(x, (int, float) if key == "lrs" else str) and not isinstance(x, bool)
+                for x in value):
+            raise UserError(f"{where}: field '{key}' must list "
+                            f"{'numbers' if key == 'lrs' else 'strings'}")
+        if key == "seeds" and value <= 0:
+            raise UserError(f"{where}: field 'seeds' must be positive")
+        if key == "lrs" and not (value and all(math.isfinite(x) and x > 0 for x in value)):
+            raise UserError(f"{where}: field 'lrs' must list positive numbers")
+
+
+def load_suite(name: str) -> tuple[str, dict]:
+    """Parse and check a suite file; returns its name and document.
+
+    Top level: description, tasks, and optional methods, inits, optimizers, seeds, lrs, search.
+    `tasks` lists task names or tables {name, set = {"model.depth" = [4, 8]}, and any of methods,
+    inits, optimizers, seeds, lrs for that task alone}.
+    """
+    path = suite_path(name)
+    where = f"suite {path.name}"
+    try:
+        doc = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise UserError(f"{where}: not valid TOML: {err}") from None
+    _check(doc, SUITE_KEYS, where)
+    if not doc.get("tasks"):
+        raise UserError(f"{where}: field 'tasks' must list at least one task")
+    for i, entry in enumerate(doc["tasks"]):
+        if isinstance(entry, dict):
+            _check(entry, ENTRY_KEYS, f"{where}, tasks[{i}]")
+            if "name" not in entry:
+                raise UserError(f"{where}, tasks[{i}]: missing field 'name'")
+        elif not isinstance(entry, str):
+            raise UserError(f"{where}, tasks[{i}]: write a task name or a table with 'name'")
+    return path.stem, doc
+
+
+def suite_spec(doc: dict, fake_data: bool = False, overrides: dict | None = None,
+               seeds: int | None = None, lrs: tuple[float, ...] | None = None) -> SweepSpec:
+    """The sweep a suite document describes; command-line seeds, lrs and overrides win."""
+    entries = []
+    for entry in doc["tasks"]:
+        entry = {"name": entry} if isinstance(entry, str) else entry
+        entries.append(TaskEntry(
+            entry["name"], tuple(entry.get("set", {}).items()),
+            _tuple(entry.get("methods")), _tuple(entry.get("inits")),
+            _tuple(entry.get("optimizers")), None if seeds else entry.get("seeds"),
+            None if lrs else _tuple(entry.get("lrs"))))
+    return SweepSpec(
+        tasks=tuple(entries), methods=_tuple(doc.get("methods")) or ("none",),
+        inits=_tuple(doc.get("inits")) or ("default",),
+        optimizers=_tuple(doc.get("optimizers")) or (None,),
+        seeds=seeds or doc.get("seeds"), lrs=lrs or _tuple(doc.get("lrs")),
+        search=doc.get("search", "grid"), fake_data=fake_data,
+        overrides=tuple((overrides or {}).items()))
+
+
+def _tuple(x):
+    return tuple(x) if x else None
