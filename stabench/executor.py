@@ -264,7 +264,7 @@ def cell_label(spec: RunSpec) -> str:
     except UserError:
         base = {}
     changed = [f"{k.rpartition('.')[2]}={v}" for k, v in flatten(spec.task_config).items()
-               if k in base and base[k] != v]
+               if k not in base or base[k] != v]
     task = f"{spec.task}[{','.join(changed)}]" if changed else spec.task
     return f"{task} | {spec.method} | {spec.init} | {spec.optimizer}"
 

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullLocator, ScalarFormatter
 
 from .metrics import mean_ci, performance_profile
 
@@ -36,8 +37,17 @@ def save(fig: Figure, stem: Path) -> Path:
 
 
 def _palette(labels) -> dict:
-    labels = list(dict.fromkeys(labels))
+    """Colors by sorted label, so a method keeps its color across a report's figures."""
+    labels = sorted(set(labels))
     return dict(zip(labels, sns.color_palette("colorblind", len(labels))))
+
+
+DASHES = ["-", "--", "-.", ":"]  # with colors, keeps overlapping lines apart
+
+
+def _legend(fig: Figure, handles, labels) -> None:
+    fig.legend(handles, labels, loc="outside lower center", ncols=min(3, len(labels)),
+               fontsize="small", frameon=False)
 
 
 def _band(ax, x, groups: pd.core.groupby.DataFrameGroupBy, column: str, color, label) -> None:
@@ -83,7 +93,7 @@ def lr_curves(runs: pd.DataFrame, title: str) -> Figure:
             for ax in axes[1]:
                 ax.set_yscale("log")
         handles, labels = axes[0, 0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="outside right upper", fontsize="small", frameon=False)
+        _legend(fig, handles, labels)
         fig.suptitle(f"{title}: mean over seeds, 95% t-interval bands")
     return fig
 
@@ -116,7 +126,7 @@ def depth_accuracy(points: pd.DataFrame, metric: str) -> Figure:
     rows = math.ceil(len(methods) / cols)
     colors = _palette(["plain", "residual"])
     inits = sorted(points["init"].unique())
-    dashes = dict(zip(inits, ["-", "--", ":", "-."] * len(inits)))
+    dashes = dict(zip(inits, DASHES * len(inits)))
     with style():
         fig = Figure(figsize=(WIDTH, 0.6 + 1.9 * rows), layout="constrained")
         axes = fig.subplots(rows, cols, squeeze=False, sharex=True, sharey=True)
@@ -131,6 +141,9 @@ def depth_accuracy(points: pd.DataFrame, metric: str) -> Figure:
                 ax.fill_between(g["depth"], g["quality_lo"], g["quality_hi"], color=colors[arch],
                                 alpha=0.15, lw=0)
             ax.set_xscale("log", base=2)
+            ax.set_xticks(sorted(points["depth"].unique()))
+            ax.xaxis.set_major_formatter(ScalarFormatter())
+            ax.xaxis.set_minor_locator(NullLocator())
             ax.set_title(method, fontsize="small")
         for k in range(len(methods), rows * cols):
             axes[k // cols, k % cols].set_visible(False)
@@ -138,9 +151,7 @@ def depth_accuracy(points: pd.DataFrame, metric: str) -> Figure:
             ax.set_ylabel(metric.replace("_", " "))
         for ax in axes[-1]:
             ax.set_xlabel("depth")
-        handles, labels = axes[0, 0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="outside lower center", ncols=min(4, len(labels)),
-                   frameon=False, fontsize="small")
+        _legend(fig, *axes[0, 0].get_legend_handles_labels())
         fig.suptitle("depth vs best-LR result: plain vs residual (mean over seeds, 95% bands)")
     return fig
 
@@ -156,7 +167,7 @@ def performance_profiles(labels: list[str], ratios: np.ndarray, weights: np.ndar
         fig = Figure(figsize=(WIDTH, 3.4), layout="constrained")
         ax = fig.subplots()
         for k, i in enumerate(order):
-            ax.step(taus, rho[k], where="post", color=colors[labels[i]],
+            ax.step(taus, rho[k], where="post", color=colors[labels[i]], ls=DASHES[k % 4],
                     label=f"{labels[i]} ({scores[i]:.2f})")
         ax.set_xlim(1, 4)
         ax.set_ylim(-0.02, 1.02)
@@ -164,7 +175,7 @@ def performance_profiles(labels: list[str], ratios: np.ndarray, weights: np.ndar
         ax.set_ylabel(r"$\rho(\tau)$: share of tasks")
         shown = f" (best {len(order)} of {len(labels)})" if len(labels) > len(order) else ""
         ax.set_title(f"performance profiles{shown}; legend: profile score")
-        fig.legend(loc="outside right upper", fontsize="small", frameon=False)
+        _legend(fig, *ax.get_legend_handles_labels())
     return fig
 
 
@@ -187,7 +198,7 @@ def grad_norm_traces(traces: dict[str, np.ndarray], title: str) -> Figure:
         ax.set_xlabel("step")
         ax.set_ylabel("grad norm (before the method)")
         ax.set_title(f"{title}: median over seeds, inter-quartile band")
-        fig.legend(loc="outside right upper", fontsize="small", frameon=False)
+        _legend(fig, *ax.get_legend_handles_labels())
     return fig
 
 

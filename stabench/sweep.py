@@ -149,7 +149,7 @@ class Template:
 
 
 # ---- search strategies ---------------------------------------------------------------------------
-SEARCHES = Registry("search")
+SEARCHES = Registry("searcher")
 
 
 class Grid:

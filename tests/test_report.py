@@ -1,0 +1,345 @@
+"""Leaderboards and reports: statistics against hand-computed answers, LaTeX escaping, and the
+report command on empty, partial and mixed-version directories. Records here are written through
+the store with hand-made metrics, so every expected number is known without training."""
+
+import json
+import math
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from stabench import leaderboard as lb
+from stabench import metrics
+from stabench.config import make_spec
+from stabench.store import Store, provenance
+
+RUN_DEFAULTS = {"initial_loss": 2.0, "diverged": 0.0, "divergence_step": 29.0, "final_train_loss": 1.0,
+                "test_loss": 1.0, "max_grad_norm": 1.0, "p99_grad_norm": 1.0, "clipped_share": 0.0,
+                "nonfinite_steps": 0.0, "loss_spikes": 0.0, "test_accuracy": 0.5,
+                "steps_to_target": math.inf}
+LRS = (0.1, 1.0, 10.0)
+INF = math.inf
+
+# Three entries on one task, 3 seeds x 3 learning rates; loss at initialization 2.0 everywhere.
+# per lr: (test accuracy per seed, final train loss, diverged, steps to target per seed)
+TABLE = {
+    "none": {0.1: ([0.90, 0.91, 0.92], 0.5, 0, [100, 100, 200]),
+             1.0: ([0.95, 0.96, 0.97], 0.2, 0, [50, 50, 50]),
+             10.0: ([0.0, 0.0, 0.0], INF, 1, [INF, INF, INF])},
+    "clip_norm": {0.1: ([0.90, 0.90, 0.90], 0.6, 0, [INF, INF, INF]),
+                  1.0: ([0.94, 0.95, 0.96], 0.1, 0, [60, 60, 60]),
+                  10.0: ([0.93, 0.93, 0.93], 0.4, 0, [80, 80, 80])},
+    "clip_value": {lr: ([0.5, 0.5, 0.5], 1.5, 0, [INF, INF, INF]) for lr in LRS},
+}
+
+
+def table_metrics(method):
+    def fn(seed, lr):
+        acc, final, div, steps = TABLE[method][lr]
+        return {"test_accuracy": acc[seed], "final_train_loss": final, "diverged": float(div),
+                "steps_to_target": float(steps[seed]), "clipped_share": 0.1 * seed,
+                "max_grad_norm": 1.0 + seed}
+    return fn
+
+
+def fake_record(store, method="none", init="default", metrics_fn=None, seeds=3, lrs=LRS, steps=30,
+                overrides=None, init_loss=2.0, prov=None):
+    """Save a record of digits with hand-made per-run metrics through the store's own protocol."""
+    spec = make_spec("digits", method, init, seeds=seeds, lrs=lrs,
+                     overrides={"train.steps": steps, "train.eval_every": 10, **(overrides or {})})
+    runs = [{"seed": s, "lr": lr, **RUN_DEFAULTS, **(metrics_fn(s, lr) if metrics_fn else {})}
+            for s, lr in spec.runs]
+    n = len(runs)
+    rng = np.random.default_rng(len(method))
+    loss = np.full((n, steps), 1.0, np.float32)
+    loss[:, 0] = init_loss
+    arrays = {"loss": loss, "grad_norm": rng.uniform(0.5, 2.0, (n, steps)).astype(np.float32),
+              "lrs": np.array([lr for _, lr in spec.runs], np.float32),
+              "seeds": np.array([s for s, _ in spec.runs])}
+    body = {"runs": runs, "provenance": {**provenance(), **(prov or {})}, "layer_names": [],
+            "timing": {"compile_s": 1.0, "steady_s": 2.0, "init_s": 0.0, "steps_done": steps,
+                       "steady_compiles": 0, "compile_cache_hits": 0, "samples_per_s": 1.0},
+            "eval_steps": list(range(10, steps + 1, 10))}
+    return store.save(spec, body, arrays)
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("task")
+    store = Store(root)
+    for method in TABLE:
+        fake_record(store, method, metrics_fn=table_metrics(method))
+    return root
+
+
+@pytest.fixture(scope="module")
+def board(task_dir):
+    records, bad = Store(task_dir).records()
+    assert not bad
+    report = lb.build_report(records)
+    (variant, b), = report.boards.items()
+    assert variant == "digits"
+    return b.set_index(pd.Index(short(b["method"])))
+
+
+def short(methods):
+    """clip_norm(max_norm=1.0) -> clip_norm: the names TABLE uses."""
+    return [m.split("(")[0] for m in methods]
+
+
+# ---- statistics, each against a hand computation ------------------------------------------------
+def test_lr_sensitivity_known_answer():
+    # per-LR means of the final loss capped at L0 = 2: 0.5, 0.2, 2 (inf capped) -> mean gap 0.7
+    lrs = np.repeat(LRS, 3)
+    final = np.repeat([0.5, 0.2, INF], 3)
+    assert metrics.lr_sensitivity(lrs, final, np.full(9, 2.0)) == pytest.approx(0.7)
+    assert metrics.lr_sensitivity(lrs, np.full(9, 0.3), np.full(9, 2.0)) == 0.0
+
+
+def test_stable_width_takes_the_widest_consecutive_run():
+    lrs = [0.001, 0.01, 0.1, 1.0, 10.0]
+    assert metrics.stable_width(lrs, [True, False, True, True, True]) == pytest.approx(2.0)
+    assert metrics.stable_width(lrs, [False, True, False, False, False]) == 0.0
+    assert math.isnan(metrics.stable_width(lrs, [False] * 5))
+
+
+def test_performance_profile_score_known_answers():
+    # entries x tasks; task 3 is reached by nobody and is left out; NaN = entry did not run it
+    steps = np.array([[100.0, 300.0, INF],
+                      [200.0, INF, INF],
+                      [400.0, np.nan, INF]])
+    r = metrics.performance_ratios(steps)
+    np.testing.assert_array_equal(r[:, :2], [[1, 1], [2, INF], [4, INF]])
+    assert np.isnan(r[:, 2]).all()
+    # X: r = 1 on both tasks -> 1; Y: (4 - 2) / 3 on one task of two -> 1/3; Z: r = 4 -> 0
+    np.testing.assert_allclose(metrics.profile_score(r), [1.0, 1 / 3, 0.0])
+    # weights: task 1 counts 3x task 2 -> Y gets 3/4 of 2/3
+    np.testing.assert_allclose(metrics.profile_score(r, [3.0, 1.0, 1.0]), [1.0, 0.5, 0.0])
+    rho = metrics.performance_profile(r, [1.0, 1.99, 2.0, 4.0])
+    np.testing.assert_allclose(rho, [[1, 1, 1, 1], [0, 0, 0.5, 0.5], [0, 0, 0, 0.5]])
+
+
+def test_welch_and_fisher_known_answers():
+    # t = 3 / sqrt(1/3 + 1/3) = 3.674, df = 4 (equal variances): two-sided p = 0.02131
+    assert metrics.welch_p([1, 2, 3], [4, 5, 6]) == pytest.approx(0.021312, abs=1e-6)
+    assert metrics.welch_p([1, 1, 1], [1, 1, 1]) == 1.0
+    assert metrics.welch_p([1, 1, 1], [2, 2, 2]) == 0.0
+    assert math.isnan(metrics.welch_p([1.0], [1.0, 2.0]))
+    assert math.isnan(metrics.welch_p([1.0, INF], [1.0, 2.0]))
+    # 0/10 vs 5/10: P(table) = C(15,10) / C(20,10); the other tail is as likely -> twice that
+    p_table = math.comb(15, 10) / math.comb(20, 10)
+    assert metrics.fisher_p(0, 10, 5, 10) == pytest.approx(2 * p_table)
+
+
+def test_task_board_columns_match_hand_computation(board):
+    a, b, c = board.loc["none"], board.loc["clip_norm"], board.loc["clip_value"]
+    assert a["best_lr"] == 1.0 and b["best_lr"] == 1.0
+    assert a["quality_mean"] == pytest.approx(0.96)
+    half = 4.302653 * 0.01 / math.sqrt(3)  # t(0.975, 2) * sd / sqrt(n)
+    assert (a["quality_lo"], a["quality_hi"]) == pytest.approx((0.96 - half, 0.96 + half))
+    assert (a["diverged_runs"], a["runs"]) == (3, 9)
+    assert (a["diverged_lo"], a["diverged_hi"]) == pytest.approx(metrics.wilson(3, 9)[1:])
+    assert a["lr_sensitivity"] == pytest.approx(0.7)
+    assert b["lr_sensitivity"] == pytest.approx((0.5 + 0.0 + 0.3) / 3)
+    assert c["lr_sensitivity"] == 0.0
+    assert (a["max_stable_lr"], b["max_stable_lr"], c["max_stable_lr"]) == (1.0, 10.0, 10.0)
+    # ok = no diverged seed and every seed reaches the target
+    assert a["stable_width"] == pytest.approx(1.0) and b["stable_width"] == pytest.approx(1.0)
+    assert math.isnan(c["stable_width"])
+    assert (a["steps_to_target"], b["steps_to_target"], c["steps_to_target"]) == (50, 60, INF)
+    # at the best LR: clipped share is the mean of 0, .1, .2; max grad norm the median of 1, 2, 3
+    assert a["clipped_share"] == pytest.approx(0.1) and a["max_grad_norm"] == 2.0
+    # stability: mean improvement / best per-LR mean improvement on the task (clip_norm at lr 1:
+    # 2 - 0.1 = 1.9); none: (1.5 + 1.8 + 0) / 3, clip_norm: (1.4 + 1.9 + 1.6) / 3, clip_value: 0.5
+    assert a["stability"] == pytest.approx(1.1 / 1.9)
+    assert b["stability"] == pytest.approx((4.9 / 3) / 1.9)
+    assert c["stability"] == pytest.approx(0.5 / 1.9)
+    assert (b["rank"], a["rank"], c["rank"]) == (1, 2, 3)
+
+
+def test_significance_marks(board):
+    a, b, c = board.loc["none"], board.loc["clip_norm"], board.loc["clip_value"]
+    # accuracy: best is none (0.96); clip_norm 0.95 with the same spread: Welch p = 0.29 -> tie
+    assert metrics.welch_p(b["quality_seeds"], a["quality_seeds"]) == pytest.approx(0.2879, abs=1e-3)
+    assert b["quality_tie"] is True and c["quality_tie"] is False
+    assert math.isnan(a["quality_tie"])  # the best itself is bold, not marked
+    # divergence: best 0/9 (clip_norm, clip_value: both bold); none 3/9, Fisher p = 0.206 -> tie
+    assert a["diverged_tie"] is True
+    assert math.isnan(b["diverged_tie"]) and math.isnan(c["diverged_tie"])
+    # stability: every seed scores the same within an entry, so the differences are certain
+    assert a["stability_tie"] is False and c["stability_tie"] is False
+
+
+def test_rendered_table_bolds_the_best_and_marks_ties(board, task_dir):
+    records, _ = Store(task_dir).records()
+    report = lb.build_report(records)
+    table = lb.render_task("digits", report.boards["digits"], report.used)
+    rows = table.frame.set_index(pd.Index(short(table.frame["method"])))
+    bold = table.bold.set_index(pd.Index(short(table.frame["method"])))
+    acc = "test accuracy (95% CI)"
+    assert bold.at["none", acc] and not bold.at["clip_norm", acc]
+    assert rows.at["clip_norm", acc].endswith(lb.MARK)
+    assert not rows.at["clip_value", acc].endswith(lb.MARK)
+    assert bold.at["clip_norm", "diverged (95% CI)"] and bold.at["clip_value", "diverged (95% CI)"]
+    assert rows.at["none", "diverged (95% CI)"].endswith(lb.MARK)
+    assert rows.at["clip_value", "steps to target"] == "never"
+    assert list(table.frame["rank"]) == ["1", "2", "3"]
+    md = lb.to_markdown(table)
+    assert "| **1** | clip_norm(max_norm=1.0) |" in md and "Welch t-test" in table.caption
+
+
+def test_overall_board_weights_each_task_once():
+    def board(rows):
+        return pd.DataFrame([dict(zip(["method", "init", "optimizer", "steps_to_target", "stability",
+                                       "rank", "diverged_runs", "runs"], r)) for r in rows])
+    boards = {  # two variants of task "a" share one weight; task "b" has the other
+        "a[depth=1]": board([("x", "d", "o", 100, 0.8, 1, 0, 10), ("y", "d", "o", 200, 0.4, 2, 5, 10)]),
+        "a[depth=2]": board([("x", "d", "o", 100, 0.6, 2, 0, 10), ("y", "d", "o", 100, 0.8, 1, 0, 10)]),
+        "b": board([("x", "d", "o", INF, 0.2, 2, 1, 10), ("y", "d", "o", 50, 1.0, 1, 0, 10)]),
+    }
+    overall, ratios, unsolved = lb.overall_board(
+        boards, {"a[depth=1]": "a", "a[depth=2]": "a", "b": "b"})
+    o = overall.set_index("method")
+    assert o.at["x", "stability"] == pytest.approx(0.5 * (0.8 + 0.6) / 2 + 0.5 * 0.2)
+    assert o.at["y", "stability"] == pytest.approx(0.5 * (0.4 + 0.8) / 2 + 0.5 * 1.0)
+    # ratios x: 1, 1, inf; y: 2, 1, 1 -> scores x: .25 + .25 + 0; y: .25 * 2/3 + .25 + .5
+    assert o.at["x", "profile_score"] == pytest.approx(0.5)
+    assert o.at["y", "profile_score"] == pytest.approx(0.25 * 2 / 3 + 0.75)
+    assert o.at["x", "mean_rank"] == pytest.approx(0.25 * 1 + 0.25 * 2 + 0.5 * 2)
+    assert (o.at["x", "diverged_runs"], o.at["x", "runs"]) == (1, 30)
+    assert list(overall["method"]) == ["y", "x"] and unsolved == []
+
+
+# ---- LaTeX ------------------------------------------------------------------------------------------
+def test_latex_escapes_special_characters_and_balances_braces(board):
+    frame = board.reset_index()
+    frame["method"] = ["clip_norm 50% & more", "a_b", "{c}"]
+    runs = pd.DataFrame({"target_value": [0.95], "lr": [0.1], "seed": [0], "steps": [30]})
+    table = lb.render_task("my_task & 10%", frame, runs)
+    tex = lb.to_latex(table)
+    assert r"\toprule" in tex and r"\midrule" in tex and r"\bottomrule" in tex
+    assert r"\caption{Task my\_task \& 10\%" in tex and r"\label{tab:my-task-10}" in tex
+    assert r"clip\_norm 50\% \& more" in tex and r"a\_b" in tex and r"\{c\}" in tex
+    assert r"$^{\dagger}$" in tex and r"\textbf{" in tex and lb.MARK not in tex
+    assert not re.search(r"(?<!\\)[_%#]", tex.replace(r"$^{\dagger}$", ""))
+    body = tex[tex.index(r"\toprule"):tex.index(r"\bottomrule")]
+    cols = table.frame.shape[1]
+    for line in body.splitlines():
+        if line.endswith(r"\\"):
+            assert len(re.findall(r"(?<!\\)&", line)) == cols - 1, line
+    depth = 0
+    for ch in re.sub(r"\\[{}]", "", tex):
+        depth += {"{": 1, "}": -1}.get(ch, 0)
+        assert depth >= 0
+    assert depth == 0
+    assert tex.count(r"\begin{") == tex.count(r"\end{")
+
+
+# ---- the report command ---------------------------------------------------------------------------
+def cli(capsys, *args):
+    from stabench.cli import main
+
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_report_on_an_empty_directory_is_a_clear_error(tmp_path, capsys):
+    code, out, err = cli(capsys, "report", tmp_path)
+    assert code == 2 and out == ""
+    assert err.strip().splitlines() == [
+        f"error: no usable records in {tmp_path}; write some with: python -m stabench sweep ... "
+        f"--out {tmp_path}"]
+    code, _, err = cli(capsys, "report", tmp_path / "nope")
+    assert code == 2 and "no results directory" in err
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_report_on_partial_and_mixed_version_records(tmp_path, task_dir, capsys):
+    import shutil
+
+    root = tmp_path / "mixed"
+    shutil.copytree(task_dir, root)
+    store = Store(root)
+    other = fake_record(store, "clip_norm(max_norm=2.0)", metrics_fn=table_metrics("clip_norm"),
+                        prov={"git_commit": "0123456789abcdef"})
+    torn = fake_record(store, "clip_norm(max_norm=3.0)")
+    torn.path.write_text(torn.path.read_text()[:100])  # killed mid-write by something else
+    lost = fake_record(store, "clip_norm(max_norm=4.0)")
+    lost.path.with_suffix(".npz").unlink()
+    old = fake_record(store, "clip_norm(max_norm=5.0)")
+    data = json.loads(old.path.read_text())
+    data["format_version"] = 0
+    old.path.write_text(json.dumps(data))
+
+    code, out, err = cli(capsys, "report", root, "--no-plots")
+    assert code == 0, err
+    assert out.startswith("# stabench report")
+    assert f"skipped {torn.path}: unreadable record" in err
+    assert f"skipped {lost.path}: telemetry file {lost.path.stem}.npz is missing" in err
+    assert f"skipped {old.path}: format version 0 is not 1" in err
+    assert "note: records come from 2 code versions" in err and "0123456789" in err
+    assert "Traceback" not in err
+    csv = pd.read_csv(root / "leaderboard.csv")
+    expected = [r.spec.method for r in Store(task_dir).records()[0]] + [other.spec.method]
+    assert sorted(csv["method"]) == sorted(expected)
+    assert "records come from 2 code versions" in (root / "report.md").read_text()
+    runs = pd.read_parquet(root / "runs.parquet")
+    assert len(runs) == 4 * 9 and {"config.model.width", "config.train.steps", "seed", "lr",
+                                   "test_accuracy", "git_commit", "version.jax"} <= set(runs.columns)
+    assert (root / "leaderboards.tex").read_text().count(r"\begin{table}") == 2
+
+
+# ---- plots ------------------------------------------------------------------------------------------
+def test_report_draws_every_figure_as_png_and_pdf(tmp_path):
+    store = Store(tmp_path / "depth")
+    for depth in (1, 2):
+        for residual in (False, True):
+            for method in ("none", "clip_norm"):
+                fake_record(store, method, metrics_fn=table_metrics(method), seeds=3,
+                            overrides={"model.depth": depth, "model.residual": residual})
+    markdown = lb.write_report(tmp_path / "depth", tmp_path / "out", warn=pytest.fail)
+    plots = tmp_path / "out" / "plots"
+    stems = sorted(p.stem for p in plots.glob("*.png"))
+    variants = [f"digits-depth-{d}-residual-{r}" for d in (1, 2) for r in ("false", "true")]
+    assert stems == sorted(["profiles", "depth-test-accuracy"]
+                           + [f"{v}-{kind}" for v in variants for kind in ("lr", "divergence", "gradnorm")])
+    for stem in stems:
+        assert (plots / f"{stem}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (plots / f"{stem}.pdf").read_bytes()[:5] == b"%PDF-"
+        assert f"(plots/{stem}.png)" in markdown
+
+
+def test_grad_norm_traces_draw_the_median_and_quartiles():
+    from stabench.plots import grad_norm_traces
+
+    rng = np.random.default_rng(0)
+    values = rng.lognormal(size=(5, 40))
+    values[4, 20:] = np.nan  # a seed that diverged at step 20
+    fig = grad_norm_traces({"none": values}, "t")
+    ax = fig.axes[0]
+    (line,) = ax.lines
+    np.testing.assert_allclose(line.get_ydata(), np.nanmedian(values, axis=0))
+    band = ax.collections[0].get_paths()[0].vertices[:, 1]
+    q25, q75 = np.nanpercentile(values, [25, 75], axis=0)
+    assert np.isclose(band[:, None], q25[None]).any(axis=0).all()
+    assert np.isclose(band[:, None], q75[None]).any(axis=0).all()
+
+
+def test_lr_curves_draw_seed_means_per_method(task_dir):
+    from stabench.plots import lr_curves
+
+    records, _ = Store(task_dir).records()
+    used = lb.build_report(records).used
+    fig = lr_curves(used, "digits")
+    loss_ax, acc_ax = fig.axes[0], fig.axes[1]
+    by_label = {line.get_label(): line for line in acc_ax.lines}
+    assert set(short(by_label)) == set(TABLE)
+    none = by_label["none"]
+    np.testing.assert_allclose(none.get_xdata(), LRS)
+    np.testing.assert_allclose(none.get_ydata(), [np.mean(TABLE["none"][lr][0]) for lr in LRS])
+    # loss panel: the final loss capped at the step-0 loss (2.0) for the diverged lr 10
+    loss = {line.get_label(): line for line in loss_ax.lines}["none"]
+    np.testing.assert_allclose(loss.get_ydata(), [0.5, 0.2, 2.0])
