@@ -242,3 +242,29 @@ def test_killed_sweep_resumes_to_the_uninterrupted_report(tmp_path):
     assert reports["resumed"] == reports["whole"]
     assert reports["merged"] == reports["whole"]
     assert "4 cells, 16 runs, 1 task variants" in reports["whole"][0]
+
+
+SWEEP_TOKENS = ["--task", "--method", "--init", "--optimizer", "--seeds", "--lrs", "--steps",
+                "--set", "--search", "--shard", "--workers", "--suite", "digits", "none", "clip_norm",
+                "clip_norm(max_norm=[0.5,1])", "clip_norm(max_norm=loguniform(0.1,1))",
+                "random(n=2)", "grid", "1/2", "3/2", "0", "-1", "2", "model.depth=[1,2]",
+                "train.lrs=[0.1]", "default", "he_normal", "nope", "[", "]", "=", "("]
+
+
+def test_random_sweep_command_lines_never_end_in_a_traceback():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from stabench.cli import main
+
+    @settings(max_examples=150, deadline=None)
+    @given(argv=st.lists(st.one_of(st.sampled_from(SWEEP_TOKENS), st.text(max_size=12)),
+                         max_size=7))
+    def check(argv):
+        try:
+            status = main(["sweep", *argv, "--dry-run", "--out", os.devnull])
+        except SystemExit as exit_:  # --help
+            status = exit_.code
+        assert status in (0, 2)
+
+    check()
