@@ -320,9 +320,8 @@ class Progress:
         self.counted = [0] * len(cells)
         self.finished_cells, self.failed, self.skipped = 0, 0, skipped
         self.total = tqdm(total=max(1, sum(self.work)), file=self.file, disable=self.disable,
-                          desc="sweep", position=0, dynamic_ncols=True,
-                          bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix} "
-                                     "[{elapsed}<{remaining}]")
+                          position=0, dynamic_ncols=True,
+                          bar_format="{desc} {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]")
         self.bars = [tqdm(total=1, file=self.file, disable=self.disable, position=i + 1,
                           leave=False, dynamic_ncols=True, unit="step",
                           bar_format="  {desc} {n_fmt}/{total_fmt} steps |{bar}| "
@@ -331,12 +330,12 @@ class Progress:
         self._postfix()
 
     def _postfix(self) -> None:
-        text = f"{self.finished_cells}/{len(self.cells)} cells"
+        text = f"sweep: {self.finished_cells}/{len(self.cells)} cells"
         if self.skipped:
-            text += f" ({self.skipped} stored before)"
+            text += f" (+{self.skipped} stored before)"
         if self.failed:
             text += f", {self.failed} failed"
-        self.total.set_postfix_str(text, refresh=True)
+        self.total.set_description_str(text, refresh=True)
 
     def _count(self, index: int, work: int) -> None:
         work = min(work, self.work[index])
@@ -347,7 +346,7 @@ class Progress:
         spec = self.cells[index]
         bar = self.bars[slot]
         bar.reset(total=spec.train["steps"])
-        bar.set_description_str(cell_label(spec)[:60])
+        bar.set_description_str(cell_label(spec)[:70])
 
     def progressed(self, index: int, slot: int, steps: int) -> None:
         bar = self.bars[slot]

@@ -371,7 +371,7 @@ def task_caption(variant: str, board: pd.DataFrame, runs: pd.DataFrame) -> str:
         f"Task {variant}: {len(board)} entries, {runs['seed'].nunique()} seeds x {len(lrs)} learning "
         f"rates ({', '.join(_fmt(x) for x in lrs)}), {int(runs['steps'].max())} steps"
         f"{'; ' + ', '.join(fixed) if fixed else ''}. Target: {metric} "
-        f"{'>=' if mode == 'max' else '<='} {_fmt(value)}. "
+        f"{'at least' if mode == 'max' else 'at most'} {_fmt(value)}. "
         f"{metric} at each entry's best learning rate: mean over seeds with a 95% Student-t "
         f"interval. Diverged: share of all runs (every learning rate and seed) with a 95% Wilson "
         f"interval. LR sensitivity (Wortsman et al. 2023): mean over the grid of the final training "
@@ -407,8 +407,8 @@ def render_overall(board: pd.DataFrame, unsolved: list[str], n_variants: int) ->
     bold = pd.DataFrame({c: _bold_mask(numeric[c], directions[c]) if c in numeric
                          else pd.Series(False, index=frame.index) for c in frame.columns})
     caption = (
-        f"Overall, across {n_variants} task variants (each task counts once; its variants share its "
-        f"weight). Stability: weighted mean of the per-task stability scores. Profile score "
+        f"Overall, across {_plural(n_variants, 'task variant')} (each task counts once; its "
+        f"variants share its weight). Stability: weighted mean of the per-task stability scores. Profile score "
         f"(AlgoPerf): (1/3) times the integral from 1 to 4 of rho(tau), the weighted share of tasks "
         f"an entry brings to the target within tau times the fewest steps any entry needs; an entry "
         f"that never reaches the target, or did not run the task, counts as infinitely slow. Mean "
@@ -418,6 +418,10 @@ def render_overall(board: pd.DataFrame, unsolved: list[str], n_variants: int) ->
         caption += (f" Left out of the profiles because no entry reached the target: "
                     f"{', '.join(unsolved)}.")
     return Table(frame, bold, caption, "tab:overall")
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _label(text: str) -> str:
@@ -539,8 +543,9 @@ def write_report(directory: str | Path, out: str | Path | None = None, plots: bo
                for v, b in report.boards.items()]
     lines = ["# stabench report", ""]
     lines += [f"> Note: {n}" for n in report.notes] + ([""] if report.notes else [])
-    lines += [f"{report.runs['spec_hash'].nunique()} cells, {len(report.used)} runs, "
-              f"{len(report.boards)} task variants.", ""]
+    lines += [f"{_plural(report.runs['spec_hash'].nunique(), 'cell')}, "
+              f"{_plural(len(report.used), 'run')}, {_plural(len(report.boards), 'task variant')}.",
+              ""]
     for table, key in zip(tables, ["overall", *report.boards]):
         lines += [f"## {'Overall' if key == 'overall' else key}", "", to_markdown(table), "",
                   table.caption, ""]
