@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from .config import RunSpec, make_spec
-from .registry import Registry, UserError, parse_call, split_plus
+from .registry import Registry, UserError, _literal, parse_call, split_plus
 from .tasks import get_task, task_dir
 
 if sys.version_info >= (3, 11):
@@ -82,14 +82,27 @@ def _range(node: ast.Call, where: str) -> Range:
 
 
 @dataclass(frozen=True)
+class Choices:
+    """The values of a list argument: a grid axis."""
+
+    values: tuple
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def __getitem__(self, i):
+        return self.values[i]
+
+
+@dataclass(frozen=True)
 class Term:
-    """One registry name with arguments; an argument is a value, a tuple of grid values or a Range."""
+    """One registry name with arguments; an argument is a value, Choices or a Range."""
 
     name: str
     kwargs: tuple[tuple[str, Any], ...]
 
     def axes(self) -> list[str]:
-        return [k for k, v in self.kwargs if isinstance(v, (tuple, Range))]
+        return [k for k, v in self.kwargs if isinstance(v, (Choices, Range))]
 
     def render(self, choice: dict[str, Any]) -> str:
         if not self.kwargs:
@@ -117,14 +130,13 @@ def parse_term(text: str, kind: str) -> Term:
         if isinstance(value, ast.List):
             if not value.elts:
                 raise UserError(f"{where}: the list for '{kw.arg}' is empty")
-            items = tuple(parse_call(f"x({kw.arg}={ast.unparse(e)})", kind)[1][kw.arg]
-                          for e in value.elts)
-            kwargs.append((kw.arg, tuple(dict.fromkeys(items))))
+            items = (_literal(e, where) for e in value.elts)
+            kwargs.append((kw.arg, Choices(tuple(dict.fromkeys(items)))))
         elif isinstance(value, ast.Call) and isinstance(value.func, ast.Name) \
                 and value.func.id in RANGES:
             kwargs.append((kw.arg, _range(value, where)))
         else:
-            kwargs.append((kw.arg, parse_call(f"x({kw.arg}={ast.unparse(value)})", kind)[1][kw.arg]))
+            kwargs.append((kw.arg, _literal(value, where)))
     return Term(node.func.id, tuple(kwargs))
 
 
@@ -161,7 +173,7 @@ class Grid:
                                 f"--search 'random(n=K)' or list the values as [a, b, ...]")
         keys = [(i, k) for i, k, _ in axes]
         return [template.render(dict(zip(keys, combo)))
-                for combo in itertools.product(*(v for _, _, v in axes))]
+                for combo in itertools.product(*(v.values for _, _, v in axes))]
 
 
 @dataclass(frozen=True)

@@ -74,6 +74,8 @@ def test_random_search_draws_in_range_and_is_reproducible():
     ("clip_norm(max_norm=loguniform(a,1))", "random(n=2)", "bounds must be numbers"),
     ("clip_norm(max_norm=[])", "grid", "the list for 'max_norm' is empty"),
     ("clip_norm(max_norm=[1,-1])", "grid", "max_norm must be positive"),
+    ("clip_norm(max_norm=(1,2))", "grid", "max_norm must be float"),  # only a list is a grid
+    ("clip_norm(max_norm=[1,abc()])", "grid", "'abc()' is not a literal value"),
     ("clip_nrm(max_norm=[1,2])", "grid", "Did you mean 'clip_norm'"),
     ("none", "randm(n=2)", "Did you mean 'random'"),
     ("none", "random(n=0)", "n must be positive"),
