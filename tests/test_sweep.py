@@ -81,7 +81,7 @@ def test_random_search_draws_in_range_and_is_reproducible():
     ("none", "random(n=0)", "n must be positive"),
 ])
 def test_bad_sweep_input_is_a_user_error(method, search, message):
-    with pytest.raises(UserError, match=message.replace("(", r"\(")):
+    with pytest.raises(UserError, match=re.escape(message)):
         cells_of([method], search=search)
 
 
