@@ -22,7 +22,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from .data import Dataset
-from .models import MUTABLE, LayerLayout
+from .models import MUTABLE, LayerLayout, activation_stds
 
 TELEMETRY = ("loss", "grad_norm", "grad_norm_post", "update_norm", "param_norm", "nonfinite",
              "changed", "layer_grad_norm")
@@ -166,8 +166,18 @@ class Engine:
             return (x.astype(jnp.float32) - arrays["mean"]) / arrays["std"]
         return x
 
+    def initial_model(self, seed) -> nnx.Module:
+        """The model a run of this seed starts from."""
+        return self.cell.build_model(nnx.Rngs(jax.random.fold_in(jax.random.key(seed), 0)))
+
+    def activation_stds_at_init(self, seed: int) -> np.ndarray:
+        """Per-layer activation std of the seed's initial model on its first training batch."""
+        idx = self.batch_indices(np.array([seed]), 0)[0, 0]
+        x = self._inputs(self.arrays["x_train"][idx], self.arrays)
+        return np.asarray(activation_stds(self.initial_model(seed), x, self.layout))
+
     def _init_run(self, seed, lr) -> Carry:
-        model = self.cell.build_model(nnx.Rngs(jax.random.fold_in(jax.random.key(seed), 0)))
+        model = self.initial_model(seed)
         _, params, rest = nnx.split(model, nnx.Param, MUTABLE)
         return Carry(params, rest, self.cell.method.init(params),
                      self.cell.optimizer(lr).init(params), jnp.array(True), jnp.array(-1, jnp.int32))

@@ -1,0 +1,396 @@
+"""Where and when gradients exploded or vanished, what it did to the loss, and what to try.
+
+Pure functions of one run's telemetry (per-step arrays `[steps]` and per-layer `[steps, layers]`
+as the engine records them): `explosion`, `vanishing`, `diagnose`, `recommend`, and the Markdown
+report. Nothing here trains, reads or writes.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .metrics import divergence_step
+from .registry import parse_call, split_plus
+
+EXPLODE_FACTOR = 10.0  # explosion: grad norm above 10x ...
+MEDIAN_WINDOW = 50  # ... its median over the previous 50 steps
+MIN_HISTORY = 10  # a step is judged only once at least this many earlier steps are finite
+AROUND = 20  # loss mean over the 20 steps before and the 20 steps from the event
+RECOVER_TOL = 0.10  # recovered: a 10-step loss mean back within 10% of the pre-event mean
+RECOVER_WINDOW = 10
+VANISH_REL, VANISH_ABS = 1e-3, 1e-7  # vanishing layer: below 1e-3 x the largest layer, or 1e-7
+VANISH_SHARE = 0.5  # ... on more than half of the recorded steps
+SHOW_LAYERS = 5  # layers named in one line of the report
+
+
+def running_median(x: np.ndarray, window: int = MEDIAN_WINDOW,
+                   min_history: int = MIN_HISTORY) -> np.ndarray:
+    """Entry t: median of the finite values among x[t-window .. t-1] (per column for 2-D x);
+    NaN where fewer than `min_history` of them are finite."""
+    x = np.asarray(x, np.float64)
+    flat = x.reshape(len(x), -1)
+    padded = np.concatenate([np.full((window, flat.shape[1]), np.nan),
+                             np.where(np.isfinite(flat), flat, np.nan)])
+    out = np.empty_like(flat)
+    for j in range(flat.shape[1]):
+        windows = np.lib.stride_tricks.sliding_window_view(padded[:-1, j], window)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN windows: NaN
+            med = np.nanmedian(windows, axis=1)
+        enough = np.sum(np.isfinite(windows), axis=1) >= min_history
+        out[:, j] = np.where(enough, med, np.nan)
+    return out.reshape(x.shape)
+
+
+def jump_ratios(x: np.ndarray) -> np.ndarray:
+    """x over its running median; +inf where x is not finite, NaN where there is no median."""
+    med = running_median(x)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.asarray(x, np.float64) / med
+    return np.where(np.isfinite(x), ratio, np.where(np.isnan(med), np.nan, np.inf))
+
+
+@dataclass(frozen=True)
+class Explosion:
+    step: int
+    cause: str  # "non-finite" or "grad norm"
+    grad_norm: float
+    median: float  # running median of the grad norm before the step (NaN: no history)
+    layers: tuple[str, ...]  # where it started: the earliest layers to jump, largest ratio first
+    onset: int  # the step those layers first jumped (<= step)
+    layer_ratios: tuple[tuple[str, float], ...]  # every layer's ratio at `onset`, largest first
+    loss_before: float  # mean over the AROUND steps before `step` (NaN: none)
+    loss_after: float  # mean over the AROUND steps from `step` (inf: non-finite)
+    recovered_at: int | None  # first step from which a RECOVER_WINDOW mean is within RECOVER_TOL
+
+    @property
+    def ratio(self) -> float:
+        return self.grad_norm / self.median if self.median > 0 else math.nan
+
+
+def explosion(loss: np.ndarray, grad_norm: np.ndarray, layer_grad_norm: np.ndarray,
+              layer_names: list[str], frozen_at: int = -1) -> Explosion | None:
+    """The first step whose global grad norm exceeds EXPLODE_FACTOR x its running median over the
+    previous MEDIAN_WINDOW steps, or whose loss, grad norm or parameters are non-finite (the engine
+    freezes a run there: `frozen_at`); None if there is none."""
+    loss, grad_norm = np.asarray(loss, np.float64), np.asarray(grad_norm, np.float64)
+    steps = len(loss)
+    bad = ~np.isfinite(loss) | ~np.isfinite(grad_norm)
+    if frozen_at >= 0:
+        bad[frozen_at:] = True
+    first_bad = int(np.argmax(bad)) if bad.any() else steps
+    with np.errstate(invalid="ignore"):
+        high = jump_ratios(grad_norm) > EXPLODE_FACTOR
+    high[first_bad:] = False
+    first_high = int(np.argmax(high)) if high.any() else steps
+    step = min(first_bad, first_high)
+    if step >= steps:
+        return None
+    cause = "non-finite" if step == first_bad else "grad norm"
+    layers, onset, ratios = _origin(layer_grad_norm, layer_names, step)
+    before = loss[max(0, step - AROUND):step]
+    after = loss[step:step + AROUND]
+    after_bad = bad[step:step + AROUND]
+    loss_before = float(before.mean()) if before.size else math.nan
+    loss_after = math.inf if after_bad.any() else float(after.mean())
+    return Explosion(step, cause, float(grad_norm[step]), float(running_median(grad_norm)[step]),
+                     layers, onset, ratios, loss_before, loss_after,
+                     _recovery(loss, bad, step, loss_before))
+
+
+def _origin(norms: np.ndarray, names: list[str], step: int):
+    """The layers whose own grad norm jumped first: among the MEDIAN_WINDOW steps up to `step`,
+    the earliest where some layer exceeds EXPLODE_FACTOR x its own running median; ties ordered by
+    that ratio, then by the ratio one step earlier. Without such a step, the largest ratio at
+    `step`."""
+    ratios = jump_ratios(norms)
+    lo = max(0, step - MEDIAN_WINDOW)
+    with np.errstate(invalid="ignore"):
+        jumped = ratios[lo:step + 1] > EXPLODE_FACTOR
+    if jumped.any():
+        onset = lo + int(np.argmax(jumped.any(axis=1)))
+        chosen = np.flatnonzero(jumped[onset - lo])
+    else:
+        onset = step
+        known = ~np.isnan(ratios[step])
+        chosen = np.array([int(np.nanargmax(ratios[step]))]) if known.any() else np.array([], int)
+    now = np.nan_to_num(ratios[onset], nan=-np.inf)
+    prev = np.nan_to_num(ratios[onset - 1], nan=-np.inf) if onset > 0 else np.zeros(len(names))
+    order = sorted(chosen, key=lambda j: (-now[j], -prev[j]))
+    everyone = sorted(range(len(names)), key=lambda j: (-now[j], -prev[j]))
+    return (tuple(names[j] for j in order), onset,
+            tuple((names[j], float(ratios[onset, j])) for j in everyone))
+
+
+def _recovery(loss: np.ndarray, bad: np.ndarray, step: int, before: float) -> int | None:
+    if not np.isfinite(before):
+        return None
+    limit = (1 + RECOVER_TOL) * before
+    for t in range(step, len(loss) - RECOVER_WINDOW + 1):
+        if bad[t:t + RECOVER_WINDOW].any():
+            return None
+        if loss[t:t + RECOVER_WINDOW].mean() <= limit:
+            return t
+    return None
+
+
+@dataclass(frozen=True)
+class Vanishing:
+    layers: tuple[tuple[str, float], ...]  # (layer, share of steps below the thresholds)
+    ratio_init: float  # first-layer over last-layer grad norm at step 0
+    ratio_end: float  # the same, median over the last 10 finite steps
+    steps: int  # steps with every layer's norm finite, the basis of the shares
+
+
+def vanishing(layer_grad_norm: np.ndarray, layer_names: list[str]) -> Vanishing:
+    """Layers whose grad norm is below VANISH_REL x the largest layer's, or below VANISH_ABS, on
+    more than VANISH_SHARE of the steps; and the first-to-last layer grad-norm ratio."""
+    norms = np.asarray(layer_grad_norm, np.float64)
+    rows = norms[np.isfinite(norms).all(axis=1)]
+    if not len(rows):
+        return Vanishing((), math.nan, math.nan, 0)
+    low = (rows < VANISH_REL * rows.max(axis=1, keepdims=True)) | (rows < VANISH_ABS)
+    share = low.mean(axis=0)
+    flagged = tuple((layer_names[j], float(share[j])) for j in np.flatnonzero(share > VANISH_SHARE))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = rows[:, 0] / rows[:, -1]
+        ratio_init = float(norms[0, 0] / norms[0, -1]) if np.isfinite(norms[0]).all() else math.nan
+    return Vanishing(flagged, ratio_init, float(np.median(ratio[-10:])), len(rows))
+
+
+@dataclass(frozen=True)
+class Signal:
+    """Signal propagation at initialization: per layer, activation std and grad norm at step 0."""
+
+    layers: tuple[str, ...]
+    activation_std: tuple[float, ...] | None  # None: not available (e.g. data missing)
+    grad_norm: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    action: str  # what to pass: a method, an init, a --set override
+    reason: str  # one line
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    run: dict  # task, method, init, optimizer, seed, lr, steps, record
+    steps_recorded: int  # steps with a finite loss (training stops at a non-finite one)
+    signal: Signal
+    at_init_only: bool = False
+    explosion: Explosion | None = None
+    divergence: int | None = None  # DESIGN section 4 divergence step; None: did not diverge
+    vanishing: Vanishing | None = None
+    recommendations: tuple[Recommendation, ...] = field(default=())
+
+    @property
+    def healthy(self) -> bool:
+        return (self.explosion is None and self.divergence is None
+                and not (self.vanishing and self.vanishing.layers))
+
+
+def diagnose(telemetry: dict[str, np.ndarray], layer_names: list[str], run: dict,
+             frozen_at: int = -1, activation_std: np.ndarray | None = None,
+             at_init: bool = False) -> Diagnosis:
+    """Everything the report says about one run, from its telemetry rows (no run axis)."""
+    loss, gnorm, norms = telemetry["loss"], telemetry["grad_norm"], telemetry["layer_grad_norm"]
+    signal = Signal(tuple(layer_names),
+                    None if activation_std is None else tuple(float(v) for v in activation_std),
+                    tuple(float(v) for v in norms[0]))
+    recorded = int(np.isfinite(loss).sum())
+    if at_init:
+        return Diagnosis(run, recorded, signal, at_init_only=True,
+                         vanishing=vanishing(norms[:1], layer_names))
+    return Diagnosis(run, recorded, signal, False,
+                     explosion(loss, gnorm, norms, layer_names, frozen_at),
+                     divergence_step(loss, gnorm, frozen_at), vanishing(norms, layer_names))
+
+
+# ---- recommendations ---------------------------------------------------------------------------
+EXPLOSION_ADVICE = (
+    ("method", "clip_norm", "bounds every update when the global gradient norm spikes, as it did here"),
+    ("method", "agc", "clips each layer's gradient relative to its weight norm, so the layer that "
+                      "jumped first is held back without slowing the others"),
+    ("method", "warmup", "small steps while early curvature is high; explosions early in training "
+                         "are the typical case"),
+    ("lr", "", "the size of the step that blew up scales with the learning rate"),
+)
+VANISHING_ADVICE = (
+    ("init", "he_normal", None, "variance 2/fan_in keeps each layer's signal from shrinking with depth"),
+    ("model", "residual", True, "identity paths carry the gradient past layers where it shrinks"),
+    ("model", "norm", "layer", "normalization rescales every layer's input to unit variance"),
+)
+
+
+def rule_recommendations(diag: Diagnosis, methods: set[str], inits: set[str],
+                         model_args: set[str]) -> tuple[Recommendation, ...]:
+    """Rule-based advice: explosion or divergence -> clipping, AGC, warmup, a lower learning rate;
+    vanishing -> He init, residual connections, normalization. Only what this installation has
+    (registered methods and inits, arguments the task's model accepts) and the run does not use."""
+    run = diag.run
+    used = {parse_call(term)[0] for term in split_plus(run["method"])}
+    out = []
+    if diag.explosion is not None or diag.divergence is not None:
+        for kind, name, reason in EXPLOSION_ADVICE:
+            if kind == "lr":
+                out.append(Recommendation(f"--lr {run['lr'] / 10:g}", reason))
+            elif name in methods and name not in used:
+                out.append(Recommendation(f"--method {name}", reason))
+    if diag.vanishing is not None and diag.vanishing.layers:
+        for kind, name, value, reason in VANISHING_ADVICE:
+            if kind == "init" and name in inits and parse_call(run["init"])[0] != name:
+                out.append(Recommendation(f"--init {name}", reason))
+            elif kind == "model" and name in model_args and run["model"].get(name) != value:
+                text = str(value).lower() if isinstance(value, bool) else value
+                out.append(Recommendation(f"--set model.{name}={text}", reason))
+    return tuple(out)
+
+
+def board_recommendations(board_rows: list[dict], where: str, top: int = 3
+                          ) -> tuple[Recommendation, ...]:
+    """The best entries of a task's leaderboard rows (as the report's leaderboard.csv writes them:
+    variant, method, init, optimizer, rank, stability, quality_*), best rank first."""
+    rows = sorted(board_rows, key=lambda r: (_num(r.get("rank")), -_num(r.get("stability"))))
+    out = []
+    for r in rows[:top]:
+        quality = f"{r.get('quality_metric', 'quality')} {_num(r.get('quality_mean')):.3g}"
+        out.append(Recommendation(
+            f"--method {r['method']} --init {r['init']} --optimizer {r['optimizer']}",
+            f"rank {_num(r.get('rank')):g} of {len(rows)} on {r['variant']} in {where} "
+            f"(stability {_num(r.get('stability')):.3g}, {quality})"))
+    return tuple(out)
+
+
+def _num(x) -> float:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return math.inf
+    return math.inf if math.isnan(v) else v
+
+
+# ---- the report ----------------------------------------------------------------------------------
+def _g(x: float) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    return f"{x:.3g}"
+
+
+def _names(items, limit: int = SHOW_LAYERS) -> str:
+    items = list(items)
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def summary(diag: Diagnosis) -> str:
+    """One line: the verdict."""
+    if diag.at_init_only:
+        v = diag.vanishing
+        return f"at init: first/last layer grad-norm ratio {_g(v.ratio_init)}"
+    parts = []
+    e = diag.explosion
+    if e is not None:
+        what = "non-finite values" if e.cause == "non-finite" else f"grad norm {_g(e.ratio)}x its median"
+        parts.append(f"explosion at step {e.step} ({what}), starting in {_names(e.layers, 3)}")
+    if diag.divergence is not None:
+        parts.append(f"diverged at step {diag.divergence}")
+    if diag.vanishing.layers:
+        parts.append(f"vanishing gradients in {len(diag.vanishing.layers)} of "
+                     f"{len(diag.signal.layers)} layers")
+    return "; ".join(parts) if parts else "healthy: no explosion, divergence or vanishing gradients"
+
+
+def to_markdown(diag: Diagnosis, figure: str | None = None) -> str:
+    run = diag.run
+    lines = [f"# Diagnosis: {run['task']}, method {run['method']}", "",
+             f"init {run['init']} | optimizer {run['optimizer']} | lr {_g(run['lr'])} | "
+             f"seed {run['seed']} | {run['steps']} steps"
+             + (f" | record `{run['record']}` run {run['run']}" if run.get("record") else ""),
+             "", f"**{summary(diag)}**", ""]
+    if not diag.at_init_only:
+        lines += _explosion_lines(diag) + _vanishing_lines(diag.vanishing, len(diag.signal.layers))
+    lines += _signal_lines(diag)
+    lines += ["## Recommendation", ""]
+    if diag.recommendations:
+        lines += [f"- `{r.action}`: {r.reason}" for r in diag.recommendations]
+    elif diag.healthy:
+        lines += ["- nothing to fix: no explosion, divergence or vanishing gradients"]
+    else:
+        lines += ["- no registered technique left to suggest beyond what this run already uses"]
+    lines.append("")
+    if figure:
+        lines += [f"![per-layer gradient norms and loss]({figure})", ""]
+    return "\n".join(lines)
+
+
+def _explosion_lines(diag: Diagnosis) -> list[str]:
+    lines = ["## Explosion", ""]
+    e = diag.explosion
+    if e is None:
+        lines += [f"No step's gradient norm exceeded {EXPLODE_FACTOR:g}x its median over the "
+                  f"previous {MEDIAN_WINDOW} steps, and every value stayed finite.", ""]
+    else:
+        if e.cause == "non-finite":
+            lines.append(f"- step {e.step}: first non-finite loss, gradient or parameters "
+                         f"(grad norm {_g(e.grad_norm)}, running median {_g(e.median)})")
+        else:
+            lines.append(f"- step {e.step}: global grad norm {_g(e.grad_norm)} = {_g(e.ratio)}x its "
+                         f"median over the previous {MEDIAN_WINDOW} steps ({_g(e.median)})")
+        when = "at that step" if e.onset == e.step else f"at step {e.onset}"
+        lines.append(f"- started in: {_names(e.layers)} (first to exceed {EXPLODE_FACTOR:g}x "
+                     f"its own median, {when})" if e.layers else
+                     "- started in: undetermined (too little history before the step)")
+        top = ", ".join(f"{n} {_g(r)}x" for n, r in e.layer_ratios[:SHOW_LAYERS])
+        lines.append(f"- layer ratios to their own median at step {e.onset}: {top}")
+        lines.append(f"- loss: mean {_g(e.loss_before)} over the {AROUND} steps before, "
+                     f"{_g(e.loss_after)} over the {AROUND} steps from it")
+        if e.recovered_at is not None:
+            lines.append(f"- recovered: a {RECOVER_WINDOW}-step loss mean is back within "
+                         f"{RECOVER_TOL:.0%} of the pre-event mean from step {e.recovered_at}")
+        else:
+            lines.append(f"- not recovered: no later {RECOVER_WINDOW}-step loss mean came back "
+                         f"within {RECOVER_TOL:.0%} of the pre-event mean")
+        lines.append("")
+    if diag.divergence is not None:
+        lines += [f"Diverged at step {diag.divergence} (a non-finite loss or gradient, or the 20-step "
+                  f"mean loss above max(2 L0, L0 + 1)).", ""]
+    else:
+        lines += ["Did not diverge (DESIGN section 4 definition).", ""]
+    return lines
+
+
+def _vanishing_lines(v: Vanishing, n_layers: int) -> list[str]:
+    lines = ["## Vanishing gradients", ""]
+    if v.layers:
+        shown = ", ".join(f"{n} ({s:.0%})" for n, s in v.layers[:SHOW_LAYERS])
+        more = f" and {len(v.layers) - SHOW_LAYERS} more" if len(v.layers) > SHOW_LAYERS else ""
+        lines.append(f"- {len(v.layers)} of {n_layers} layers had a grad norm below {VANISH_REL:g}x "
+                     f"the largest layer's or below {VANISH_ABS:g} on most steps (share of "
+                     f"steps): {shown}{more}")
+    else:
+        lines.append(f"- no layer's grad norm stayed below {VANISH_REL:g}x the largest layer's "
+                     f"(or {VANISH_ABS:g}) for most of the {v.steps} finite steps")
+    lines += [f"- first/last layer grad-norm ratio: {_g(v.ratio_init)} at init, {_g(v.ratio_end)} "
+              f"at the end", ""]
+    return lines
+
+
+def _signal_lines(diag: Diagnosis) -> list[str]:
+    s = diag.signal
+    lines = ["## Signal propagation at init", ""]
+    if diag.at_init_only:
+        lines += [f"- first/last layer grad-norm ratio at step 0: {_g(diag.vanishing.ratio_init)}", ""]
+    lines += ["| layer | activation std | grad norm at step 0 |", "|---|---|---|"]
+    stds = s.activation_std or (None,) * len(s.layers)
+    lines += [f"| {n} | {_g(a)} | {_g(g)} |" for n, a, g in zip(s.layers, stds, s.grad_norm)]
+    if s.activation_std is None:
+        lines += ["", "Activation stds need the task's data, which is not available here."]
+    lines.append("")
+    return lines
