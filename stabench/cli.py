@@ -200,6 +200,106 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def _diagnose_spec(args):
+    """The one-run cell `diagnose --task ...` trains: the task's middle learning rate by default."""
+    from dataclasses import replace
+
+    from .config import make_spec, parse_lrs
+
+    if args.seed < 0:
+        raise UserError(f"--seed must be >= 0, got {args.seed}")
+    overrides = _parse_set(args.set)
+    for flag, key in (("steps", "train.steps"), ("batch_size", "train.batch_size")):
+        value = getattr(args, flag)
+        if value is not None:
+            if value <= 0:
+                raise UserError(f"--{flag.replace('_', '-')} must be positive, got {value}")
+            overrides[key] = value
+    if args.at_init:  # one step records the step-0 gradients; nothing after it is looked at
+        overrides.update({"train.steps": 1, "train.eval_every": 1})
+    lrs = parse_lrs(args.lr) if args.lr is not None else None
+    if lrs is not None and len(lrs) != 1:
+        raise UserError(f"--lr takes one learning rate, got '{args.lr}'")
+    spec = make_spec(args.task, args.method or "none", args.init or "default", args.optimizer, 1,
+                     lrs, overrides, args.fake_data)
+    return replace(spec, seeds=(args.seed,), lrs=(spec.lrs[len(spec.lrs) // 2],))
+
+
+def cmd_diagnose(args) -> int:
+    from .data import DataMissing
+    from .plots import diagnosis_figure, save_png
+    from .runner import diagnose_run, enable_compilation_cache, load_data, train_spec
+    from .store import BadRecord, Store, read_record
+
+    training = [f"--{k.replace('_', '-')}" for k in ("task", "method", "init", "optimizer", "lr",
+                                                     "steps", "batch_size") if getattr(args, k)]
+    training += ["--set"] * bool(args.set) + ["--fake-data"] * args.fake_data
+    if args.record and training:
+        raise UserError(f"give a record or training options, not both ({', '.join(training)})")
+    if not args.record and not args.task:
+        raise UserError("give a record path (diagnose RECORD) or a task to train (--task NAME)")
+    if args.record:
+        try:
+            record = read_record(Path(args.record))
+        except BadRecord as err:
+            raise UserError(str(err)) from None
+        spec, arrays, layer_names = record.spec, record.telemetry(), record.data["layer_names"]
+        if not 0 <= args.run < len(spec.runs):
+            raise UserError(f"--run must lie in 0..{len(spec.runs) - 1}: the record has "
+                            f"{len(spec.runs)} runs")
+        try:
+            data = load_data(spec, args.data_dir)
+        except DataMissing as err:
+            print(f"note: activation stds need the data: {err}", file=sys.stderr)
+            data = None
+        where, stem = record.path.parent, f"{record.path.stem}.run{args.run}"
+    else:
+        if args.run != 0:
+            raise UserError("--run picks a run of a stored record; a trained diagnosis has one run")
+        spec = _diagnose_spec(args)
+        store = Store(args.out)
+        record = None if args.at_init or args.force else store.load(spec)
+        where, stem = store.path_for(spec).parent, store.path_for(spec).stem
+        if args.at_init:
+            stem += ".at-init"
+        if record is not None:
+            arrays, layer_names = record.telemetry(), record.data["layer_names"]
+            print(f"reused stored record {record.path}; --force retrains", file=sys.stderr)
+            data = load_data(spec, args.data_dir)
+        else:
+            store.check_writable(spec)
+            data = load_data(spec, args.data_dir)
+            enable_compilation_cache()
+            from tqdm import tqdm
+
+            steps = spec.train["steps"]
+            with tqdm(total=steps, desc=f"{spec.task} {spec.method}", unit="step",
+                      file=sys.stderr, leave=False) as bar:
+                body, arrays = train_spec(spec, data, lambda done: bar.update(done - bar.n))
+            layer_names = body["layer_names"]
+            if not args.at_init:
+                record = store.save(spec, body, arrays)
+                print(f"record written to {record.path}", file=sys.stderr)
+        stem = f"{stem}.run0" if not args.at_init else stem
+    diag = diagnose_run(spec, arrays, layer_names, args.run, data,
+                        str(record.path) if record is not None else None, args.at_init,
+                        args.results)
+    out = Path(args.report) if args.report else where
+    out.mkdir(parents=True, exist_ok=True)
+    report = out / f"{stem}.diagnosis.md"
+    figure = None
+    if not args.at_init:
+        figure = save_png(diagnosis_figure(diag, arrays["loss"][args.run],
+                                           arrays["layer_grad_norm"][args.run]),
+                          out / f"{stem}.diagnosis.png")
+    from .diagnose import to_markdown
+
+    report.write_text(to_markdown(diag, figure.name if figure else None))
+    print(report.read_text())
+    print(f"report written to {report}" + (f", figure {figure}" if figure else ""), file=sys.stderr)
+    return 0
+
+
 def cmd_list(args) -> int:
     if args.what == "tasks":
         from .tasks import all_tasks
@@ -294,6 +394,37 @@ def build_parser() -> ArgumentParser:
     merge.add_argument("out", help="directory to merge into (created if absent)")
     merge.add_argument("sources", nargs="+", help="result directories to copy records from")
     merge.set_defaults(func=cmd_merge)
+
+    diag = sub.add_parser("diagnose", help="when and where gradients exploded or vanished, what it "
+                                           "did to the loss, what to try; trains one run or reads "
+                                           "a stored record")
+    diag.add_argument("record", nargs="?", default=None,
+                      help="a stored record (.json) to read instead of training")
+    diag.add_argument("--run", type=int, default=0, help="which run of the record (default 0)")
+    diag.add_argument("--task", default=None, help="task to train one run of")
+    diag.add_argument("--method", default=None, help="method string (default none)")
+    diag.add_argument("--init", default=None, help="init string (default: the layers' own)")
+    diag.add_argument("--optimizer", default=None, help="overrides the task's optimizer")
+    diag.add_argument("--lr", default=None, help="learning rate (default: the middle of the "
+                                                 "task's grid)")
+    diag.add_argument("--seed", type=int, default=0)
+    diag.add_argument("--steps", type=int, default=None)
+    diag.add_argument("--batch-size", type=int, default=None)
+    diag.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a task field, e.g. model.depth=30")
+    diag.add_argument("--at-init", action="store_true",
+                      help="stop at initialization: activation stds and step-0 gradient norms")
+    diag.add_argument("--fake-data", action="store_true")
+    diag.add_argument("--data-dir", default=None, help="TFDS data directory")
+    diag.add_argument("--out", default=DEFAULT_OUT,
+                      help=f"results directory for the trained record (default {DEFAULT_OUT}/)")
+    diag.add_argument("--force", action="store_true", help="retrain even if a record exists")
+    diag.add_argument("--results", default="results",
+                      help="where to look for a report's leaderboard.csv ranking this task "
+                           "(default results/); without one, rule-based recommendations")
+    diag.add_argument("--report", default=None,
+                      help="directory for the report and figure (default: beside the record)")
+    diag.set_defaults(func=cmd_diagnose)
 
     lst = sub.add_parser("list", help="list tasks, methods, inits, optimizers or models")
     lst.add_argument("what", choices=["tasks", "methods", "inits", "optimizers", "models"])

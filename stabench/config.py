@@ -126,6 +126,7 @@ def build_cell(spec: RunSpec, source: Source):
     return Cell(
         build_model=lambda rngs: build_model(meta, init.kernel_init, rngs),
         method=methods.build(methods.resolve(spec.method)),
+        fault=methods.build_fault(methods.resolve(spec.method)),
         optimizer=OPTIMIZERS.get(spec.optimizer),
         loss=spec.task_config["loss"],
         steps=train["steps"],

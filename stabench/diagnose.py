@@ -8,8 +8,9 @@ report. Nothing here trains, reads or writes.
 from __future__ import annotations
 
 import math
+import shlex
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -70,6 +71,11 @@ class Explosion:
     @property
     def ratio(self) -> float:
         return self.grad_norm / self.median if self.median > 0 else math.nan
+
+    @property
+    def transient(self) -> bool:
+        """The loss was back within RECOVER_TOL of its pre-event mean within AROUND steps."""
+        return self.recovered_at is not None and self.recovered_at <= self.step + AROUND
 
 
 def explosion(loss: np.ndarray, grad_norm: np.ndarray, layer_grad_norm: np.ndarray,
@@ -144,6 +150,9 @@ class Vanishing:
     ratio_init: float  # first-layer over last-layer grad norm at step 0
     ratio_end: float  # the same, median over the last 10 finite steps
     steps: int  # steps with every layer's norm finite, the basis of the shares
+    # an explosion before which no layer was vanishing: the vanishing is its consequence (dead
+    # units after the blow-up), not a cause
+    after_explosion: int | None = None
 
 
 def vanishing(layer_grad_norm: np.ndarray, layer_names: list[str]) -> Vanishing:
@@ -190,8 +199,15 @@ class Diagnosis:
 
     @property
     def healthy(self) -> bool:
-        return (self.explosion is None and self.divergence is None
-                and not (self.vanishing and self.vanishing.layers))
+        """No event at all: no explosion (not even a transient spike), divergence or vanishing."""
+        return self.explosion is None and not self.needs_fix
+
+    @property
+    def needs_fix(self) -> bool:
+        """A divergence, an explosion the loss did not recover from, or vanishing gradients."""
+        return (self.divergence is not None
+                or (self.explosion is not None and not self.explosion.transient)
+                or bool(self.vanishing and self.vanishing.layers))
 
 
 def diagnose(telemetry: dict[str, np.ndarray], layer_names: list[str], run: dict,
@@ -206,9 +222,13 @@ def diagnose(telemetry: dict[str, np.ndarray], layer_names: list[str], run: dict
     if at_init:
         return Diagnosis(run, recorded, signal, at_init_only=True,
                          vanishing=vanishing(norms[:1], layer_names))
-    return Diagnosis(run, recorded, signal, False,
-                     explosion(loss, gnorm, norms, layer_names, frozen_at),
-                     divergence_step(loss, gnorm, frozen_at), vanishing(norms, layer_names))
+    event = explosion(loss, gnorm, norms, layer_names, frozen_at)
+    vanish = vanishing(norms, layer_names)
+    if vanish.layers and event is not None and not event.transient \
+            and not vanishing(norms[:event.step], layer_names).layers:
+        vanish = replace(vanish, after_explosion=event.step)
+    return Diagnosis(run, recorded, signal, False, event, divergence_step(loss, gnorm, frozen_at),
+                     vanish)
 
 
 # ---- recommendations ---------------------------------------------------------------------------
@@ -235,13 +255,14 @@ def rule_recommendations(diag: Diagnosis, methods: set[str], inits: set[str],
     run = diag.run
     used = {parse_call(term)[0] for term in split_plus(run["method"])}
     out = []
-    if diag.explosion is not None or diag.divergence is not None:
+    if diag.divergence is not None or (diag.explosion is not None and not diag.explosion.transient):
         for kind, name, reason in EXPLOSION_ADVICE:
             if kind == "lr":
                 out.append(Recommendation(f"--lr {run['lr'] / 10:g}", reason))
             elif name in methods and name not in used:
                 out.append(Recommendation(f"--method {name}", reason))
-    if diag.vanishing is not None and diag.vanishing.layers:
+    v = diag.vanishing
+    if v is not None and v.layers and v.after_explosion is None:
         for kind, name, value, reason in VANISHING_ADVICE:
             if kind == "init" and name in inits and parse_call(run["init"])[0] != name:
                 out.append(Recommendation(f"--init {name}", reason))
@@ -260,7 +281,7 @@ def board_recommendations(board_rows: list[dict], where: str, top: int = 3
     for r in rows[:top]:
         quality = f"{r.get('quality_metric', 'quality')} {_num(r.get('quality_mean')):.3g}"
         out.append(Recommendation(
-            f"--method {r['method']} --init {r['init']} --optimizer {r['optimizer']}",
+            " ".join(f"--{k} {shlex.quote(str(r[k]))}" for k in ("method", "init", "optimizer")),
             f"rank {_num(r.get('rank')):g} of {len(rows)} on {r['variant']} in {where} "
             f"(stability {_num(r.get('stability')):.3g}, {quality})"))
     return tuple(out)
@@ -298,12 +319,17 @@ def summary(diag: Diagnosis) -> str:
     e = diag.explosion
     if e is not None:
         what = "non-finite values" if e.cause == "non-finite" else f"grad norm {_g(e.ratio)}x its median"
-        parts.append(f"explosion at step {e.step} ({what}), starting in {_names(e.layers, 3)}")
+        kind = "transient gradient spike" if e.transient else "explosion"
+        where = f", starting in {_names(e.layers, 3)}" if e.layers else ""
+        parts.append(f"{kind} at step {e.step} ({what}){where}")
+        if e.transient:
+            parts.append(f"loss back within {RECOVER_TOL:.0%} from step {e.recovered_at}")
     if diag.divergence is not None:
         parts.append(f"diverged at step {diag.divergence}")
     if diag.vanishing.layers:
+        after = " after the explosion" if diag.vanishing.after_explosion is not None else ""
         parts.append(f"vanishing gradients in {len(diag.vanishing.layers)} of "
-                     f"{len(diag.signal.layers)} layers")
+                     f"{len(diag.signal.layers)} layers{after}")
     return "; ".join(parts) if parts else "healthy: no explosion, divergence or vanishing gradients"
 
 
@@ -322,6 +348,9 @@ def to_markdown(diag: Diagnosis, figure: str | None = None) -> str:
         lines += [f"- `{r.action}`: {r.reason}" for r in diag.recommendations]
     elif diag.healthy:
         lines += ["- nothing to fix: no explosion, divergence or vanishing gradients"]
+    elif not diag.needs_fix:
+        lines += [f"- nothing to fix: the spike was transient (the loss recovered within {AROUND} "
+                  f"steps) and nothing diverged or vanished"]
     else:
         lines += ["- no registered technique left to suggest beyond what this run already uses"]
     lines.append("")
@@ -374,6 +403,9 @@ def _vanishing_lines(v: Vanishing, n_layers: int) -> list[str]:
         lines.append(f"- {len(v.layers)} of {n_layers} layers had a grad norm below {VANISH_REL:g}x "
                      f"the largest layer's or below {VANISH_ABS:g} on most steps (share of "
                      f"steps): {shown}{more}")
+        if v.after_explosion is not None:
+            lines.append(f"- none of them was vanishing before the explosion at step "
+                         f"{v.after_explosion}: a consequence of it (dead units), not a cause")
     else:
         lines.append(f"- no layer's grad norm stayed below {VANISH_REL:g}x the largest layer's "
                      f"(or {VANISH_ABS:g}) for most of the {v.steps} finite steps")

@@ -564,3 +564,41 @@ def write_report(directory: str | Path, out: str | Path | None = None, plots: bo
                                          for p in report.runs["record"]])
     parquet.to_parquet(out / "runs.parquet", index=False)
     return markdown
+
+
+# ---- reading a report back: what did best on a task ----------------------------------------------
+PROBLEM = ("loss", "dataset.", "model.")  # the config fields that make two variants the same problem
+
+
+def _same_value(stored, value) -> bool:
+    """A runs.parquet cell (lists and dicts as JSON, mixed-type columns as text) vs a config value."""
+    if isinstance(value, (list, dict)):
+        return stored == json.dumps(value)
+    return stored == value or str(stored) == str(value)
+
+
+def board_rows_for(directory: str | Path, spec) -> tuple[list[dict], Path | None]:
+    """Leaderboard rows (a report's leaderboard.csv) of the task variant that is this spec's problem:
+    same task, data (real or fake), loss, dataset and model, found through the report's
+    runs.parquet beside it (the first such variant by name if there are several).
+    ([], None) if no report under `directory` ranks it."""
+    root = Path(directory)
+    if not root.is_dir():
+        return [], None
+    wanted = {k: v for k, v in flatten(spec.task_config).items() if k.startswith(PROBLEM)}
+    for path in sorted(root.rglob("leaderboard.csv")):
+        try:
+            board = pd.read_csv(path)
+            runs = pd.read_parquet(path.with_name("runs.parquet"))
+        except (OSError, ValueError, ImportError):
+            continue
+        if not {"variant", *ENTRY, "rank"} <= set(board.columns):
+            continue
+        cells = runs[(runs["task"] == spec.task) & (runs["fake_data"] == spec.fake_data)]
+        variants = {row["variant"] for _, row in cells.drop_duplicates("variant").iterrows()
+                    if all(f"config.{k}" in row and _same_value(row[f"config.{k}"], v)
+                           for k, v in wanted.items())}
+        ranked = sorted(variants & set(board["variant"]))
+        if ranked:  # several variants of one problem (other steps, batch sizes): the first
+            return board[board["variant"] == ranked[0]].to_dict("records"), path
+    return [], None

@@ -49,10 +49,33 @@ def canonical(calls: tuple[Call, ...]) -> str:
 
 def build(calls: tuple[Call, ...]) -> optax.GradientTransformation:
     """The gradient transformation the methods apply, in order, before the optimizer."""
-    return optax.chain(*(METHODS.build(c) for c in calls))
+    built = [METHODS.build(c) for c in calls if not _is_fault(c)]
+    return optax.chain(*built) if built else optax.identity()
+
+
+def _is_fault(call: Call) -> bool:
+    return METHODS.entry(call.name).meta.get("fault", False)
+
+
+def build_fault(calls: tuple[Call, ...]):
+    """The planted faults of a method string as one `(grads, step) -> grads`, or None."""
+    faults = [METHODS.build(c) for c in calls if _is_fault(c)]
+    if not faults:
+        return None
+
+    def apply(grads, step):
+        for fault in faults:
+            grads = fault(grads, step)
+        return grads
+
+    return apply
 
 
 # ---- fault injection: plants a known failure so detectors (diagnose) can be tested ------------
+# Not stabilizers. `inject_spike` corrupts the gradient as computed, before the engine records it
+# (a "fault": the factory returns (grads, step) -> grads), so its layer is the one whose recorded
+# norm jumps; `inject_lr_spike` scales what the optimizer gets, like a too-large learning rate, and
+# shows up in the recorded gradients only through its effect on the parameters.
 def _layer_key(layer: str) -> tuple[tuple, int | None]:
     """A layer name as telemetry prints it (`head`, `blocks[3]`, `layers/2`): the parameter path
     prefix and the index along a stacked part's leading axis (None if not stacked)."""
@@ -63,48 +86,60 @@ def _layer_key(layer: str) -> tuple[tuple, int | None]:
     return prefix, None if match[2] is None else int(match[2])
 
 
-def _path_names(path) -> tuple:
-    return tuple(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in path)
-
-
-@METHODS.register("inject_spike", help="fault injection for testing detectors, not a stabilizer: "
-                  "multiplies the gradient of `layer` (all layers if '') by `factor` for `steps` "
-                  "steps from step `step`")
-def inject_spike(step: int = 100, factor: float = 100.0, layer: str = "",
-                 steps: int = 1) -> optax.GradientTransformation:
-    if step < 0 or steps <= 0:
-        raise ValueError("step must be >= 0 and steps positive")
+def _scale_layer(tree, layer: str, scale: jax.Array):
+    """Multiply the leaves of one layer (every leaf if layer is '') by scale."""
     target = _layer_key(layer) if layer else None
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    out, hit, parts = [], False, set()
+    for path, g in flat:
+        names = tuple(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in path)
+        parts.add(str(names[0]))
+        if target is None or (names[:len(target[0])] == target[0] and target[1] is None):
+            g, hit = g * scale, True
+        elif names[:len(target[0])] == target[0] and g.ndim and target[1] < g.shape[0]:
+            row = (jnp.arange(g.shape[0]) == target[1]).reshape(-1, *[1] * (g.ndim - 1))
+            g, hit = jnp.where(row, g * scale, g), True
+        out.append(g)
+    if not hit:
+        raise UserError(f"layer '{layer}' is not a layer of this model; its parts are "
+                        f"{', '.join(sorted(parts))} (a stacked part takes an index: name[0])")
+    return jax.tree_util.tree_unflatten(treedef, out)
 
-    def init(params):
-        return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+def _spike_args(step: int, factor: float, steps: int) -> None:
+    if step < 0 or steps <= 0 or not factor > 0:
+        raise ValueError("step must be >= 0, steps and factor positive")
+
+
+@METHODS.register("inject_spike", fault=True,
+                  help="fault injection to test detectors, not a stabilizer: multiplies the computed "
+                       "gradient of `layer` ('' = all) by `factor` for `steps` steps from `step`")
+def inject_spike(step: int = 100, factor: float = 100.0, layer: str = "", steps: int = 1):
+    _spike_args(step, factor, steps)
+    if layer:
+        _layer_key(layer)  # a malformed name fails now, not when the cell compiles
+
+    def fault(grads, t):
+        on = (t >= step) & (t < step + steps)
+        return _scale_layer(grads, layer, jnp.where(on, factor, 1.0))
+
+    return fault
+
+
+@METHODS.register("inject_lr_spike",
+                  help="fault injection to test detectors, not a stabilizer: multiplies the gradient "
+                       "the optimizer gets for `layer` ('' = all) by `factor` for `steps` steps from "
+                       "`step` (a learning-rate spike, for SGD)")
+def inject_lr_spike(step: int = 100, factor: float = 100.0, layer: str = "",
+                    steps: int = 1) -> optax.GradientTransformation:
+    _spike_args(step, factor, steps)
+    if layer:
+        _layer_key(layer)  # a malformed name fails now, not when the cell compiles
 
     def update(updates, state, params=None):
         on = (state.count >= step) & (state.count < step + steps)
-        scale = jnp.where(on, factor, 1.0)
-        flat, treedef = jax.tree_util.tree_flatten_with_path(updates)
-        hit = False
-        out = []
-        for path, g in flat:
-            names = _path_names(path)
-            if target is None:
-                out.append(g * scale)
-                hit = True
-            elif names[:len(target[0])] == target[0]:
-                if target[1] is None:
-                    out.append(g * scale)
-                elif target[1] < g.shape[0]:
-                    mask = (jnp.arange(g.shape[0]) == target[1]).reshape(-1, *[1] * (g.ndim - 1))
-                    out.append(jnp.where(mask, g * scale, g))
-                else:
-                    out.append(g)
-                    continue
-                hit = True
-            else:
-                out.append(g)
-        if not hit:
-            raise UserError(f"inject_spike: the model has no layer '{layer}'")
-        return jax.tree_util.tree_unflatten(treedef, out), optax.ScaleByScheduleState(
+        return _scale_layer(updates, layer, jnp.where(on, factor, 1.0)), optax.ScaleByScheduleState(
             count=optax.safe_increment(state.count))
 
-    return optax.GradientTransformation(init, update)
+    return optax.GradientTransformation(
+        lambda params: optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32)), update)

@@ -7,6 +7,7 @@ Bands are the same 95% Student-t intervals over seeds that the tables report.
 from __future__ import annotations
 
 import math
+import textwrap
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -286,3 +287,96 @@ def report_figures(report, records: list, directory: Path) -> dict[str, list[tup
             figures["overall"].append((f"depth vs {metric}", save(
                 depth_accuracy(g, metric), directory / f"depth-{_label(metric)}")))
     return figures
+
+
+# ---- diagnose: one run's per-layer gradient norms over training ------------------------------------
+HEATMAP_LABELS = 16  # layer names on the heatmap's axis; more are thinned out
+
+
+def diagnosis_figure(diag, loss: np.ndarray, layer_grad_norm: np.ndarray) -> Figure:
+    """The loss per step (and its 20-step mean) above a heatmap of every layer's gradient norm over
+    steps (log colour scale; grey where not finite or zero), with the diagnosis's events marked:
+    lines on the loss and triangles above the heatmap for the explosion step, the step its first
+    layers jumped, recovery and divergence; red arrows at the layers where it started. Layers with
+    vanishing gradients have blue names."""
+    from matplotlib.colors import LogNorm
+
+    from .diagnose import AROUND
+    from .metrics import moving_average
+
+    names = list(diag.signal.layers)
+    norms = np.asarray(layer_grad_norm, np.float64)
+    steps = np.arange(len(loss))
+    positive = norms[np.isfinite(norms) & (norms > 0)]
+    with style():
+        fig = Figure(figsize=(WIDTH, 2.2 + 0.12 * min(len(names), 60)), layout="constrained")
+        grid = fig.add_gridspec(2, 2, height_ratios=[1, 2.2], width_ratios=[1, 0.025])
+        ax_loss = fig.add_subplot(grid[0, 0])
+        ax_heat = fig.add_subplot(grid[1, 0], sharex=ax_loss)
+        ax_bar = fig.add_subplot(grid[1, 1])
+        fig.add_subplot(grid[0, 1]).set_axis_off()
+
+        finite = np.where(np.isfinite(loss), loss, np.nan)
+        ax_loss.plot(steps, finite, lw=0.6, color="0.6", label="loss")
+        ax_loss.plot(steps, moving_average(np.nan_to_num(finite, nan=np.inf), AROUND), lw=1.2,
+                     color="C0", label=f"{AROUND}-step mean")
+        if np.nanmin(finite[finite > 0], initial=np.inf) < np.nanmax(finite, initial=0) / 20:
+            ax_loss.set_yscale("log")
+        ax_loss.set_ylabel("train loss")
+        ax_loss.tick_params(labelbottom=False)
+
+        cmap = sns.color_palette("rocket", as_cmap=True).with_extremes(bad="0.85")
+        shown = np.ma.masked_where(~(np.isfinite(norms) & (norms > 0)), norms).T
+        if positive.size:
+            lo, hi = float(positive.min()), float(positive.max())
+            image = ax_heat.imshow(shown, aspect="auto", interpolation="nearest", cmap=cmap,
+                                   norm=LogNorm(lo, hi if hi > lo else lo * 10),
+                                   extent=(-0.5, len(steps) - 0.5, len(names) - 0.5, -0.5))
+            fig.colorbar(image, cax=ax_bar, label="grad norm (log scale)")
+        else:
+            ax_bar.set_axis_off()
+            ax_heat.text(0.5, 0.5, "no finite non-zero gradient norm", ha="center",
+                         transform=ax_heat.transAxes)
+        every = max(1, math.ceil(len(names) / HEATMAP_LABELS))
+        ticks = list(range(0, len(names), every))
+        ax_heat.set_yticks(ticks, [names[i] for i in ticks], fontsize="x-small")
+        vanishing = {n for n, _ in (diag.vanishing.layers if diag.vanishing else ())}
+        for label, i in zip(ax_heat.get_yticklabels(), ticks):
+            if names[i] in vanishing:
+                label.set_color("tab:blue")
+        ax_heat.set_xlabel("step")
+        ax_heat.set_ylabel("layer (input at top)")
+        ax_heat.grid(False)
+
+        events = []
+        e = diag.explosion
+        if e is not None:
+            events.append((e.step, "tab:red", "--", f"explosion, step {e.step}"))
+            if e.onset != e.step:
+                events.append((e.onset, "tab:orange", ":", f"first layer jump, step {e.onset}"))
+            if e.recovered_at is not None:
+                events.append((e.recovered_at, "tab:green", ":", f"recovered, step {e.recovered_at}"))
+            # where it started: arrows in the left margin, so the heatmap cells stay visible
+            rows = [names.index(n) for n in e.layers]
+            left = -0.5 - 0.012 * len(steps)
+            ax_heat.scatter([left] * len(rows), rows, marker=">", s=30, color="tab:red",
+                            zorder=3, clip_on=False)
+        if diag.divergence is not None:
+            events.append((diag.divergence, "black", "-", f"diverged, step {diag.divergence}"))
+        for step, color, ls, label in events:
+            ax_loss.axvline(step, color=color, ls=ls, lw=1, label=label)
+            ax_heat.scatter([step], [-0.5], marker="v", s=30, color=color, zorder=3,
+                            clip_on=False)
+        ax_loss.set_xlim(-0.5, len(steps) - 0.5)
+        ax_loss.legend(fontsize="x-small", loc="upper right", ncols=2)
+        run = diag.run
+        ax_loss.set_title(textwrap.fill(f"{run['task']}, {run['method']}, init {run['init']}, "
+                                        f"lr {run['lr']:g}, seed {run['seed']}", 110),
+                          fontsize="small")
+    return fig
+
+
+def save_png(fig: Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=150, bbox_inches="tight")
+    return path

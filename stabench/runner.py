@@ -77,3 +77,37 @@ def rerun(record: Record, data_dir: str | None = None) -> list[str]:
             if not (value == old[key] or (np.isnan(value) and np.isnan(old[key]))):
                 out.append(f"run {i} {key}: stored {old[key]!r}, now {value!r}")
     return out
+
+
+def diagnose_run(spec: RunSpec, arrays: dict[str, np.ndarray], layer_names: list[str], k: int,
+                 data: Dataset | None, record: str | None = None, at_init: bool = False,
+                 results: str | None = None):
+    """The diagnosis of run k of a cell from its telemetry arrays ([runs, steps, ...]); activation
+    stds at init need the data (None: reported as unavailable). Recommendations come from the
+    leaderboard of a report under `results` that ranks this task variant, else from the rules."""
+    from dataclasses import replace
+
+    from . import diagnose
+    from .inits import INITS
+    from .leaderboard import board_rows_for
+    from .methods import METHODS
+    from .models import MODELS
+    from .train import Engine
+
+    seed, lr = spec.runs[k]
+    stds = None
+    if data is not None:
+        stds = Engine(build_cell(spec, data_source(task_of(spec))), data).activation_stds_at_init(seed)
+    run = {"task": spec.task, "method": spec.method, "init": spec.init, "optimizer": spec.optimizer,
+           "seed": int(seed), "lr": float(lr), "steps": spec.train["steps"],
+           "model": dict(spec.task_config["model"]), "record": record, "run": k}
+    telemetry = {name: np.asarray(arrays[name][k]) for name in ("loss", "grad_norm", "layer_grad_norm")}
+    diag = diagnose.diagnose(telemetry, layer_names, run, int(arrays["diverged_at"][k]), stds, at_init)
+    rows, where = board_rows_for(results, spec) if results else ([], None)
+    if rows:
+        recs = diagnose.board_recommendations(rows, str(where))
+    else:
+        model_args = set(MODELS.entry(spec.task_config["model"]["name"]).parameters())
+        recs = diagnose.rule_recommendations(diag, set(METHODS.names()), set(INITS.names()),
+                                             model_args)
+    return replace(diag, recommendations=recs)

@@ -40,6 +40,8 @@ class Cell:
     steps: int
     batch_size: int
     eval_every: int
+    # a planted error in the computed gradient, (grads, step) -> grads; for testing detectors
+    fault: Callable[[Any, jax.Array], Any] | None = None
 
 
 class Carry(NamedTuple):
@@ -192,6 +194,8 @@ class Engine:
         x, y = self._inputs(arrays["x_train"][idx], arrays), arrays["y_train"][idx]
         (loss, rest), grads = jax.value_and_grad(self._forward_loss, has_aux=True)(
             carry.params, carry.rest, x, y)
+        if cell.fault is not None:
+            grads = cell.fault(grads, t)
         clipped, method_state = cell.method.update(grads, carry.method_state, carry.params)
         updates, opt_state = cell.optimizer(lr).update(clipped, carry.opt_state, carry.params)
         params = optax.apply_updates(carry.params, updates)

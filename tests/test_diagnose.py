@@ -1,0 +1,307 @@
+"""diagnose: the detectors on telemetry built to trigger them (by hand, and by planting faults in
+real training), the report read back from a stored record, recommendations, and the figure."""
+
+import math
+
+import numpy as np
+import pytest
+
+from stabench import diagnose as dg
+from stabench.config import make_spec
+
+from conftest import run_cli
+
+LAYERS = ["input", "blocks[0]", "blocks[1]", "head"]
+
+
+def noisy(steps, layers=len(LAYERS), seed=0, scale=1.0):
+    """Stationary per-layer grad norms (log-normal, sigma 0.2) and their global norm."""
+    rng = np.random.default_rng(seed)
+    norms = scale * np.exp(rng.normal(0, 0.2, (steps, layers)))
+    return norms, np.sqrt((norms ** 2).sum(1))
+
+
+# ---- pure functions on hand-made telemetry ----------------------------------------------------------
+def test_running_median_is_the_median_of_the_previous_window():
+    rng = np.random.default_rng(1)
+    x = rng.lognormal(size=120)
+    x[[5, 30, 31, 90]] = np.nan
+    got = dg.running_median(x, window=50, min_history=10)
+    for t in range(len(x)):
+        prev = x[max(0, t - 50):t]
+        prev = prev[np.isfinite(prev)]
+        want = np.median(prev) if len(prev) >= 10 else np.nan
+        np.testing.assert_equal(got[t], want)
+
+
+def test_spike_in_one_layer_is_found_at_its_step_and_layer():
+    norms, _ = noisy(200)
+    norms[120, 2] *= 60  # blocks[1] jumps 60x; the global norm goes up ~30x
+    grad = np.sqrt((norms ** 2).sum(1))
+    loss = np.ones(200)
+    loss[120:130] = 3.0  # the loss triples for 10 steps, then is back
+    e = dg.explosion(loss, grad, norms, LAYERS)
+    assert (e.step, e.onset, e.layers, e.cause) == (120, 120, ("blocks[1]",), "grad norm")
+    assert e.layer_ratios[0][0] == "blocks[1]" and e.layer_ratios[0][1] > 40
+    assert all(r < 2 for _, r in e.layer_ratios[1:])
+    assert e.ratio == pytest.approx(grad[120] / np.median(grad[70:120]))
+    assert e.loss_before == 1.0 and e.loss_after == pytest.approx((10 * 3 + 10 * 1) / 20)
+    assert e.recovered_at == 130 and e.transient  # first 10-step window back within 10%
+
+
+def test_the_layer_that_jumped_earliest_is_named_first():
+    norms, _ = noisy(200)
+    norms[100:104] = 1.0
+    norms[100:104, 0] = [14, 15, 60, 300]  # input jumps from step 100 ...
+    norms[103, 1:] = 20  # ... the rest follow at 103
+    grad = np.sqrt((norms ** 2).sum(1))
+    e = dg.explosion(np.ones(200), grad, norms, LAYERS)
+    # the global norm (about 2 before) crosses 10x only once input is 60x (step 102)
+    assert e.step == 102 and e.onset == 100 and e.layers == ("input",)
+
+
+def test_non_finite_and_frozen_runs():
+    norms, grad = noisy(100)
+    loss = np.ones(100)
+    loss[70:] = np.nan  # the engine stops recording at the step that broke the run
+    grad[70:] = np.nan
+    norms[70:] = np.nan
+    e = dg.explosion(loss, grad, norms, LAYERS, frozen_at=70)
+    assert (e.step, e.cause, e.loss_after, e.recovered_at) == (70, "non-finite", math.inf, None)
+    assert not e.transient
+    assert set(e.layers) == set(LAYERS)  # every layer's norm is non-finite at once
+    # parameters went non-finite at step 40 while its loss and gradient were still finite
+    _, grad = noisy(100)
+    e = dg.explosion(np.ones(100), grad, noisy(100)[0], LAYERS, frozen_at=40)
+    assert (e.step, e.cause) == (40, "non-finite")
+
+
+def test_no_event_on_stationary_noise_or_slow_growth():
+    norms, grad = noisy(400)
+    assert dg.explosion(np.ones(400), grad, norms, LAYERS) is None
+    growth = np.exp(np.linspace(0, np.log(1e4), 400))  # 10^4 over training, 2.3% a step
+    assert dg.explosion(np.ones(400), grad * growth, norms * growth[:, None], LAYERS) is None
+
+
+def test_vanishing_flags_layers_below_the_thresholds_for_most_steps():
+    norms, _ = noisy(100)
+    norms[:, 1] *= 1e-4  # relative: 1e-4 of the largest layer, always
+    norms[:60, 2] = 5e-8  # absolute, for 60% of steps, then healthy
+    norms[:40, 3] *= 1e-4  # only 40% of steps: not most of training
+    v = dg.vanishing(norms, LAYERS)
+    assert [n for n, _ in v.layers] == ["blocks[0]", "blocks[1]"]
+    assert dict(v.layers)["blocks[1]"] == pytest.approx(0.6)
+    assert v.ratio_init == pytest.approx(norms[0, 0] / norms[0, 3])
+    assert v.ratio_end == pytest.approx(np.median(norms[-10:, 0] / norms[-10:, 3]))
+    healthy = dg.vanishing(noisy(100)[0], LAYERS)
+    assert healthy.layers == () and healthy.steps == 100
+
+
+def test_vanishing_after_an_explosion_is_its_consequence():
+    norms, grad = noisy(200)
+    norms[80:, :2] = 0.0  # dead units after the blow-up at step 80
+    norms[80, 2:] *= 100
+    grad = np.sqrt((norms ** 2).sum(1))
+    loss = np.ones(200)
+    loss[80:] = 5.0
+    diag = dg.diagnose({"loss": loss, "grad_norm": grad, "layer_grad_norm": norms}, LAYERS,
+                       RUN)
+    assert diag.explosion.step == 80 and not diag.explosion.transient
+    assert [n for n, _ in diag.vanishing.layers] == LAYERS[:2]
+    assert diag.vanishing.after_explosion == 80
+    recs = dg.rule_recommendations(diag, {"clip_norm"}, {"he_normal"}, {"residual", "norm"})
+    assert [r.action for r in recs] == ["--method clip_norm", "--lr 0.01"]  # nothing for vanishing
+
+
+RUN = {"task": "digits", "method": "none", "init": "default", "optimizer": "sgd", "seed": 0,
+       "lr": 0.1, "steps": 200, "model": {"name": "mlp", "residual": False, "norm": "none"},
+       "record": None, "run": 0}
+
+
+def test_rules_recommend_what_exists_and_is_not_already_used():
+    norms, _ = noisy(200)
+    norms[:, 1:3] *= 1e-5
+    norms[150, 0] *= 1e4
+    grad = np.sqrt((norms ** 2).sum(1))
+    loss = np.ones(200)
+    loss[150:] = 4.0
+    tel = {"loss": loss, "grad_norm": grad, "layer_grad_norm": norms}
+    diag = dg.diagnose(tel, LAYERS, RUN)
+    assert diag.explosion.step == 150 and diag.vanishing.layers and diag.needs_fix
+    recs = dg.rule_recommendations(diag, {"none", "clip_norm", "agc"}, {"default", "he_normal"},
+                                   {"residual", "norm", "width"})
+    assert [r.action for r in recs] == ["--method clip_norm", "--method agc", "--lr 0.01",
+                                        "--init he_normal", "--set model.residual=true",
+                                        "--set model.norm=layer"]
+    assert all(r.reason for r in recs)
+    used = dg.diagnose(tel, LAYERS, {**RUN, "method": "clip_norm(max_norm=1.0)",
+                                     "init": "he_normal", "model": {"residual": True}})
+    recs = dg.rule_recommendations(used, {"clip_norm", "agc"}, {"he_normal"}, {"residual"})
+    assert [r.action for r in recs] == ["--method agc", "--lr 0.01"]
+    calm = dg.diagnose({**tel, "loss": np.ones(200), "grad_norm": noisy(200)[1],
+                        "layer_grad_norm": noisy(200)[0]}, LAYERS, RUN)
+    assert calm.healthy and dg.rule_recommendations(calm, {"clip_norm"}, {"he_normal"}, set()) == ()
+    assert "nothing to fix" in dg.to_markdown(calm)
+
+
+def test_recommendations_from_a_report_of_the_same_problem(tmp_path):
+    from stabench.leaderboard import board_rows_for, write_report
+    from stabench.store import Store
+
+    from test_report import TABLE, fake_record, table_metrics
+
+    store = Store(tmp_path / "results")
+    for method in TABLE:
+        fake_record(store, method, metrics_fn=table_metrics(method))
+    fake_record(store, "none", overrides={"model.depth": 3}, metrics_fn=table_metrics("none"))
+    write_report(tmp_path / "results", plots=False, warn=lambda m: None)
+
+    spec = make_spec("digits", "none", seeds=1, lrs=(0.1,))
+    rows, where = board_rows_for(tmp_path / "results", spec)
+    assert where == tmp_path / "results" / "leaderboard.csv"
+    assert {r["variant"] for r in rows} == {"digits[depth=1]"} and len(rows) == 3
+    recs = dg.board_recommendations(rows, str(where))
+    # TABLE: clip_norm improves the loss at every lr (most stable), none diverges at lr 10,
+    # clip_value barely trains
+    assert [r.action for r in recs] == [
+        f"--method {m} --init default --optimizer 'sgd(momentum=0.9, nesterov=False)'"
+        for m in ("'clip_norm(max_norm=1.0)'", "none", "'clip_value(limit=1.0)'")]
+    assert recs[0].reason.startswith(f"rank 1 of 3 on digits[depth=1] in {where} (stability 0.86")
+    deep = make_spec("digits", "none", seeds=1, lrs=(0.1,), overrides={"model.depth": 3})
+    assert {r["variant"] for r in board_rows_for(tmp_path / "results", deep)[0]} == {
+        "digits[depth=3]"}
+    other = make_spec("digits", "none", seeds=1, lrs=(0.1,), overrides={"model.width": 8})
+    assert board_rows_for(tmp_path / "results", other) == ([], None)
+    assert board_rows_for(tmp_path / "nothing", spec) == ([], None)
+
+
+# ---- planted faults in real training ---------------------------------------------------------------
+SMALL = {"train.steps": 120, "train.eval_every": 60, "model.width": 16, "model.depth": 3}
+SPIKE = 80
+
+
+def train(method, seeds, lr, data, overrides=SMALL, init="default"):
+    """Train a cell through the runner; returns (spec, arrays, layer names)."""
+    from stabench.runner import train_spec
+
+    spec = make_spec("digits", method, init, seeds=seeds, lrs=(lr,), overrides=overrides)
+    body, arrays = train_spec(spec, data)
+    return spec, arrays, body["layer_names"]
+
+
+def diagnoses(spec, arrays, names, data=None, **kw):
+    from stabench.runner import diagnose_run
+
+    return [diagnose_run(spec, arrays, names, k, data, **kw) for k in range(len(spec.runs))]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layer", ["input", "blocks[1]"])
+def test_planted_gradient_spike_is_found_at_its_step_in_its_layer(digits_data, layer):
+    spec, arrays, names = train(f"inject_spike(step={SPIKE}, factor=100.0, layer='{layer}')", 3,
+                                0.05, digits_data)
+    assert names == ["input", "blocks[0]", "blocks[1]", "blocks[2]", "head"]
+    for diag in diagnoses(spec, arrays, names):
+        e = diag.explosion
+        assert e is not None and SPIKE <= e.step <= SPIKE + 5, e
+        assert e.layers[0] == layer and e.layer_ratios[0][0] == layer
+
+
+@pytest.mark.slow
+def test_planted_learning_rate_spike_is_found_within_5_steps(digits_data):
+    spec, arrays, names = train(f"inject_lr_spike(step={SPIKE}, factor=100.0)", 3, 0.05,
+                                digits_data)
+    for diag, k in zip(diagnoses(spec, arrays, names), range(3)):
+        e = diag.explosion
+        assert e is not None and SPIKE < e.step <= SPIKE + 5, e
+        # nothing unusual before the spike reached the parameters
+        assert np.nanmax(dg.jump_ratios(arrays["grad_norm"][k])[:SPIKE + 1]) < dg.EXPLODE_FACTOR
+        assert e.loss_after > e.loss_before
+
+
+@pytest.mark.slow
+def test_healthy_digits_run_with_clipping_reports_no_event_over_5_seeds(digits_data):
+    spec, arrays, names = train("clip_norm(max_norm=1.0)", 5, 0.1, digits_data, overrides={})
+    assert spec.train["steps"] == 500
+    for diag in diagnoses(spec, arrays, names):
+        assert diag.healthy, dg.summary(diag)
+        assert "healthy" in dg.summary(diag)
+
+
+DEEP = {"train.steps": 60, "train.eval_every": 60, "model.width": 16, "model.depth": 30,
+        "model.activation": "tanh"}
+
+
+@pytest.mark.slow
+def test_deep_tanh_with_small_init_vanishes_and_its_residual_he_twin_does_not(digits_data):
+    spec, arrays, names = train("none", 1, 0.1, digits_data, DEEP, init="normal(std=0.01)")
+    small, = diagnoses(spec, arrays, names, data=digits_data)
+    assert len(names) == 32
+    # Each layer back from the head multiplies the backward signal by about 0.01 * sqrt(16), so
+    # the last two hidden layers' norms (their biases) stay above 1e-3 of the head's; all the
+    # others vanish.
+    flagged = {n for n, _ in small.vanishing.layers}
+    assert {"input"} | {f"blocks[{i}]" for i in range(28)} <= flagged and "head" not in flagged
+    assert small.vanishing.ratio_init < 1e-3 and small.needs_fix
+    std = np.array(small.signal.activation_std)
+    assert std[-2] < 1e-6 * std[0]  # the signal is gone before the head
+    assert "--init he_normal" in [r.action for r in small.recommendations]
+
+    spec, arrays, names = train("none", 1, 0.1, digits_data,
+                                {**DEEP, "model.residual": True}, init="he_normal")
+    twin, = diagnoses(spec, arrays, names, data=digits_data)
+    assert twin.vanishing.layers == () and twin.explosion is None and twin.divergence is None
+    std = np.array(twin.signal.activation_std)
+    assert np.all((std > 0.1) & (std < 100))
+    assert 1e-2 < twin.vanishing.ratio_init < 1e2
+
+
+# ---- the command: train, store, report; read the record back ----------------------------------------
+def cli(capsys, *args):
+    from stabench.cli import main
+
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_diagnose_command_report_and_figure_then_the_same_report_from_the_record(tmp_path, capsys):
+    out = tmp_path / "runs"
+    method = f"inject_spike(step={SPIKE}, layer='blocks[1]')"
+    proc = run_cli("diagnose", "--task", "digits", "--method", method, "--lr", "0.05",
+                   *[f"--set={k}={v}" for k, v in SMALL.items()], "--out", out,
+                   "--results", tmp_path / "no-results")
+    assert proc.returncode == 0, proc.stderr
+    record, = out.rglob("*.json")
+    report = record.with_name(f"{record.stem}.run0.diagnosis.md")
+    figure = report.with_suffix(".png")
+    trained = report.read_text()
+    assert proc.stdout.strip() == trained.strip()
+    assert f"at step {SPIKE} (grad norm" in trained and "starting in blocks[1]" in trained
+    assert f"![per-layer gradient norms and loss]({figure.name})" in trained
+    assert "| blocks[2] |" in trained and "| - |" not in trained  # activation stds present
+    png = figure.read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+
+    code, _, err = cli(capsys, "diagnose", record, "--report", tmp_path / "again",
+                       "--results", tmp_path / "no-results")
+    assert code == 0, err
+    assert (tmp_path / "again" / report.name).read_text() == trained
+    assert (tmp_path / "again" / figure.name).read_bytes()[:8] == png[:8]
+
+
+@pytest.mark.parametrize("args, expected", [
+    ((), "give a record path (diagnose RECORD) or a task to train (--task NAME)"),
+    (("nope.json",), "nope.json: unreadable record"),
+    (("--task", "digits", "--lr", "0.1,1"), "--lr takes one learning rate"),
+    (("--task", "digits", "--seed", "-1"), "--seed must be >= 0"),
+    (("--task", "digits", "--method", "inject_spike(layer='a[b')"), "unbalanced brackets"),
+    (("--task", "digits", "--method", "inject_spike(layer='x[y]')"), "is not a layer name"),
+    (("--task", "digits", "--method", "inject_spike(factor=0)"), "factor positive"),
+])
+def test_bad_input_exits_2_with_one_line(tmp_path, capsys, args, expected):
+    code, out, err = cli(capsys, "diagnose", *args, "--out", tmp_path / "out")
+    assert code == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], err
+    assert not (tmp_path / "out").exists()
