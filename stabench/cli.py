@@ -148,13 +148,14 @@ def _sweep_from_args(args):
 
 
 def cmd_sweep(args) -> int:
-    from .executor import Progress, cell_label, make_executor, run_sweep
+    from .executor import Progress, cell_label, make_sweep_executor, run_sweep
     from .store import Store
     from .sweep import parse_shard, shard
 
     if args.workers is not None and args.workers <= 0:
         raise UserError(f"--workers must be positive, got {args.workers}")
     part = parse_shard(args.shard) if args.shard else None
+    executor = make_sweep_executor(args.executor, args.workers, args.address, args.data_dir)
     spec, out = _sweep_from_args(args)
     cells = spec.cells()
     if part:
@@ -168,7 +169,7 @@ def cmd_sweep(args) -> int:
         print(f"{len(cells)} cells; results in {out}")
         return 0
     try:
-        summary = run_sweep(cells, out, make_executor(args.workers, args.data_dir), Progress())
+        summary = run_sweep(cells, out, executor, Progress())
     except KeyboardInterrupt:
         print(f"interrupted: finished cells are stored in {out} (cells in flight are not); run "
               f"the same command again to resume", file=sys.stderr)
@@ -374,7 +375,13 @@ def build_parser() -> ArgumentParser:
     sweep.add_argument("--shard", default=None, metavar="I/N",
                        help="run only shard I of N (1-based) of the cells")
     sweep.add_argument("--workers", type=int, default=None,
-                       help="worker processes, each pinned to a core (default: one per core)")
+                       help="worker processes, each pinned to a core (default: one per core); "
+                            "with --executor ray and no --address, the local Ray's CPUs")
+    sweep.add_argument("--executor", choices=["local", "ray"], default="local",
+                       help="local worker processes (default), or each cell a Ray task "
+                            "(pip install 'stabench[scale]')")
+    sweep.add_argument("--address", default=None, metavar="auto|HOST:PORT",
+                       help="Ray cluster to join (default: start a local Ray instance)")
     sweep.add_argument("--fake-data", action="store_true")
     sweep.add_argument("--data-dir", default=None, help="TFDS data directory")
     sweep.add_argument("--out", default=None,

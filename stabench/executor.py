@@ -3,7 +3,8 @@
 An executor takes cells (RunSpecs) and a results directory and yields one `Outcome` per cell as
 cells finish; records are written only through `Store.save` (atomic), so a sweep killed at any
 instant loses at most its cells in flight. `run_sweep` skips cells already stored (resume) and
-counts what happened. Another engine (a cluster scheduler) plugs in by implementing `Executor`.
+counts what happened. Another engine plugs in by implementing `Executor`: `RayExecutor` runs each
+cell as a Ray task on a cluster.
 
 On a CPU host one process leaves cores idle at these model sizes (DESIGN section 3), so the local
 executor runs one worker process per core, each pinned to its core before JAX starts (XLA then
@@ -16,14 +17,19 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
+import shutil
 import signal
+import socket
 import sys
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator, Protocol, Sequence
 
 from .config import RunSpec, task_of
+from .registry import UserError
 from .store import Store
 
 
@@ -44,7 +50,7 @@ class Listener(Protocol):
 
 
 class Executor(Protocol):
-    slots: int  # cells trained at once
+    slots: int  # cells trained at once, one progress bar each (0: the executor places cells itself)
 
     def run(self, cells: Sequence[RunSpec], out: str,
             listener: Listener | None = None) -> Iterator[Outcome]: ...
@@ -229,6 +235,130 @@ class LocalExecutor:
 def make_executor(workers: int | None, data_dir: str | None = None) -> Executor:
     workers = default_workers() if workers is None else workers
     return SerialExecutor(data_dir) if workers == 1 else LocalExecutor(workers, data_dir)
+
+
+# ---- Ray: each cell a task on a cluster -----------------------------------------------------------
+RAY_RETRIES = 3
+_RAY_WORKER: dict = {}  # per Ray worker process: its DataCache, kept across the cells it trains
+
+
+def _ray_cell(index: int, spec: RunSpec, out: str, data_dir: str | None) -> Outcome:
+    """A Ray task: train and store one cell in this worker process."""
+    if "data" not in _RAY_WORKER or _RAY_WORKER["data"].data_dir != data_dir:
+        from .runner import enable_compilation_cache
+
+        enable_compilation_cache()
+        _RAY_WORKER["data"] = DataCache(data_dir)
+    return train_one(index, spec, Store(out), _RAY_WORKER["data"], None)
+
+
+def _check_reachable(address: str) -> None:
+    """Fail at once on a HOST:PORT nobody listens on (Ray itself retries for minutes)."""
+    host, colon, port = address.rpartition(":")
+    if address == "auto" or "://" in address:
+        return
+    if not colon or not host or not port.isdigit():
+        raise UserError(f"--address must be auto, HOST:PORT or ray://HOST:PORT, got '{address}'")
+    try:
+        socket.create_connection((host, int(port)), timeout=10).close()
+    except OSError as err:
+        raise UserError(f"cannot connect to the Ray cluster at '{address}': "
+                        f"{err.strerror or type(err).__name__}") from None
+
+
+class RayExecutor:
+    """Each cell a Ray task: one per GPU where the cluster has GPUs, else one per CPU.
+
+    `address` ("auto", HOST:PORT or ray://HOST:PORT) joins an existing cluster, whose nodes must
+    have stabench installed and see `out` at the same path (a shared file system): tasks write
+    their records there through the store's atomic protocol. Without an address a local Ray
+    instance is started for the sweep (`cpus` CPUs, default: every usable core) and runs this
+    process's stabench. Ray retries a task whose worker process or node died (`retries` times);
+    a cell that raises is not retried (training is deterministic) but reported, like locally.
+    """
+
+    slots = 0  # Ray places cells: progress is counted per finished cell
+
+    def __init__(self, address: str | None = None, data_dir: str | None = None,
+                 cpus: int | None = None, retries: int = RAY_RETRIES):
+        if address is not None:
+            _check_reachable(address)
+        self.address, self.data_dir, self.cpus, self.retries = address, data_dir, cpus, retries
+
+    def _connect(self) -> str | None:
+        """Join the cluster or start a local instance (returning its temp dir); Ray already
+        initialized in this process (a library user's own ray.init) is used as it is."""
+        import ray
+
+        if ray.is_initialized():
+            return None
+        quiet = {"log_to_driver": False, "logging_level": "warning"}
+        if self.address:
+            try:
+                ray.init(address=self.address, **quiet)
+            except (ConnectionError, ValueError, RuntimeError) as err:
+                raise UserError(f"cannot connect to the Ray cluster at '{self.address}': "
+                                f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
+                                ) from None
+            return None
+        temp = tempfile.mkdtemp(prefix="stabench-ray-")
+        # Workers import the stabench this process runs, wherever it was imported from.
+        package_root = str(Path(__file__).resolve().parent.parent)
+        path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
+        ray.init(num_cpus=self.cpus or len(usable_cores()), _temp_dir=temp,
+                 include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": path}}, **quiet)
+        return temp
+
+    def run(self, cells, out, listener=None):
+        import ray
+
+        if not cells:
+            return
+        temp = self._connect()
+        pending: dict = {}
+        try:
+            gpus = ray.cluster_resources().get("GPU", 0)
+            # A GPU task's worker is not reused (Ray's default): JAX keeps the GPU it started on.
+            task = ray.remote(num_gpus=1 if gpus else 0, num_cpus=1, max_retries=self.retries,
+                              retry_exceptions=False)(_ray_cell)
+            out = os.path.abspath(out)
+            t0 = time.perf_counter()
+            pending = {task.remote(index, spec, out, self.data_dir): index
+                       for index, spec in enumerate(cells)}
+            while pending:
+                done, _ = ray.wait(list(pending), num_returns=1)
+                index = pending.pop(done[0])
+                try:
+                    outcome = ray.get(done[0])
+                except ray.exceptions.RayError as err:  # retries exhausted: worker or node lost
+                    message = str(err).strip().splitlines()
+                    outcome = Outcome(index, None, len(cells[index].runs), 0,
+                                      time.perf_counter() - t0,
+                                      f"{type(err).__name__}: {message[0] if message else ''}")
+                yield outcome
+        finally:
+            for ref in pending:  # interrupted: cells in flight are not written
+                ray.cancel(ref, force=True)
+            if temp is not None:
+                ray.shutdown()
+                shutil.rmtree(temp, ignore_errors=True)
+
+
+def make_sweep_executor(kind: str, workers: int | None, address: str | None,
+                        data_dir: str | None = None) -> Executor:
+    """The executor a sweep command asks for: local worker processes, or Ray."""
+    if kind == "local":
+        if address is not None:
+            raise UserError("--address needs --executor ray")
+        return make_executor(workers, data_dir)
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        raise UserError("--executor ray needs Ray: pip install 'stabench[scale]'") from None
+    if workers is not None and address is not None:
+        raise UserError("--workers sets the CPUs of a local Ray instance; a cluster at --address "
+                        "has its own")
+    return RayExecutor(address, data_dir, cpus=workers)
 
 
 # ---- a sweep: resume, run, count ------------------------------------------------------------------

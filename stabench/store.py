@@ -47,7 +47,8 @@ class Record:
 
 
 def atomic_write(path: Path, payload: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # host and pid: writers on several hosts may share the directory (a cluster's file system)
+    tmp = path.with_name(f".{path.name}.{platform.node()}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
         f.write(payload)
         f.flush()

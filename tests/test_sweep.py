@@ -15,7 +15,7 @@ import pytest
 from stabench import sweep as sw
 from stabench.registry import UserError
 
-from conftest import ROOT
+from conftest import ROOT, report_tables
 
 
 def cells_of(methods=("none",), inits=("default",), tasks=("digits",), search="grid", **kw):
@@ -182,29 +182,13 @@ def run_sweep_cli(*args, **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
-TINY_SUITE = '''
-description = "four tiny digits cells"
-methods = ["none", "clip_norm(max_norm=0.5)"]
-inits = ["default", "he_normal"]
-seeds = 2
-lrs = [0.1, 3.0]
-tasks = [{name = "digits", set = {"train.steps" = 30, "train.eval_every" = 15}}]
-'''
-
-
 @pytest.mark.slow
-def test_killed_sweep_resumes_to_the_uninterrupted_report(tmp_path):
+def test_killed_sweep_resumes_to_the_uninterrupted_report(tmp_path, tiny_suite):
     """Two workers; the sweep is killed (SIGKILL to its process group) once its first record
     exists, one stored record is then torn by hand, and the same command finishes the rest: the
     leaderboards equal those of an uninterrupted sweep. Merging shards of it gives them too."""
-    suite = tmp_path / "tiny.toml"
-    suite.write_text(TINY_SUITE)
-    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    proc = run_sweep_cli("--suite", suite, "--workers", "2", "--out", whole)
-    out, err = proc.communicate(timeout=600)
-    assert proc.returncode == 0, err
-    assert "4 cells: 4 trained, 0 skipped" in out
-
+    suite, whole = tiny_suite
+    resumed = tmp_path / "resumed"
     proc = run_sweep_cli("--suite", suite, "--workers", "2", "--out", resumed,
                          start_new_session=True)
     deadline = time.time() + 300
@@ -221,7 +205,6 @@ def test_killed_sweep_resumes_to_the_uninterrupted_report(tmp_path):
     assert proc.returncode == 0, err
     assert f"4 cells: {5 - len(stored)} trained, {len(stored) - 1} skipped" in out
 
-    from stabench.leaderboard import write_report
     from stabench.store import merge
 
     # shards of the uninterrupted sweep, merged, are the same records again
@@ -235,14 +218,8 @@ def test_killed_sweep_resumes_to_the_uninterrupted_report(tmp_path):
     assert merge(merged, halves) == (4, 0, [])
     assert merge(merged, halves) == (0, 4, [])
 
-    reports = {}
-    for name, directory in (("whole", whole), ("resumed", resumed), ("merged", merged)):
-        markdown = write_report(directory, tmp_path / f"report-{name}", plots=False,
-                                warn=pytest.fail)
-        tables = markdown.split("## Provenance")[0]
-        csv = (tmp_path / f"report-{name}" / "leaderboard.csv").read_text()
-        overall = (tmp_path / f"report-{name}" / "overall.csv").read_text()
-        reports[name] = (tables, csv, overall)
+    reports = {name: report_tables(directory, tmp_path / f"report-{name}")
+               for name, directory in (("whole", whole), ("resumed", resumed), ("merged", merged))}
     assert reports["resumed"] == reports["whole"]
     assert reports["merged"] == reports["whole"]
     assert "4 cells, 16 runs, 1 task variant." in reports["whole"][0]
