@@ -66,6 +66,7 @@ def test_ray_sweep_gives_the_local_report_and_resumes(tmp_path, tiny_suite, ray_
 
 @needs_ray
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")  # ray.init's fork+exec of its servers
 def test_ray_retries_a_cell_whose_worker_died(tmp_path, ray_local):
     ray = ray_local
     from stabench.executor import RayExecutor, run_sweep
