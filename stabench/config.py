@@ -115,21 +115,48 @@ def task_of(spec: RunSpec) -> TaskSpec:
 
 
 def build_cell(spec: RunSpec, source: Source):
-    """The engine's Cell for a spec: model builder with the init, method, optimizer, loss."""
+    """The engine's Cell for a spec: model builder with the init, the update (methods and
+    optimizer), loss. The model is built abstractly here, so an init that needs structure the
+    model lacks fails now with a UserError."""
+    from flax import nnx
+
     from .train import Cell
 
     task = task_of(spec)
-    build_model = MODELS.get(task.component("model"))
     init = INITS.get(spec.init)
+    model_spec = task.component("model")
+    if init.model_args:
+        needs = ", ".join(f"{k}={v!r}" for k, v in init.model_args)
+        try:
+            model_spec = with_overrides(task, {f"model.{k}": v for k, v in init.model_args}
+                                        ).component("model")
+            build_model = MODELS.get(model_spec)
+        except UserError as err:
+            raise UserError(f"init '{spec.init}' needs a model built with {needs}: {err}") from None
+    else:
+        build_model = MODELS.get(model_spec)
     meta = source.meta
+
+    def make(rngs):
+        return build_model(meta, init.kernel_init, rngs)
+
+    try:
+        abstract = nnx.eval_shape(lambda: make(nnx.Rngs(0)))
+    except ValueError as err:  # an initializer that does not fit a layer's shape
+        raise UserError(f"init '{spec.init}' on model '{model_spec}': {err}") from None
+    if init.check is not None:
+        init.check(abstract)
     train = spec.train
+    transform = methods.transform(methods.resolve(spec.method), OPTIMIZERS.get(spec.optimizer),
+                                  train["steps"], abstract.layer_order,
+                                  getattr(abstract, "stacked_layers", ()))
     return Cell(
-        build_model=lambda rngs: build_model(meta, init.kernel_init, rngs),
-        method=methods.build(methods.resolve(spec.method)),
+        build_model=make,
+        transform=transform,
         fault=methods.build_fault(methods.resolve(spec.method)),
-        optimizer=OPTIMIZERS.get(spec.optimizer),
         loss=spec.task_config["loss"],
         steps=train["steps"],
         batch_size=train["batch_size"],
         eval_every=train["eval_every"],
+        after_init=init.after,
     )

@@ -1,41 +1,142 @@
-"""Method registry: stabilization techniques as optax gradient transformations.
+"""Method registry: stabilization techniques as optax transformations, each placed by its stage.
 
-A method string composes registered methods with '+', applied in the written order to the gradient
-before the optimizer: `warmup(steps=200)+clip_norm(max_norm=1)`.
+A method string composes registered methods with '+': `warmup(steps=200)+clip_norm(max_norm=1)`.
+Each entry's `stage` says where it acts in a training step:
+
+- "pre": on the gradient, before the optimizer (clipping, centralization, gradient noise, LARS's
+  trust ratio), in the written order. The engine reports the gradient norm after these
+  (`grad_norm_post`, what the optimizer sees) and whether they changed the gradient (`changed`).
+- "direction": on the optimizer's step direction, before the learning rate scales it (LAMB's
+  trust ratio, decoupled weight decay), in the written order.
+- "post": multiplies the final update like a learning-rate multiplier (warmup, schedules);
+  scaling the gradient instead would do nothing under Adam.
+- "wrap": wraps the whole update (skipping steps, accumulating gradients); the first written is
+  the outermost.
+- "fault": plants an error in the computed gradient before the engine records it (fault injection
+  for testing detectors, not a stabilizer): `build_fault`.
+
+A factory returns a transformation, or a function of the run's `Context` that returns one, for
+methods that need the number of optimizer updates, the run's own random key or the model's layers.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 import re
+from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from .optimizers import Optimizer
 from .registry import Call, Registry, UserError, split_plus
 
 METHODS = Registry("method")
+STAGES = ("fault", "pre", "direction", "post", "wrap")
 
 
-@METHODS.register("none", help="no stabilization: the optimizer sees the raw gradient")
-def none() -> optax.GradientTransformation:
-    return optax.identity()
+@dataclass(frozen=True)
+class Context:
+    """What a method may need beyond its arguments, known once a run is built."""
+
+    steps: int  # optimizer updates in the run (training steps over gradient accumulation)
+    key: jax.Array  # the run's own random key
+    layer_order: tuple[str, ...] = ()  # the model's top-level parts in depth order
+    stacked: tuple[str, ...] = ()  # parts holding one layer per index of a leading axis
 
 
-@METHODS.register("clip_norm", help="rescale the gradient so its global L2 norm is <= max_norm",
-                  ref="Pascanu et al. 2013")
-def clip_norm(max_norm: float = 1.0) -> optax.GradientTransformation:
-    if max_norm <= 0:
-        raise ValueError("max_norm must be positive")
-    return optax.clip_by_global_norm(max_norm)
+@dataclass(frozen=True)
+class Wrap:
+    """A method that wraps the whole update: `wrap(inner)` is the wrapping transformation."""
+
+    wrap: Callable[[optax.GradientTransformation], optax.GradientTransformation]
+    inner: Callable[[Any], Any]  # this wrapper's state -> the wrapped update's state
+    holds: Callable[[Any, Any], jax.Array] | None = None  # (old, new) state: took a micro-step
+    every: int = 1  # training steps per optimizer update
 
 
-@METHODS.register("clip_value", help="clip every gradient element to [-limit, limit]",
-                  ref="Mikolov 2012")
-def clip_value(limit: float = 1.0) -> optax.GradientTransformation:
-    if limit <= 0:
-        raise ValueError("limit must be positive")
-    return optax.clip(limit)
+class Observation(NamedTuple):
+    ran: jax.Array  # the optimizer took an update this step
+    seen_norm: jax.Array  # global norm of the gradient it saw (after the "pre" methods)
+    changed: jax.Array  # the "pre" methods changed the gradient
+    skipped: jax.Array  # a wrapper dropped this step (parameters and model state unchanged)
+
+
+class ObservedState(NamedTuple):
+    inner: Any
+    count: jax.Array
+    seen_norm: jax.Array
+    changed: jax.Array
+
+
+def any_changed(a, b) -> jax.Array:
+    """Whether any element differs (NaN in both counts as unchanged)."""
+    def differs(x, y):
+        return jnp.any((x != y) & ~(jnp.isnan(x) & jnp.isnan(y)))
+
+    return jnp.any(jnp.stack([differs(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))]))
+
+
+def _observed(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+    """The "pre" methods, recording in their state what the optimizer saw on its last update."""
+    inner = optax.with_extra_args_support(inner)
+
+    def init(params):
+        return ObservedState(inner.init(params), jnp.zeros([], jnp.int32), jnp.zeros([]),
+                             jnp.zeros([], bool))
+
+    def update(updates, state, params=None, **extra):
+        out, inner_state = inner.update(updates, state.inner, params, **extra)
+        return out, ObservedState(inner_state, state.count + 1, optax.tree.norm(out),
+                                  any_changed(updates, out))
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+@dataclass(frozen=True)
+class CellTransform:
+    """A cell's whole update: wrappers around (pre methods, the optimizer's direction, direction
+    methods, learning rate, the optimizer's line search, post multipliers)."""
+
+    stages: dict[str, tuple]  # stage -> built methods in the written order
+    optimizer: Optimizer
+    steps: int  # training steps of a run
+    layer_order: tuple[str, ...] = ()
+    stacked: tuple[str, ...] = ()
+
+    @property
+    def needs_value(self) -> bool:
+        return self.optimizer.needs_value
+
+    @property
+    def updates(self) -> int:
+        """Optimizer updates in a run: training steps over the accumulated micro-steps."""
+        return self.steps // math.prod(w.every for w in self.stages["wrap"])
+
+    def build(self, lr, key: jax.Array) -> optax.GradientTransformationExtraArgs:
+        ctx = Context(self.updates, key, self.layer_order, self.stacked)
+        made = {stage: [m(ctx) if callable(m) else m for m in self.stages[stage]]
+                for stage in ("pre", "direction", "post")}
+        pre = optax.chain(*made["pre"]) if made["pre"] else optax.identity()
+        tx = optax.chain(_observed(pre), self.optimizer.direction,
+                         *made["direction"], optax.scale_by_learning_rate(lr),
+                         self.optimizer.after_lr, *made["post"])
+        for wrapper in reversed(self.stages["wrap"]):
+            tx = wrapper.wrap(tx)
+        return tx
+
+    def observe(self, old, new) -> Observation:
+        """What the optimizer saw this step, from the update's state before and after it."""
+        held = jnp.array(False)
+        for wrapper in self.stages["wrap"]:
+            if wrapper.holds is not None:
+                held = held | wrapper.holds(old, new)
+            old, new = wrapper.inner(old), wrapper.inner(new)
+        ran = new[0].count != old[0].count
+        return Observation(ran, new[0].seen_norm, new[0].changed, ~ran & ~held)
 
 
 def resolve(spec: str) -> tuple[Call, ...]:
@@ -47,14 +148,292 @@ def canonical(calls: tuple[Call, ...]) -> str:
     return "+".join(str(c) for c in calls)
 
 
-def build(calls: tuple[Call, ...]) -> optax.GradientTransformation:
-    """The gradient transformation the methods apply, in order, before the optimizer."""
-    built = [METHODS.build(c) for c in calls if not _is_fault(c)]
-    return optax.chain(*built) if built else optax.identity()
+def transform(calls: tuple[Call, ...], optimizer: Optimizer, steps: int,
+              layer_order: tuple[str, ...] = (), stacked: tuple[str, ...] = ()) -> CellTransform:
+    """The cell's update from its methods (each factory checks its arguments now) and optimizer."""
+    stages: dict[str, list] = {s: [] for s in STAGES if s != "fault"}
+    for call in calls:
+        if not _is_fault(call):  # faults act on the computed gradient: see build_fault
+            stages[METHODS.entry(call.name).meta["stage"]].append(METHODS.build(call))
+    return CellTransform({s: tuple(v) for s, v in stages.items()}, optimizer, steps,
+                         tuple(layer_order), tuple(stacked))
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+def _part(path) -> str:
+    """The top-level part a parameter path belongs to."""
+    head = path[0]
+    return str(getattr(head, "key", getattr(head, "name", getattr(head, "idx", head))))
+
+
+def _per_layer(tx: optax.GradientTransformation, stacked: tuple[str, ...]):
+    """A stateless transformation applied to each parameter on its own, and to each layer of a
+    stacked part on its own (a stacked leaf holds all its part's layers along the leading axis)."""
+    def update(updates, state, params=None):
+        if params is None:
+            raise ValueError(optax.NO_PARAMS_MSG)
+
+        def one(path, u, p):
+            def apply(u, p):
+                return tx.update(u, tx.init(p), p)[0]
+
+            return jax.vmap(apply)(u, p) if _part(path) in stacked else apply(u, p)
+
+        return jax.tree_util.tree_map_with_path(one, updates, params), state
+
+    return optax.GradientTransformation(optax.init_empty_state, update)
+
+
+def _positive(**values) -> None:
+    for name, value in values.items():
+        if not value > 0:
+            raise ValueError(f"{name} must be positive")
+
+
+# ---- gradient methods ("pre") ----------------------------------------------------------------
+@METHODS.register("none", help="no stabilization: the optimizer sees the raw gradient", stage="pre")
+def none() -> optax.GradientTransformation:
+    return optax.identity()
+
+
+@METHODS.register("clip_norm", help="rescale the gradient so its global L2 norm is <= max_norm",
+                  ref="Pascanu et al. 2013", stage="pre")
+def clip_norm(max_norm: float = 1.0) -> optax.GradientTransformation:
+    _positive(max_norm=max_norm)
+    return optax.clip_by_global_norm(max_norm)
+
+
+@METHODS.register("clip_value", help="clip every gradient element to [-limit, limit]",
+                  ref="Mikolov 2012 (PhD thesis)", stage="pre")
+def clip_value(limit: float = 1.0) -> optax.GradientTransformation:
+    _positive(limit=limit)
+    return optax.clip(limit)
+
+
+@METHODS.register("clip_block_rms", help="rescale each layer's gradient so its RMS is <= threshold",
+                  ref="Shazeer & Stern 2018 (Adafactor update clipping)", stage="pre")
+def clip_block_rms(threshold: float = 1.0):
+    _positive(threshold=threshold)
+    return lambda ctx: _per_layer(optax.clip_by_block_rms(threshold), ctx.stacked)
+
+
+@METHODS.register("agc", help="adaptive gradient clipping: each unit's ||G|| <= clip * "
+                  "max(||W||, eps); the final layer is not clipped",
+                  ref="Brock et al. 2021 (NFNets)", stage="pre")
+def agc(clip: float = 0.01, eps: float = 1e-3):
+    _positive(clip=clip, eps=eps)
+
+    def make(ctx: Context):
+        final = ctx.layer_order[-1] if ctx.layer_order else None
+
+        def not_final(tree):
+            return jax.tree_util.tree_map_with_path(lambda path, _: _part(path) != final, tree)
+
+        return optax.masked(_per_layer(optax.adaptive_grad_clip(clip, eps), ctx.stacked), not_final)
+
+    return make
+
+
+class AutoClipState(NamedTuple):
+    history: jax.Array  # the last `size` gradient norms (a ring buffer)
+    count: jax.Array
+
+
+def masked_percentile(values: jax.Array, n: jax.Array, q: float) -> jax.Array:
+    """numpy's default (linear) percentile q of values[:n]."""
+    s = jnp.sort(jnp.where(jnp.arange(values.shape[0]) < n, values, jnp.inf))
+    pos = q / 100.0 * (n - 1).astype(jnp.float32)
+    lo = jnp.floor(pos).astype(jnp.int32)
+    hi = jnp.minimum(lo + 1, n - 1)
+    return s[lo] + (pos - lo) * (s[hi] - s[lo])
+
+
+@METHODS.register("autoclip", help="clip the global norm to the given percentile of the recent "
+                  "gradient norms (the current one included; a window of `history` steps)",
+                  ref="Seetharaman et al. 2020", stage="pre")
+def autoclip(percentile: float = 10.0, history: int = 1000) -> optax.GradientTransformation:
+    if not 0.0 < percentile <= 100.0:
+        raise ValueError("percentile must lie in (0, 100]")
+    _positive(history=history)
+
+    def init(params):
+        return AutoClipState(jnp.zeros([history], jnp.float32), jnp.zeros([], jnp.int32))
+
+    def update(updates, state, params=None):
+        norm = optax.tree.norm(updates)
+        recorded = state.history.at[state.count % history].set(norm)
+        threshold = masked_percentile(recorded, jnp.minimum(state.count + 1, history), percentile)
+        clipped, _ = optax.clip_by_global_norm(threshold).update(updates, optax.EmptyState())
+        return clipped, AutoClipState(recorded, state.count + 1)
+
+    return optax.GradientTransformation(init, update)
+
+
+class ZClipState(NamedTuple):
+    count: jax.Array
+    mean: jax.Array  # of the (clipped) gradient norm: exact over the warm-up, then an EMA
+    var: jax.Array
+
+
+@METHODS.register("zclip", help="clip a gradient norm whose z-score against an EMA of its mean "
+                  "and variance exceeds z, to mean + z^2 std / z-score (statistics from the first "
+                  "`warmup` steps, unclipped)",
+                  ref="Kumar et al. 2025 (ZClip)", stage="pre")
+def zclip(z: float = 2.5, alpha: float = 0.97, warmup: int = 25,
+          eps: float = 1e-6) -> optax.GradientTransformation:
+    _positive(z=z, warmup=warmup, eps=eps)
+    if not 0.0 < alpha < 1.0:
+        raise ValueError("alpha must lie in (0, 1)")
+
+    def init(params):
+        return ZClipState(jnp.zeros([], jnp.int32), jnp.zeros([]), jnp.zeros([]))
+
+    def update(updates, state, params=None):
+        norm = optax.tree.norm(updates)
+        # warm-up: running mean and population variance of the raw norms (Welford)
+        n = (state.count + 1).astype(jnp.float32)
+        warm_mean = state.mean + (norm - state.mean) / n
+        warm_var = (state.var * state.count + (norm - state.mean) * (norm - warm_mean)) / n
+        std = jnp.sqrt(state.var)
+        score = (norm - state.mean) / (std + eps)
+        spike = (state.count >= warmup) & (score > z)
+        effective = jnp.where(spike, state.mean + z * z * std / score, norm)
+        clipped, _ = optax.clip_by_global_norm(effective).update(updates, optax.EmptyState())
+        ema_mean = alpha * state.mean + (1 - alpha) * effective
+        ema_var = alpha * state.var + (1 - alpha) * jnp.square(effective - ema_mean)
+        warming = state.count < warmup
+        return (jax.tree.map(lambda c, u: jnp.where(spike, c, u), clipped, updates),
+                ZClipState(state.count + 1, jnp.where(warming, warm_mean, ema_mean),
+                           jnp.where(warming, warm_var, ema_var)))
+
+    return optax.GradientTransformation(init, update)
+
+
+@METHODS.register("lars", help="layer-wise trust ratio on the gradient before the optimizer: "
+                  "each layer's gradient rescaled to norm trust * ||W|| (LARS with sgd+momentum)",
+                  ref="You et al. 2017", stage="pre")
+def lars(trust: float = 0.001):
+    _positive(trust=trust)
+    return lambda ctx: _per_layer(optax.scale_by_trust_ratio(trust_coefficient=trust), ctx.stacked)
+
+
+def _centralize(updates, state, params=None):
+    def one(u):
+        # Flax kernels are (..., fan_in, fan_out): each output unit's weights span all but the last axis
+        return u - u.mean(tuple(range(u.ndim - 1)), keepdims=True) if u.ndim > 1 else u
+
+    return jax.tree.map(one, updates), state
+
+
+@METHODS.register("centralize", help="gradient centralization: subtract from each output unit's "
+                  "weight gradient its mean (weight matrices and conv kernels only)",
+                  ref="Yong et al. 2020", stage="pre")
+def centralize():
+    tx = optax.GradientTransformation(optax.init_empty_state, _centralize)
+    return lambda ctx: _per_layer(tx, ctx.stacked)
+
+
+@METHODS.register("grad_noise", help="add Gaussian noise of variance eta / (1 + t)^gamma to the "
+                  "gradient (t = update count, a random key per run)",
+                  ref="Neelakantan et al. 2015", stage="pre")
+def grad_noise(eta: float = 0.01, gamma: float = 0.55):
+    _positive(eta=eta)
+    if gamma < 0:
+        raise ValueError("gamma must be >= 0")
+    return lambda ctx: optax.add_noise(eta, gamma, ctx.key)
+
+
+# ---- on the optimizer's direction ("direction") ----------------------------------------------
+@METHODS.register("lamb", help="layer-wise trust ratio on the optimizer's direction before the "
+                  "learning rate: each layer's step rescaled to norm trust * ||W|| (LAMB with adam)",
+                  ref="You et al. 2020", stage="direction")
+def lamb(trust: float = 1.0):
+    _positive(trust=trust)
+    return lambda ctx: _per_layer(optax.scale_by_trust_ratio(trust_coefficient=trust), ctx.stacked)
+
+
+@METHODS.register("weight_decay", help="decoupled weight decay: add wd * W to the optimizer's "
+                  "direction, scaled by the learning rate (adam + weight_decay = adamw)",
+                  ref="Loshchilov & Hutter 2019", stage="direction")
+def weight_decay(wd: float = 1e-4) -> optax.GradientTransformation:
+    _positive(wd=wd)
+    return optax.add_decayed_weights(wd)
+
+
+# ---- learning-rate multipliers ("post") ------------------------------------------------------
+WARMUP_SHAPES = ("linear", "cosine")
+SCHEDULES = ("cosine", "step", "constant")
+
+
+@METHODS.register("warmup", help="learning-rate warmup from 0 to the full rate over `steps` "
+                  "optimizer updates (shape linear or cosine)",
+                  ref="Goyal et al. 2017", stage="post")
+def warmup(steps: int = 100, shape: str = "linear") -> optax.GradientTransformation:
+    _positive(steps=steps)
+    if shape == "linear":
+        multiplier = optax.linear_schedule(0.0, 1.0, steps)
+    elif shape == "cosine":
+        decay = optax.cosine_decay_schedule(1.0, steps)
+        multiplier = lambda t: 1.0 - decay(t)  # noqa: E731
+    else:
+        raise ValueError(f"shape must be one of {', '.join(WARMUP_SHAPES)}")
+    return optax.scale_by_schedule(multiplier)
+
+
+@METHODS.register("schedule", help="learning-rate decay over the run: cosine to 0, step (x0.1 at "
+                  "50% and 75% of the updates) or constant",
+                  ref="Loshchilov & Hutter 2017 (cosine); He et al. 2016 (step)", stage="post")
+def schedule(kind: str = "cosine"):
+    if kind not in SCHEDULES:
+        raise ValueError(f"kind must be one of {', '.join(SCHEDULES)}")
+
+    def make(ctx: Context):
+        if kind == "cosine":
+            return optax.scale_by_schedule(optax.cosine_decay_schedule(1.0, max(ctx.steps, 1)))
+        if kind == "step":
+            bounds = {ctx.steps // 2: 0.1, (3 * ctx.steps) // 4: 0.1}
+            return optax.scale_by_schedule(optax.piecewise_constant_schedule(1.0, bounds))
+        return optax.identity()
+
+    return make
+
+
+# ---- wrappers ("wrap") -----------------------------------------------------------------------
+@METHODS.register("skip_nonfinite", help="skip an update whose gradient holds NaN or Inf "
+                  "(parameters unchanged, counted as a non-finite step); give up after max_skips "
+                  "in a row",
+                  ref="Micikevicius et al. 2018 (skipped overflow steps); optax.apply_if_finite",
+                  stage="wrap")
+def skip_nonfinite(max_skips: int = 10) -> Wrap:
+    _positive(max_skips=max_skips)
+    return Wrap(lambda tx: optax.apply_if_finite(tx, max_skips), lambda s: s.inner_state)
+
+
+@METHODS.register("skip_large_updates", help="skip an update whose gradient's squared global "
+                  "norm is >= max_sq_norm (NaN included)",
+                  ref="optax.skip_large_updates (via optax.MultiSteps)", stage="wrap")
+def skip_large_updates(max_sq_norm: float = 1e4) -> Wrap:
+    _positive(max_sq_norm=max_sq_norm)
+    skip = functools.partial(optax.skip_large_updates, max_squared_norm=max_sq_norm)
+    return Wrap(lambda tx: optax.MultiSteps(tx, 1, should_skip_update_fn=skip)
+                .gradient_transformation(), lambda s: s.inner_opt_state)
+
+
+@METHODS.register("accumulate", help="gradient accumulation: one optimizer update from the mean "
+                  "gradient of k successive batches (effective batch k x the task's)",
+                  ref="Ott et al. 2018 (delayed updates); optax.MultiSteps", stage="wrap")
+def accumulate(k: int = 4) -> Wrap:
+    _positive(k=k)
+
+    def holds(old, new):
+        return (new.mini_step != old.mini_step) & (new.mini_step != 0)
+
+    return Wrap(lambda tx: optax.MultiSteps(tx, k).gradient_transformation(),
+                lambda s: s.inner_opt_state, holds, every=k)
 
 
 def _is_fault(call: Call) -> bool:
-    return METHODS.entry(call.name).meta.get("fault", False)
+    return METHODS.entry(call.name).meta["stage"] == "fault"
 
 
 def build_fault(calls: tuple[Call, ...]):
@@ -111,7 +490,7 @@ def _spike_args(step: int, factor: float, steps: int) -> None:
         raise ValueError("step must be >= 0, steps and factor positive")
 
 
-@METHODS.register("inject_spike", fault=True,
+@METHODS.register("inject_spike", stage="fault", ref="a planted fault (tests of diagnose)",
                   help="fault injection to test detectors, not a stabilizer: multiplies the computed "
                        "gradient of `layer` ('' = all) by `factor` for `steps` steps from `step`")
 def inject_spike(step: int = 100, factor: float = 100.0, layer: str = "", steps: int = 1):
@@ -126,7 +505,7 @@ def inject_spike(step: int = 100, factor: float = 100.0, layer: str = "", steps:
     return fault
 
 
-@METHODS.register("inject_lr_spike",
+@METHODS.register("inject_lr_spike", stage="pre", ref="a planted fault (tests of diagnose)",
                   help="fault injection to test detectors, not a stabilizer: multiplies the gradient "
                        "the optimizer gets for `layer` ('' = all) by `factor` for `steps` steps from "
                        "`step` (a learning-rate spike, for SGD)")

@@ -27,24 +27,32 @@ def initial_loss(loss: np.ndarray) -> float:
 
 
 def moving_average(x: np.ndarray, window: int) -> np.ndarray:
-    """Trailing mean over `window` steps; entry t averages x[t-window+1 .. t] (NaN before that)."""
+    """Trailing mean of the finite values over `window` steps: entry t averages the finite ones of
+    x[t-window+1 .. t]; inf where there are none; NaN before step window-1."""
     out = np.full(len(x), np.nan)
     if len(x) >= window:
-        c = np.cumsum(np.concatenate([[0.0], x.astype(np.float64)]))
-        out[window - 1:] = (c[window:] - c[:-window]) / window
+        finite = np.isfinite(x)
+        c = np.cumsum(np.concatenate([[0.0], np.where(finite, x, 0.0).astype(np.float64)]))
+        n = np.cumsum(np.concatenate([[0], finite]))
+        count = n[window:] - n[:-window]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[window - 1:] = np.where(count > 0, (c[window:] - c[:-window]) / count, np.inf)
     return out
 
 
-def divergence_step(loss: np.ndarray, grad_norm: np.ndarray, frozen_at: int) -> int | None:
-    """First step with a non-finite loss or grad, or whose 20-step loss average exceeds
-    max(2 L0, L0 + 1) after step 20; None when neither happens."""
-    bad = ~np.isfinite(loss) | ~np.isfinite(grad_norm)
+def divergence_step(loss: np.ndarray, frozen_at: int) -> int | None:
+    """First step at which the engine froze the run (a non-finite loss or gradient that no method
+    skipped, or non-finite parameters or state), or whose 20-step average of the finite losses
+    exceeds max(2 L0, L0 + 1) after step 20 (a window without a finite loss counts as above);
+    None when neither happens. A non-finite step that a method skipped is not a divergence: it
+    counts in `nonfinite_steps`."""
+    bad = np.zeros(len(loss), bool)
     if frozen_at >= 0:
         bad[frozen_at:] = True
     l0 = initial_loss(loss)
     limit = max(2 * l0, l0 + 1)
     with np.errstate(invalid="ignore"):
-        ma = moving_average(np.where(np.isfinite(loss), loss, np.inf), MA_WINDOW)
+        ma = moving_average(loss, MA_WINDOW)
         high = ma > limit
     high[: MA_START + 1] = False
     hits = np.flatnonzero(bad | high)
@@ -80,9 +88,10 @@ def run_metrics(tel: dict[str, np.ndarray], evals: dict[str, np.ndarray], eval_s
     """Metrics of one run from its telemetry rows ([steps]) and evaluations ([evals])."""
     loss, gnorm = tel["loss"], tel["grad_norm"]
     steps = len(loss)
-    div = divergence_step(loss, gnorm, frozen_at)
+    div = divergence_step(loss, frozen_at)
     failed = frozen_at >= 0  # non-finite: no usable model
-    finite_tail = loss[max(0, steps - MA_WINDOW):]
+    tail = loss[max(0, steps - MA_WINDOW):]
+    finite_tail = tail[np.isfinite(tail)]  # steps a method skipped have no loss to average
     finite_g = gnorm[np.isfinite(gnorm)]
     active = np.isfinite(tel["changed"])
     metric, value, mode = target
@@ -90,7 +99,7 @@ def run_metrics(tel: dict[str, np.ndarray], evals: dict[str, np.ndarray], eval_s
         "initial_loss": initial_loss(loss),
         "diverged": float(div is not None),
         "divergence_step": float(div if div is not None else steps - 1),
-        "final_train_loss": math.inf if failed or not np.isfinite(finite_tail).all()
+        "final_train_loss": math.inf if failed or not finite_tail.size
         else float(finite_tail.mean()),
         "test_loss": math.inf if failed else float(evals["test_loss"][-1]),
         "max_grad_norm": float(finite_g.max()) if finite_g.size else math.inf,

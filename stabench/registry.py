@@ -114,7 +114,10 @@ def _coerce(value: Any, param: inspect.Parameter, where: str) -> Any:
     """Check a literal against the annotation (or the default's type) of the factory parameter."""
     expected = param.annotation if param.annotation is not param.empty else None
     if isinstance(expected, str):  # from __future__ annotations
-        expected = {"float": float, "int": int, "str": str, "bool": bool}.get(expected)
+        if expected.endswith(" | None") and value is None:
+            return value
+        expected = {"float": float, "int": int, "str": str, "bool": bool}.get(
+            expected.removesuffix(" | None"))
     if expected is None and param.default is not param.empty and param.default is not None:
         expected = type(param.default)
     if expected is float and isinstance(value, int) and not isinstance(value, bool):

@@ -22,6 +22,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from .data import Dataset
+from .methods import CellTransform
 from .models import MUTABLE, LayerLayout, activation_stds
 
 TELEMETRY = ("loss", "grad_norm", "grad_norm_post", "update_norm", "param_norm", "nonfinite",
@@ -31,25 +32,26 @@ EVAL_BATCH = 1024
 
 @dataclass(frozen=True)
 class Cell:
-    """What one compiled program trains: a model, the method's transform, an optimizer, a loss."""
+    """What one compiled program trains: a model, its update (methods and optimizer), a loss."""
 
     build_model: Callable[[nnx.Rngs], nnx.Module]
-    method: optax.GradientTransformation
-    optimizer: Callable[[Any], optax.GradientTransformation]  # lr -> transformation
+    transform: CellTransform
     loss: str  # "cross_entropy" | "mse"
     steps: int
     batch_size: int
     eval_every: int
     # a planted error in the computed gradient, (grads, step) -> grads; for testing detectors
     fault: Callable[[Any, jax.Array], Any] | None = None
+    # the init's hook, run on the new model with the run's first batch inside the init program
+    after_init: Callable[[nnx.Module, jax.Array], None] | None = None
 
 
 class Carry(NamedTuple):
     params: Any
     rest: Any  # non-parameter model state, e.g. batch statistics
-    method_state: Any
-    opt_state: Any
-    alive: jax.Array  # False once the run hit a non-finite loss or parameters
+    opt_state: Any  # the state of the whole update: methods and optimizer
+    key: jax.Array  # the run's key for its update (e.g. gradient noise)
+    alive: jax.Array  # False once the run hit a non-finite step it did not skip, or state
     diverged_at: jax.Array  # step of that event, -1 if none
 
 
@@ -74,15 +76,9 @@ def loss_and_metrics(kind: str, out: jax.Array, y: jax.Array) -> tuple[jax.Array
 
 
 def _all_finite(tree) -> jax.Array:
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
-
-
-def _any_changed(a, b) -> jax.Array:
-    """Whether the transform changed any element (NaN in both counts as unchanged)."""
-    def differs(x, y):
-        return jnp.any((x != y) & ~(jnp.isnan(x) & jnp.isnan(y)))
-
-    return jnp.any(jnp.stack([differs(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))]))
+    """Whether every floating-point leaf is finite (counters and random keys are skipped)."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+                              if jnp.issubdtype(x.dtype, jnp.inexact)] or [jnp.array(True)]))
 
 
 _COMPILES = {"count": 0, "names": [], "cache_hits": 0}
@@ -168,21 +164,26 @@ class Engine:
             return (x.astype(jnp.float32) - arrays["mean"]) / arrays["std"]
         return x
 
-    def initial_model(self, seed) -> nnx.Module:
-        """The model a run of this seed starts from."""
-        return self.cell.build_model(nnx.Rngs(jax.random.fold_in(jax.random.key(seed), 0)))
+    def initial_model(self, seed, x) -> nnx.Module:
+        """The model a run of this seed starts from (x: its first training batch, which
+        data-dependent inits calibrate on)."""
+        model = self.cell.build_model(nnx.Rngs(jax.random.fold_in(jax.random.key(seed), 0)))
+        if self.cell.after_init is not None:
+            self.cell.after_init(model, x)
+        return model
 
     def activation_stds_at_init(self, seed: int) -> np.ndarray:
         """Per-layer activation std of the seed's initial model on its first training batch."""
         idx = self.batch_indices(np.array([seed]), 0)[0, 0]
         x = self._inputs(self.arrays["x_train"][idx], self.arrays)
-        return np.asarray(activation_stds(self.initial_model(seed), x, self.layout))
+        return np.asarray(activation_stds(self.initial_model(seed, x), x, self.layout))
 
-    def _init_run(self, seed, lr) -> Carry:
-        model = self.initial_model(seed)
+    def _init_run(self, seed, lr, idx, arrays) -> Carry:
+        model = self.initial_model(seed, self._inputs(arrays["x_train"][idx], arrays))
         _, params, rest = nnx.split(model, nnx.Param, MUTABLE)
-        return Carry(params, rest, self.cell.method.init(params),
-                     self.cell.optimizer(lr).init(params), jnp.array(True), jnp.array(-1, jnp.int32))
+        update_key = jax.random.fold_in(jax.random.key(seed), 1)
+        opt_state = self.cell.transform.build(lr, update_key).init(params)
+        return Carry(params, rest, opt_state, update_key, jnp.array(True), jnp.array(-1, jnp.int32))
 
     def _forward_loss(self, params, rest, x, y):
         model = nnx.merge(self.graphdef, params, rest)
@@ -196,26 +197,38 @@ class Engine:
             carry.params, carry.rest, x, y)
         if cell.fault is not None:
             grads = cell.fault(grads, t)
-        clipped, method_state = cell.method.update(grads, carry.method_state, carry.params)
-        updates, opt_state = cell.optimizer(lr).update(clipped, carry.opt_state, carry.params)
+        extra = {}
+        if cell.transform.needs_value:  # line searches evaluate the loss on this batch
+            extra = {"value": loss, "grad": grads,
+                     "value_fn": lambda p: self._forward_loss(p, carry.rest, x, y)[0]}
+        updates, opt_state = cell.transform.build(lr, carry.key).update(
+            grads, carry.opt_state, carry.params, **extra)
         params = optax.apply_updates(carry.params, updates)
+        seen = cell.transform.observe(carry.opt_state, opt_state)
+        rest = jax.tree.map(lambda old, new: jnp.where(seen.skipped, old, new), carry.rest, rest)
 
+        grad_norm = optax.tree.norm(grads)
         in_range = t < cell.steps
-        finite = jnp.isfinite(loss) & _all_finite(params)
+        # A non-finite loss or gradient ends the run unless a method skipped the step; so does
+        # any non-finite parameter or state.
+        finite = ((jnp.isfinite(loss) & jnp.isfinite(grad_norm)) | seen.skipped) & _all_finite(
+            (params, rest, opt_state))
         keep = carry.alive & in_range
         accept = keep & finite
-        new = Carry(params, rest, method_state, opt_state, carry.alive, carry.diverged_at)
+        new = Carry(params, rest, opt_state, carry.key, carry.alive, carry.diverged_at)
         merged = jax.tree.map(lambda a, b: jnp.where(accept, a, b), new, carry)
         merged = merged._replace(
             alive=carry.alive & (finite | ~in_range),
             diverged_at=jnp.where(keep & ~finite, t, carry.diverged_at).astype(jnp.int32))
 
-        grad_norm = optax.tree.norm(grads)
+        nan = jnp.float32(jnp.nan)  # the optimizer took no update: nothing seen, nothing changed
         record = {
-            "loss": loss, "grad_norm": grad_norm, "grad_norm_post": optax.tree.norm(clipped),
+            "loss": loss, "grad_norm": grad_norm,
+            "grad_norm_post": jnp.where(seen.ran, seen.seen_norm, nan),
             "update_norm": optax.tree.norm(updates), "param_norm": optax.tree.norm(merged.params),
             "nonfinite": (~jnp.isfinite(loss) | ~jnp.isfinite(grad_norm)).astype(jnp.float32),
-            "changed": _any_changed(grads, clipped).astype(jnp.float32),
+            # a skipped step counts as changed: the methods dropped the gradient
+            "changed": jnp.where(seen.ran, seen.changed, jnp.where(seen.skipped, 1.0, nan)),
             "layer_grad_norm": self.layout.norms(grads),
         }
         record = {k: jnp.where(keep, v, jnp.nan).astype(jnp.float32) for k, v in record.items()}
@@ -263,9 +276,11 @@ class Engine:
         """Lower and compile the init and chunk programs for these runs; returns them and seconds."""
         t0 = time.perf_counter()
         run, rep = self.by_run, self.replicated
-        init = jax.jit(jax.vmap(self._init_run), in_shardings=(run, run), out_shardings=run)
-        init = init.lower(seeds, lrs).compile()
-        carry_shape = jax.eval_shape(jax.vmap(self._init_run), seeds, lrs)
+        first = jax.ShapeDtypeStruct((len(lrs), self.cell.batch_size), jnp.int32)
+        init_run = jax.vmap(self._init_run, in_axes=(0, 0, 0, None))
+        init = jax.jit(init_run, in_shardings=(run, run, run, rep), out_shardings=run)
+        init = init.lower(seeds, lrs, first, self.arrays).compile()
+        carry_shape = jax.eval_shape(init_run, seeds, lrs, first, self.arrays)
         idx = jax.ShapeDtypeStruct((len(lrs), self.chunk, self.cell.batch_size), jnp.int32)
         chunk = jax.jit(jax.vmap(self._chunk_run, in_axes=(0, 0, 0, None, None)),
                         in_shardings=(run, run, run, rep, rep), out_shardings=run,
@@ -285,7 +300,8 @@ class Engine:
         compile_cache_hits = cache_hits() - hits_before
 
         t0 = time.perf_counter()
-        carry = jax.block_until_ready(init(seeds, lrs))
+        first = self.batch_indices(host_seeds, 0)[:, 0]  # the runs' first batches
+        carry = jax.block_until_ready(init(seeds, lrs, first, self.arrays))
         init_s = time.perf_counter() - t0
 
         records, evals, eval_steps = [], [], []

@@ -35,7 +35,7 @@ def test_run_writes_record_then_reuses_it(tmp_path):
     (("--method", "clip_norm(max_norm=abc)"), "max_norm must be float"),
     (("--method", "clip_norm(max_norm=-1)"), "max_norm must be positive"),
     (("--init", "hee_normal"), "Did you mean 'he_normal'"),
-    (("--optimizer", "sgdd"), "Valid optimizers: adam, sgd"),
+    (("--optimizer", "sgdd"), "Valid optimizers: adagrad, adam, adamw, lbfgs, rmsprop, sgd"),
     (("--lrs", "0.1,-1"), "positive finite"),
     (("--lrs", "0.1,nan"), "positive finite"),
     (("--steps", "0"), "--steps must be positive"),

@@ -9,7 +9,7 @@ import pytest
 from stabench import diagnose as dg
 from stabench.config import make_spec
 
-from conftest import run_cli
+from conftest import covers, run_cli
 
 LAYERS = ["input", "blocks[0]", "blocks[1]", "head"]
 
@@ -195,6 +195,7 @@ def diagnoses(spec, arrays, names, data=None, **kw):
     return [diagnose_run(spec, arrays, names, k, data, **kw) for k in range(len(spec.runs))]
 
 
+@covers("method", "inject_spike")
 @pytest.mark.slow
 @pytest.mark.parametrize("layer", ["input", "blocks[1]"])
 def test_planted_gradient_spike_is_found_at_its_step_in_its_layer(digits_data, layer):
@@ -207,6 +208,7 @@ def test_planted_gradient_spike_is_found_at_its_step_in_its_layer(digits_data, l
         assert e.layers[0] == layer and e.layer_ratios[0][0] == layer
 
 
+@covers("method", "inject_lr_spike")
 @pytest.mark.slow
 def test_planted_learning_rate_spike_is_found_within_5_steps(digits_data):
     spec, arrays, names = train(f"inject_lr_spike(step={SPIKE}, factor=100.0)", 3, 0.05,

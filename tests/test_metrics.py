@@ -8,18 +8,26 @@ from stabench import metrics
 
 def test_divergence_by_moving_average():
     loss = np.concatenate([np.full(50, 2.3), np.full(50, 10.0)])
-    gn = np.ones(100)
     # L0 = 2.3, limit max(4.6, 3.3) = 4.6; the 20-step mean passes 4.6 when 6 of 20 values are 10
-    assert metrics.divergence_step(loss, gn, -1) == 50 + 5
-    assert metrics.divergence_step(np.full(100, 2.3), gn, -1) is None
+    assert metrics.divergence_step(loss, -1) == 50 + 5
+    assert metrics.divergence_step(np.full(100, 2.3), -1) is None
 
 
-def test_divergence_by_nonfinite_and_freeze():
+def test_divergence_by_freeze_not_by_a_skipped_nonfinite_step():
+    assert metrics.divergence_step(np.full(100, 1.0), 70) == 70
+    # a non-finite step the run survived (a method skipped it) is no divergence...
     loss = np.full(100, 1.0)
-    gn = np.ones(100)
-    gn[30] = np.inf
-    assert metrics.divergence_step(loss, gn, -1) == 30
-    assert metrics.divergence_step(np.full(100, 1.0), np.ones(100), 70) == 70
+    loss[30] = np.nan
+    assert metrics.divergence_step(loss, -1) is None
+    # ...but a window of 20 steps without one finite loss is
+    loss[30:50] = np.nan
+    assert metrics.divergence_step(loss, -1) == 49
+
+
+def test_moving_average_of_finite_values():
+    x = np.array([1.0, np.nan, 3.0, np.inf, np.nan, np.nan])
+    np.testing.assert_array_equal(metrics.moving_average(x, 2),
+                                  [np.nan, 1.0, 3.0, 3.0, np.inf, np.inf])
 
 
 def test_blow_up_within_the_first_ten_steps_is_divergence():
@@ -36,7 +44,7 @@ def test_blow_up_within_the_first_ten_steps_is_divergence():
 def test_moving_average_criterion_starts_after_step_20():
     loss = np.concatenate([np.full(10, 1.0), np.full(11, 50.0), np.full(79, 1.0)])
     # the 20-step mean already exceeds the limit at step 19 and 20, but counts only after step 20
-    assert metrics.divergence_step(loss, np.ones(100), -1) == 21
+    assert metrics.divergence_step(loss, -1) == 21
 
 
 def test_loss_spikes_count_once_per_window():

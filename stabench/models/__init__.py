@@ -9,6 +9,13 @@ Models call `observe("part", output)` on each top-level part's output (`part/3` 
 list; `scan_layers` does it per layer of a stack), so `activation_stds` reports every layer's
 activation std in the same order as the per-layer gradient norms. Outside `activation_stds` it
 records nothing.
+
+Residual structure, for the inits that need it (fixup, skipinit, rezero, zero_init_residual): a
+model lists in `residual_parts` the parts holding residual blocks (empty for a plain model). A
+block names the kernel layers of its residual branch in order (`branch_layers`) and its norm layers
+in order (`branch_norms`, attributes that may be None), and multiplies its branch by a learnable
+scalar `branch_gain` (a Param, or None) when its model is built with a `branch_gain` argument.
+A block inside a stacked part holds all the part's blocks along each parameter's leading axis.
 """
 
 from __future__ import annotations
@@ -41,7 +48,9 @@ class LayerLayout:
         self._stacked = stacked
         self.names: list[str] = []
         self._layers_per_group: list[int] = []
+        self._first: dict[tuple, int] = {}  # group -> index of its first layer
         for key, idx in self._groups:
+            self._first[key] = len(self.names)
             label = "/".join(map(str, key))
             if key[0] in stacked:
                 depth = _shape(leaves[idx[0]])[0]
@@ -69,6 +78,22 @@ class LayerLayout:
     def norms(self, tree: Any) -> jax.Array:
         return jnp.sqrt(self.sq_norms(tree))
 
+    def scale(self, tree: Any, factors: jax.Array, leaf: str = "kernel") -> Any:
+        """Multiply the leaves named `leaf` of each layer by that layer's factor ([layers])."""
+        def one(path, x):
+            names = [getattr(k, "key", getattr(k, "idx", None)) for k in path]
+            names = [n for n in names if n is not None]
+            if names[-1] != leaf:
+                return x
+            key = tuple(names[:2]) if len(names) > 2 and isinstance(names[1], int) else (names[0],)
+            first = self._first[key]
+            if key[0] in self._stacked:
+                f = factors[first:first + x.shape[0]]
+                return x * f.reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype)
+            return x * factors[first].astype(x.dtype)
+
+        return jax.tree_util.tree_map_with_path(one, tree)
+
     def observed(self, recorded: dict[str, jax.Array]) -> jax.Array:
         """The per-layer values `observe` recorded (a vector per stack), in layer order; NaN for
         a part the model does not observe."""
@@ -87,6 +112,18 @@ def observe(part: str, h: jax.Array, std: jax.Array | None = None) -> jax.Array:
     if _RECORDERS:
         _RECORDERS[-1][part] = jnp.std(h) if std is None else std
     return h
+
+
+def residual_blocks(model: nnx.Module) -> list[tuple[nnx.Module, int]]:
+    """The modules holding the model's residual blocks (see the module docstring), each with the
+    number of blocks it holds (the length of its leading axis if stacked, else 1)."""
+    out = []
+    for part in getattr(model, "residual_parts", ()):
+        module = getattr(model, part)
+        stacked = part in getattr(model, "stacked_layers", ())
+        out.append((module, jax.tree.leaves(nnx.state(module, nnx.Param))[0].shape[0]
+                    if stacked else 1))
+    return out
 
 
 def scan_layers(model: nnx.Module, part: str, h: jax.Array) -> jax.Array:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from . import MODELS, observe, scan_layers
@@ -22,34 +23,45 @@ def _norm(kind: str, width: int, rngs: nnx.Rngs):
 
 
 class Block(nnx.Module):
-    """One hidden layer: h -> [h +] scale * linear(act(norm(h))) (pre-activation, He et al. 2016b)."""
+    """One hidden layer: h -> [h +] scale * [gain *] linear(act(norm(h))) (pre-activation, He et
+    al. 2016b); `gain` is a learnable scalar on a residual branch when branch_gain is given."""
 
-    def __init__(self, width, activation, norm, residual, branch_scale, kernel_init, rngs):
+    branch_layers = ("linear",)
+    branch_norms = ("norm",)
+
+    def __init__(self, width, activation, norm, residual, branch_scale, branch_gain, kernel_init,
+                 rngs):
         self.norm = _norm(norm, width, rngs)
         self.linear = nnx.Linear(width, width, **kernel_init_kwargs(kernel_init), rngs=rngs)
         self.activation = activation
         self.residual = residual
         self.branch_scale = branch_scale
+        self.branch_gain = None if branch_gain is None else nnx.Param(jnp.asarray(branch_gain,
+                                                                                  jnp.float32))
 
     def __call__(self, h):
         z = self.norm(h) if self.norm is not None else h
         branch = self.branch_scale * self.linear(ACTIVATIONS[self.activation](z))
+        if self.branch_gain is not None:
+            branch = self.branch_gain[...] * branch
         return h + branch if self.residual else branch
 
 
 class MLP(nnx.Module):
-    layer_order = ("input", "blocks", "head")
+    layer_order = ("input", "blocks", "final_norm", "head")
     stacked_layers = ("blocks",)
 
     def __init__(self, in_features, num_outputs, *, width, depth, activation, norm, residual,
-                 branch_scale, kernel_init, rngs):
+                 branch_scale, branch_gain, kernel_init, rngs):
         init = kernel_init_kwargs(kernel_init)
+        self.residual_parts = ("blocks",) if residual else ()
         self.input = nnx.Linear(in_features, width, **init, rngs=rngs)
 
         @nnx.split_rngs(splits=depth)
         @nnx.vmap(in_axes=(0,), out_axes=0)
         def make_blocks(rngs):
-            return Block(width, activation, norm, residual, branch_scale, kernel_init, rngs)
+            return Block(width, activation, norm, residual, branch_scale, branch_gain, kernel_init,
+                         rngs)
 
         self.blocks = make_blocks(rngs)
         self.final_norm = _norm(norm, width, rngs)
@@ -67,7 +79,9 @@ class MLP(nnx.Module):
 @MODELS.register("mlp", help="MLP: input layer, `depth` identical hidden blocks, linear head",
                  ref="Rumelhart et al. 1986; residual/norm switches: He et al. 2016")
 def mlp(width: int = 128, depth: int = 2, activation: str = "relu", norm: str = "none",
-        residual: bool = False, branch_scale: float = 1.0):
+        residual: bool = False, branch_scale: float = 1.0, branch_gain: float | None = None):
+    if branch_gain is not None and not residual:
+        raise ValueError("branch_gain multiplies residual branches: set residual=true")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}")
     if norm not in NORMS:
@@ -81,6 +95,6 @@ def mlp(width: int = 128, depth: int = 2, activation: str = "relu", norm: str = 
             in_features *= d
         return MLP(in_features, meta.num_outputs, width=width, depth=depth, activation=activation,
                    norm=norm, residual=residual, branch_scale=branch_scale,
-                   kernel_init=kernel_init, rngs=rngs)
+                   branch_gain=branch_gain, kernel_init=kernel_init, rngs=rngs)
 
     return build
