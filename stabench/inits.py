@@ -138,7 +138,7 @@ def _zero(layer: nnx.Module) -> None:
     for name in ("kernel", "bias"):
         param = getattr(layer, name, None)
         if param is not None:
-            param.value = jnp.zeros_like(param.value)
+            param[...] = jnp.zeros_like(param[...])
 
 
 def _fixup(model: nnx.Module, x: jax.Array) -> None:
@@ -148,7 +148,7 @@ def _fixup(model: nnx.Module, x: jax.Array) -> None:
         layers = [getattr(block, n) for n in block.branch_layers]
         m = len(layers)
         for layer in layers[:-1]:  # m = 1: the branch is its last layer, nothing to scale
-            layer.kernel.value = layer.kernel.value * depth ** (-1.0 / (2 * m - 2))
+            layer.kernel[...] = layer.kernel[...] * depth ** (-1.0 / (2 * m - 2))
         _zero(layers[-1])
     _zero(getattr(model, model.layer_order[-1]))
 
@@ -176,7 +176,7 @@ def rezero() -> Init:
 def _zero_last_norm(model: nnx.Module, x: jax.Array) -> None:
     for block, _ in residual_blocks(model):
         norm = _last_norm(block)
-        norm.scale.value = jnp.zeros_like(norm.scale.value)
+        norm.scale[...] = jnp.zeros_like(norm.scale[...])
 
 
 @INITS.register("zero_init_residual", help="zero the scale of the last norm layer in each "

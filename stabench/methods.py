@@ -191,7 +191,8 @@ def _positive(**values) -> None:
 
 
 # ---- gradient methods ("pre") ----------------------------------------------------------------
-@METHODS.register("none", help="no stabilization: the optimizer sees the raw gradient", stage="pre")
+@METHODS.register("none", help="no stabilization: the optimizer sees the raw gradient",
+                  ref="the baseline", stage="pre")
 def none() -> optax.GradientTransformation:
     return optax.identity()
 

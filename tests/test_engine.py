@@ -3,14 +3,9 @@
 import numpy as np
 import pytest
 
-from stabench.config import build_cell, data_source, task_of
-from stabench.train import Engine, compiled_names
+from stabench.train import compiled_names
 
-from conftest import tiny_spec
-
-
-def engine_for(spec, data):
-    return Engine(build_cell(spec, data_source(task_of(spec))), data)
+from conftest import engine_for, tiny_spec
 
 
 def test_vmapped_runs_equal_runs_trained_one_at_a_time(digits_data):

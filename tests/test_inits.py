@@ -1,0 +1,192 @@
+"""Each init against its definition: variances on large layers, orthogonality, residual blocks
+that start as the identity, LSUV's unit output variance on its calibration batch."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from stabench.config import build_cell, data_source, task_of
+from stabench.inits import INITS
+from stabench.models import activation_stds
+from stabench.registry import UserError
+
+from conftest import RESIDUAL, catalog_spec, covers, engine_for
+
+FAN_IN, FAN_OUT = 400, 600
+VARIANCE = {  # theory for a (fan_in, fan_out) kernel
+    "lecun_normal": 1 / FAN_IN,
+    "glorot_uniform": 2 / (FAN_IN + FAN_OUT),
+    "glorot_normal": 2 / (FAN_IN + FAN_OUT),
+    "he_normal": 2 / FAN_IN,
+    "he_uniform": 2 / FAN_IN,
+    "normal(std=0.03)": 0.03 ** 2,
+    "uniform(scale=0.2)": 0.2 ** 2 / 3,
+}
+
+
+@covers("init", "lecun_normal", "glorot_uniform", "glorot_normal", "he_normal", "he_uniform",
+        "normal", "uniform")
+@pytest.mark.parametrize("spec", sorted(VARIANCE))
+def test_variance_matches_the_fan_formula(spec):
+    w = np.asarray(INITS.get(spec).kernel_init(jax.random.key(0), (FAN_IN, FAN_OUT)), np.float64)
+    assert w.var() == pytest.approx(VARIANCE[spec], rel=0.05)
+    assert abs(w.mean()) < 0.05 * w.std()
+    if spec.startswith("uniform"):
+        assert np.abs(w).max() <= 0.2 and w.min() < -0.19  # symmetric U(-scale, scale)
+
+
+def model_with(spec, x=None):
+    """A cell's model built as the engine builds it (init hook included, on batch x)."""
+    cell = build_cell(spec, data_source(task_of(spec)))
+    model = cell.build_model(nnx.Rngs(0))
+    if cell.after_init is not None:
+        cell.after_init(model, x)
+    return model
+
+
+@covers("init", "default")
+def test_default_keeps_flax_lecun_normal_kernels_and_zero_biases():
+    model = model_with(catalog_spec(**{"model.width": 512, "model.depth": 2}))
+    kernel = np.asarray(model.blocks.linear.kernel[...])  # [depth, 512, 512]
+    assert kernel.var() == pytest.approx(1 / 512, rel=0.05)
+    assert not np.asarray(model.blocks.linear.bias[...]).any()
+    # the init reaches every layer of the stack: he_normal doubles the variance
+    he = model_with(catalog_spec(init="he_normal", **{"model.width": 512, "model.depth": 2}))
+    assert np.asarray(he.blocks.linear.kernel[...]).var() == pytest.approx(2 / 512, rel=0.05)
+
+
+@covers("init", "orthogonal")
+def test_orthogonal_gives_gain_squared_identity():
+    w = np.asarray(INITS.get("orthogonal(gain=1.7)").kernel_init(jax.random.key(0), (512, 256)),
+                   np.float64)
+    np.testing.assert_allclose(w.T @ w, 1.7 ** 2 * np.eye(256), atol=1e-5)
+    model = model_with(catalog_spec(init="orthogonal", **{"model.depth": 3}))
+    for k in np.asarray(model.blocks.linear.kernel[...], np.float64):  # each layer of the stack
+        np.testing.assert_allclose(k.T @ k, np.eye(16), atol=1e-5)
+
+
+@covers("init", "delta_orthogonal")
+@pytest.mark.parametrize("shape", [(3, 3, 64, 128), (5, 32, 32), (64, 64)])
+def test_delta_orthogonal_has_only_an_orthogonal_centre_tap(shape):
+    w = np.asarray(INITS.get("delta_orthogonal(gain=2.0)").kernel_init(jax.random.key(0), shape),
+                   np.float64)
+    centre = tuple((k - 1) // 2 for k in shape[:-2])
+    tap = w[centre]
+    others = w.copy()
+    others[centre] = 0.0
+    assert not others.any()
+    np.testing.assert_allclose(tap @ tap.T, 4.0 * np.eye(shape[-2]), atol=1e-5)
+
+
+def assert_blocks_are_identity(model, depth):
+    graphdef, state = nnx.split(model.blocks)
+    h = jax.random.normal(jax.random.key(3), (32, model.input.out_features))
+    for i in range(depth):
+        block = nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
+        np.testing.assert_array_equal(block(h), h)
+
+
+@covers("init", "fixup")
+def test_fixup_starts_every_block_as_the_identity_with_a_zero_classifier():
+    model = model_with(catalog_spec(init="fixup", residual=True))
+    assert_blocks_are_identity(model, RESIDUAL["model.depth"])
+    assert not np.asarray(model.head.kernel[...]).any()
+    assert np.asarray(model.input.kernel[...]).any()
+
+
+class TwoLayerBlock(nnx.Module):
+    branch_layers = ("fc1", "fc2")
+    branch_norms = ()
+
+    def __init__(self, width, kernel_init, rngs):
+        self.fc1 = nnx.Linear(width, width, kernel_init=kernel_init, rngs=rngs)
+        self.fc2 = nnx.Linear(width, width, kernel_init=kernel_init, rngs=rngs)
+
+    def __call__(self, h):
+        return h + self.fc2(jax.nn.relu(self.fc1(h)))
+
+
+class ThreeBlockNet(nnx.Module):
+    """The residual protocol with m = 2 layers per branch and L = 3 branches."""
+
+    layer_order = ("b0", "b1", "b2", "head")
+    residual_parts = ("b0", "b1", "b2")
+
+    def __init__(self, kernel_init, rngs):
+        for name in self.residual_parts:
+            setattr(self, name, TwoLayerBlock(8, kernel_init, rngs))
+        self.head = nnx.Linear(8, 3, kernel_init=kernel_init, rngs=rngs)
+
+
+@covers("init", "fixup")
+def test_fixup_scales_inner_branch_layers_by_depth_to_the_minus_one_over_2m_minus_2():
+    init = INITS.get("fixup")
+    model = ThreeBlockNet(init.kernel_init, nnx.Rngs(0))
+    before = {n: np.asarray(getattr(model, n).fc1.kernel[...]) for n in model.residual_parts}
+    init.check(model)
+    init.after(model, None)
+    h = jax.random.normal(jax.random.key(1), (4, 8))
+    for name in model.residual_parts:
+        block = getattr(model, name)
+        np.testing.assert_allclose(block.fc1.kernel[...], before[name] * 3 ** -0.5, rtol=1e-6)
+        assert not np.asarray(block.fc2.kernel[...]).any()
+        np.testing.assert_array_equal(block(h), h)
+    assert not np.asarray(model.head.kernel[...]).any()
+
+
+@covers("init", "skipinit", "rezero")
+@pytest.mark.parametrize("name", ["skipinit", "rezero"])
+def test_zero_branch_gain_makes_blocks_the_identity_and_is_learnable(name, digits_data):
+    spec = catalog_spec(init=name, residual=True)
+    model = model_with(spec)
+    depth = RESIDUAL["model.depth"]
+    np.testing.assert_array_equal(model.blocks.branch_gain[...], np.zeros(depth))
+    assert_blocks_are_identity(model, depth)
+    graphdef, params = nnx.split(model, nnx.Param)
+
+    def loss(p):
+        logits = nnx.merge(graphdef, p)(jnp.asarray(digits_data.x_train[:64]))
+        return jax.nn.logsumexp(logits, -1).mean() - logits[:, 0].mean()
+
+    grads = jax.grad(loss)(params)
+    assert np.abs(np.asarray(grads["blocks"]["branch_gain"][...])).min() > 0
+
+
+@covers("init", "zero_init_residual")
+def test_zero_init_residual_zeroes_the_last_norm_scale_of_each_block():
+    model = model_with(catalog_spec(init="zero_init_residual", residual=True))
+    assert not np.asarray(model.blocks.norm.scale[...]).any()
+    assert_blocks_are_identity(model, RESIDUAL["model.depth"])
+
+
+@pytest.mark.parametrize("name, fix", [("fixup", "model.residual=true"),
+                                       ("skipinit", "residual=true"),
+                                       ("rezero", "residual=true"),
+                                       ("zero_init_residual", "model.residual=true")])
+def test_residual_inits_need_residual_blocks(name, fix):
+    with pytest.raises(UserError, match=f"init '{name}.*{fix}"):
+        catalog_spec(init=name)
+    with pytest.raises(UserError, match="needs a norm layer in each residual block"):
+        catalog_spec(init="zero_init_residual", residual=True, **{"model.norm": "none"})
+
+
+@covers("init", "lsuv")
+@pytest.mark.slow
+def test_lsuv_gives_unit_output_variance_on_its_calibration_batch(digits_data):
+    spec = catalog_spec(init="lsuv", **{"model.depth": 4, "model.width": 64})
+    engine = engine_for(spec, digits_data)
+    seeds = np.array([0, 1], np.int32)
+    first = engine.batch_indices(seeds, 0)[:, 0]
+    init = jax.jit(jax.vmap(engine._init_run, in_axes=(0, 0, 0, None)))  # the engine's init program
+    carry = init(seeds, np.full(2, 0.05, np.float32), first, engine.arrays)
+    for run in range(2):
+        params, rest = jax.tree.map(lambda a: a[run], (carry.params, carry.rest))
+        model = nnx.merge(engine.graphdef, params, rest)
+        stds = np.asarray(activation_stds(model, jnp.asarray(digits_data.x_train[first[run]]),
+                                          engine.layout))
+        assert len(stds) == 6 and np.isfinite(stds).all()  # input, 4 blocks, head
+        np.testing.assert_allclose(stds ** 2, 1.0, atol=0.05)
+    with pytest.raises(UserError, match="lsuv.*residual blocks"):
+        catalog_spec(init="lsuv", residual=True)
