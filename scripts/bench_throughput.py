@@ -70,21 +70,23 @@ def naive_jax(spec, data, repeats: int) -> dict:
     graphdef, _, rest = nnx.split(nnx.eval_shape(lambda: cell.build_model(nnx.Rngs(0))),
                                   nnx.Param, ...)
 
+    def update_key(seed):
+        return jax.random.fold_in(jax.random.key(seed), 1)
+
     def init(seed, lr):
         model = cell.build_model(nnx.Rngs(jax.random.key(seed)))
         _, params, rest = nnx.split(model, nnx.Param, ...)
-        return params, rest, cell.method.init(params), cell.optimizer(lr).init(params)
+        return params, rest, cell.transform.build(lr, update_key(seed)).init(params)
 
     def loss_fn(params, rest, x, y):
         logits = nnx.merge(graphdef, params, rest)(x)
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
     @jax.jit
-    def step(params, rest, m_state, o_state, x, y, lr):
+    def step(params, rest, state, x, y, lr, seed):
         loss, grads = jax.value_and_grad(loss_fn)(params, rest, x, y)
-        grads, m_state = cell.method.update(grads, m_state, params)
-        updates, o_state = cell.optimizer(lr).update(grads, o_state, params)
-        return optax.apply_updates(params, updates), m_state, o_state, loss
+        updates, state = cell.transform.build(lr, update_key(seed)).update(grads, state, params)
+        return optax.apply_updates(params, updates), state, loss
 
     init_jit = jax.jit(init)
     x_train, y_train = jax.device_put((data.x_train, data.y_train))
@@ -93,18 +95,18 @@ def naive_jax(spec, data, repeats: int) -> dict:
 
     def sweep():
         for seed, lr in spec.runs:
-            params, rest_, m_state, o_state = init_jit(seed, np.float32(lr))
+            params, rest_, state = init_jit(seed, np.float32(lr))
             for t in range(steps):
                 idx = order[(seed, t)]
-                params, m_state, o_state, loss = step(params, rest_, m_state, o_state,
-                                                      x_train[idx], y_train[idx], np.float32(lr))
+                params, state, loss = step(params, rest_, state, x_train[idx], y_train[idx],
+                                           np.float32(lr), seed)
                 float(loss)
 
     t0 = time.perf_counter()
-    params, rest_, m_state, o_state = init_jit(0, np.float32(0.1))
+    params, rest_, state = init_jit(0, np.float32(0.1))
     idx = order[(0, 0)]
-    jax.block_until_ready(step(params, rest_, m_state, o_state, x_train[idx], y_train[idx],
-                               np.float32(0.1)))
+    jax.block_until_ready(step(params, rest_, state, x_train[idx], y_train[idx],
+                               np.float32(0.1), 0))
     compile_s = time.perf_counter() - t0
     return {"compile_s": compile_s, "steady_s": best_of(sweep, repeats)}
 
@@ -124,8 +126,9 @@ def step_flops(engine: Engine, seeds, lrs) -> float:
     """XLA's cost analysis of one vmapped training step (all runs); loops count once in XLA's
     analysis, so the step is lowered on its own and multiplied by the step count."""
     seeds_d, lrs_d = jax.device_put((np.asarray(seeds, np.int32), np.asarray(lrs, np.float32)))
-    carry = jax.eval_shape(jax.vmap(engine._init_run), seeds_d, lrs_d)
     idx = jax.ShapeDtypeStruct((len(lrs), engine.cell.batch_size), jnp.int32)
+    carry = jax.eval_shape(jax.vmap(engine._init_run, in_axes=(0, 0, 0, None)), seeds_d, lrs_d,
+                           idx, engine.arrays)
     step = jax.jit(jax.vmap(engine._step, in_axes=(0, None, 0, 0, None)))
     cost = step.lower(carry, jax.ShapeDtypeStruct((), jnp.int32), idx, lrs_d, engine.arrays).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost

@@ -108,10 +108,14 @@ def test_random_command_lines_never_end_in_a_traceback(argv, monkeypatch, tmp_pa
 @settings(max_examples=300, deadline=None)
 @given(spec=METHOD)
 def test_random_method_strings_raise_only_user_errors(spec):
+    import jax
+
     from stabench import methods
+    from stabench.optimizers import OPTIMIZERS
     from stabench.registry import UserError
 
     try:
-        methods.build(methods.resolve(spec))
+        methods.transform(methods.resolve(spec), OPTIMIZERS.get("sgd"), 100).build(
+            0.1, jax.random.key(0))
     except UserError:
         pass
