@@ -36,7 +36,7 @@ def test_blow_up_within_the_first_ten_steps_is_divergence():
     loss = np.concatenate([[2.3, 2.3, 2.3], np.full(7, 30.0), np.full(90, 2.6)])
     assert metrics.initial_loss(loss) == 2.3
     # limit max(4.6, 3.3) = 4.6; the 20-step mean at step 21 still holds 6 spikes: (6*30+14*2.6)/20
-    assert metrics.divergence_step(loss, np.ones(100), -1) == 21
+    assert metrics.divergence_step(loss, -1) == 21
     calm = np.linspace(2.3, 1.0, 100)
     assert metrics.initial_loss(calm) == pytest.approx(calm[:10].mean())
 
