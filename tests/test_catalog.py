@@ -4,7 +4,8 @@ by the CLI, and has a test of its own against its definition."""
 import numpy as np
 import pytest
 
-import test_inits  # noqa: F401  (their @covers marks)
+import test_diagnose  # noqa: F401  (their @covers marks)
+import test_inits  # noqa: F401
 import test_methods  # noqa: F401
 import test_optimizers  # noqa: F401
 from stabench import cli
