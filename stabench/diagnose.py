@@ -227,7 +227,7 @@ def diagnose(telemetry: dict[str, np.ndarray], layer_names: list[str], run: dict
     if vanish.layers and event is not None and not event.transient \
             and not vanishing(norms[:event.step], layer_names).layers:
         vanish = replace(vanish, after_explosion=event.step)
-    return Diagnosis(run, recorded, signal, False, event, divergence_step(loss, gnorm, frozen_at),
+    return Diagnosis(run, recorded, signal, False, event, divergence_step(loss, frozen_at),
                      vanish)
 
 
