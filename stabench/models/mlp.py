@@ -6,20 +6,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from . import MODELS, observe, scan_layers
+from . import MODELS, NORMS, make_norm, observe, scan_layers
 
 ACTIVATIONS = {"relu": jax.nn.relu, "tanh": jax.nn.tanh, "sigmoid": jax.nn.sigmoid,
                "gelu": jax.nn.gelu, "linear": lambda x: x}
-NORMS = ("none", "layer")
 
 
 def kernel_init_kwargs(kernel_init) -> dict:
     """None keeps the layer's own default initializer."""
     return {} if kernel_init is None else {"kernel_init": kernel_init}
-
-
-def _norm(kind: str, width: int, rngs: nnx.Rngs):
-    return nnx.LayerNorm(width, rngs=rngs) if kind == "layer" else None
 
 
 class Block(nnx.Module):
@@ -31,7 +26,7 @@ class Block(nnx.Module):
 
     def __init__(self, width, activation, norm, residual, branch_scale, branch_gain, kernel_init,
                  rngs):
-        self.norm = _norm(norm, width, rngs)
+        self.norm = make_norm(norm, width, rngs)
         self.linear = nnx.Linear(width, width, **kernel_init_kwargs(kernel_init), rngs=rngs)
         self.activation = activation
         self.residual = residual
@@ -64,7 +59,7 @@ class MLP(nnx.Module):
                          rngs)
 
         self.blocks = make_blocks(rngs)
-        self.final_norm = _norm(norm, width, rngs)
+        self.final_norm = make_norm(norm, width, rngs)
         self.head = nnx.Linear(width, num_outputs, **init, rngs=rngs)
         self.activation = activation
 
@@ -72,7 +67,7 @@ class MLP(nnx.Module):
         h = observe("input", self.input(x.reshape(x.shape[0], -1)))
         h = scan_layers(self, "blocks", h)
         if self.final_norm is not None:
-            h = self.final_norm(h)
+            h = observe("final_norm", self.final_norm(h))
         return observe("head", self.head(ACTIVATIONS[self.activation](h)))
 
 
