@@ -233,9 +233,24 @@ DEEP = {"train.steps": 60, "train.eval_every": 60, "model.width": 16, "model.dep
 
 
 @pytest.mark.slow
-def test_deep_tanh_with_small_init_vanishes_and_its_residual_he_twin_does_not(digits_data):
+def test_deep_tanh_with_small_init_vanishes_and_its_residual_he_twin_does_not(digits_data, tmp_path,
+                                                                            capsys):
     spec, arrays, names = train("none", 1, 0.1, digits_data, DEEP, init="normal(std=0.01)")
     small, = diagnoses(spec, arrays, names, data=digits_data)
+    # --at-init stops after the step-0 gradients: the same signal, nothing stored, no figure
+    code, out, err = cli(capsys, "diagnose", "--task", "digits", "--init", "normal(std=0.01)",
+                         "--lr", "0.1", "--at-init", *[f"--set={k}={v}" for k, v in DEEP.items()],
+                         "--out", tmp_path)
+    assert code == 0, err
+    assert "at init: first/last layer grad-norm ratio" in out and "## Explosion" not in out
+    (report,) = tmp_path.rglob("*.md")
+    assert report.name.endswith(".at-init.diagnosis.md") and report.read_text() == out.strip() + "\n"
+    assert not list(tmp_path.rglob("*.json")) and not list(tmp_path.rglob("*.png"))
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| blocks[")]
+    np.testing.assert_allclose([float(r[1]) for r in rows], small.signal.activation_std[1:31],
+                               rtol=5e-3)  # printed to 3 significant digits: within 0.5%
+    np.testing.assert_allclose([float(r[2].strip(" |")) for r in rows], small.signal.grad_norm[1:31],
+                               rtol=5e-3)
     assert len(names) == 32
     # Each layer back from the head multiplies the backward signal by about 0.01 * sqrt(16), so
     # the last two hidden layers' norms (their biases) stay above 1e-3 of the head's; all the
