@@ -1,8 +1,8 @@
 """Where and when gradients exploded or vanished, what it did to the loss, and what to try.
 
 Pure functions of one run's telemetry (per-step arrays `[steps]` and per-layer `[steps, layers]`
-as the engine records them): `explosion`, `vanishing`, `diagnose`, `recommend`, and the Markdown
-report. Nothing here trains, reads or writes.
+as the engine records them): `explosion(s)`, `vanishing`, `diagnose`, the recommendations, and the
+Markdown report. Nothing here trains, reads or writes.
 """
 
 from __future__ import annotations
@@ -83,53 +83,80 @@ def explosion(loss: np.ndarray, grad_norm: np.ndarray, layer_grad_norm: np.ndarr
     """The first step whose global grad norm exceeds EXPLODE_FACTOR x its running median over the
     previous MEDIAN_WINDOW steps, or whose loss, grad norm or parameters are non-finite (the engine
     freezes a run there: `frozen_at`); None if there is none."""
-    loss, grad_norm = np.asarray(loss, np.float64), np.asarray(grad_norm, np.float64)
-    steps = len(loss)
-    bad = ~np.isfinite(loss) | ~np.isfinite(grad_norm)
-    if frozen_at >= 0:
-        bad[frozen_at:] = True
-    first_bad = int(np.argmax(bad)) if bad.any() else steps
-    with np.errstate(invalid="ignore"):
-        high = jump_ratios(grad_norm) > EXPLODE_FACTOR
-    high[first_bad:] = False
-    first_high = int(np.argmax(high)) if high.any() else steps
-    step = min(first_bad, first_high)
-    if step >= steps:
-        return None
-    cause = "non-finite" if step == first_bad else "grad norm"
-    layers, onset, ratios = _origin(layer_grad_norm, layer_names, step)
-    before = loss[max(0, step - AROUND):step]
-    after = loss[step:step + AROUND]
-    after_bad = bad[step:step + AROUND]
-    loss_before = float(before.mean()) if before.size else math.nan
-    loss_after = math.inf if after_bad.any() else float(after.mean())
-    return Explosion(step, cause, float(grad_norm[step]), float(running_median(grad_norm)[step]),
-                     layers, onset, ratios, loss_before, loss_after,
-                     _recovery(loss, bad, step, loss_before))
+    return _Series(loss, grad_norm, layer_grad_norm, layer_names, frozen_at).event(0)
 
 
-def _origin(norms: np.ndarray, names: list[str], step: int):
-    """The layers whose own grad norm jumped first: among the MEDIAN_WINDOW steps up to `step`,
-    the earliest where some layer exceeds EXPLODE_FACTOR x its own running median; ties ordered by
-    that ratio, then by the ratio one step earlier. Without such a step, the largest ratio at
-    `step`."""
-    ratios = jump_ratios(norms)
-    lo = max(0, step - MEDIAN_WINDOW)
-    with np.errstate(invalid="ignore"):
-        jumped = ratios[lo:step + 1] > EXPLODE_FACTOR
-    if jumped.any():
-        onset = lo + int(np.argmax(jumped.any(axis=1)))
-        chosen = np.flatnonzero(jumped[onset - lo])
-    else:
-        onset = step
-        known = ~np.isnan(ratios[step])
-        chosen = np.array([int(np.nanargmax(ratios[step]))]) if known.any() else np.array([], int)
-    now = np.nan_to_num(ratios[onset], nan=-np.inf)
-    prev = np.nan_to_num(ratios[onset - 1], nan=-np.inf) if onset > 0 else np.zeros(len(names))
-    order = sorted(chosen, key=lambda j: (-now[j], -prev[j]))
-    everyone = sorted(range(len(names)), key=lambda j: (-now[j], -prev[j]))
-    return (tuple(names[j] for j in order), onset,
-            tuple((names[j], float(ratios[onset, j])) for j in everyone))
+def explosions(loss: np.ndarray, grad_norm: np.ndarray, layer_grad_norm: np.ndarray,
+               layer_names: list[str], frozen_at: int = -1) -> tuple[Explosion, ...]:
+    """The first event (`explosion`) and, while they are transient, the next ones, each searched
+    from AROUND steps after the last (or after its recovery, if later); ends with the first event
+    the loss did not recover from, if any."""
+    series = _Series(loss, grad_norm, layer_grad_norm, layer_names, frozen_at)
+    out, start = [], 0
+    while (e := series.event(start)) is not None:
+        out.append(e)
+        if not e.transient:
+            break
+        start = max(e.step + AROUND, e.recovered_at + 1)
+    return tuple(out)
+
+
+class _Series:
+    """One run's telemetry with its running medians, searched for events from a given step."""
+
+    def __init__(self, loss, grad_norm, layer_grad_norm, layer_names, frozen_at):
+        self.loss = np.asarray(loss, np.float64)
+        self.grad_norm = np.asarray(grad_norm, np.float64)
+        self.bad = ~np.isfinite(self.loss) | ~np.isfinite(self.grad_norm)
+        if frozen_at >= 0:
+            self.bad[frozen_at:] = True
+        self.median = running_median(self.grad_norm)
+        with np.errstate(invalid="ignore"):
+            self.high = jump_ratios(self.grad_norm) > EXPLODE_FACTOR
+        self.layer_ratios = jump_ratios(layer_grad_norm)
+        self.names = list(layer_names)
+
+    def event(self, start: int) -> Explosion | None:
+        steps = len(self.loss)
+        bad = np.flatnonzero(self.bad[start:])
+        first_bad = start + int(bad[0]) if bad.size else steps
+        high = np.flatnonzero(self.high[start:first_bad])
+        step = start + int(high[0]) if high.size else first_bad
+        if step >= steps:
+            return None
+        layers, onset, ratios = self._origin(step, start)
+        loss = self.loss
+        before = loss[max(0, step - AROUND):step]
+        loss_before = float(before.mean()) if before.size else math.nan
+        loss_after = math.inf if self.bad[step:step + AROUND].any() \
+            else float(loss[step:step + AROUND].mean())
+        return Explosion(step, "non-finite" if step == first_bad else "grad norm",
+                         float(self.grad_norm[step]), float(self.median[step]), layers, onset,
+                         ratios, loss_before, loss_after,
+                         _recovery(loss, self.bad, step, loss_before))
+
+    def _origin(self, step: int, start: int):
+        """The layers whose own grad norm jumped first: among the MEDIAN_WINDOW steps up to `step`
+        (none before `start`), the earliest where some layer exceeds EXPLODE_FACTOR x its own
+        running median; ties ordered by that ratio, then by the ratio one step earlier. Without
+        such a step, the largest ratio at `step`."""
+        ratios, names = self.layer_ratios, self.names
+        lo = max(start, step - MEDIAN_WINDOW)
+        with np.errstate(invalid="ignore"):
+            jumped = ratios[lo:step + 1] > EXPLODE_FACTOR
+        if jumped.any():
+            onset = lo + int(np.argmax(jumped.any(axis=1)))
+            chosen = np.flatnonzero(jumped[onset - lo])
+        else:
+            onset = step
+            known = ~np.isnan(ratios[step])
+            chosen = np.array([int(np.nanargmax(ratios[step]))]) if known.any() else np.array([], int)
+        now = np.nan_to_num(ratios[onset], nan=-np.inf)
+        prev = np.nan_to_num(ratios[onset - 1], nan=-np.inf) if onset > 0 else np.zeros(len(names))
+        order = sorted(chosen, key=lambda j: (-now[j], -prev[j]))
+        everyone = sorted(range(len(names)), key=lambda j: (-now[j], -prev[j]))
+        return (tuple(names[j] for j in order), onset,
+                tuple((names[j], float(ratios[onset, j])) for j in everyone))
 
 
 def _recovery(loss: np.ndarray, bad: np.ndarray, step: int, before: float) -> int | None:
@@ -192,21 +219,30 @@ class Diagnosis:
     steps_recorded: int  # steps with a finite loss (training stops at a non-finite one)
     signal: Signal
     at_init_only: bool = False
-    explosion: Explosion | None = None
+    events: tuple[Explosion, ...] = ()  # see `explosions`
     divergence: int | None = None  # DESIGN section 4 divergence step; None: did not diverge
     vanishing: Vanishing | None = None
     recommendations: tuple[Recommendation, ...] = field(default=())
 
     @property
+    def explosion(self) -> Explosion | None:
+        """The first event."""
+        return self.events[0] if self.events else None
+
+    @property
+    def harmful(self) -> Explosion | None:
+        """The first event the loss did not recover from."""
+        return next((e for e in self.events if not e.transient), None)
+
+    @property
     def healthy(self) -> bool:
         """No event at all: no explosion (not even a transient spike), divergence or vanishing."""
-        return self.explosion is None and not self.needs_fix
+        return not self.events and not self.needs_fix
 
     @property
     def needs_fix(self) -> bool:
         """A divergence, an explosion the loss did not recover from, or vanishing gradients."""
-        return (self.divergence is not None
-                or (self.explosion is not None and not self.explosion.transient)
+        return (self.divergence is not None or self.harmful is not None
                 or bool(self.vanishing and self.vanishing.layers))
 
 
@@ -222,12 +258,13 @@ def diagnose(telemetry: dict[str, np.ndarray], layer_names: list[str], run: dict
     if at_init:
         return Diagnosis(run, recorded, signal, at_init_only=True,
                          vanishing=vanishing(norms[:1], layer_names))
-    event = explosion(loss, gnorm, norms, layer_names, frozen_at)
+    events = explosions(loss, gnorm, norms, layer_names, frozen_at)
+    harmful = events[-1] if events and not events[-1].transient else None
     vanish = vanishing(norms, layer_names)
-    if vanish.layers and event is not None and not event.transient \
-            and not vanishing(norms[:event.step], layer_names).layers:
-        vanish = replace(vanish, after_explosion=event.step)
-    return Diagnosis(run, recorded, signal, False, event, divergence_step(loss, frozen_at),
+    if vanish.layers and harmful is not None \
+            and not vanishing(norms[:harmful.step], layer_names).layers:
+        vanish = replace(vanish, after_explosion=harmful.step)
+    return Diagnosis(run, recorded, signal, False, events, divergence_step(loss, frozen_at),
                      vanish)
 
 
@@ -255,7 +292,7 @@ def rule_recommendations(diag: Diagnosis, methods: set[str], inits: set[str],
     run = diag.run
     used = {parse_call(term)[0] for term in split_plus(run["method"])}
     out = []
-    if diag.divergence is not None or (diag.explosion is not None and not diag.explosion.transient):
+    if diag.divergence is not None or diag.harmful is not None:
         for kind, name, reason in EXPLOSION_ADVICE:
             if kind == "lr":
                 out.append(Recommendation(f"--lr {run['lr'] / 10:g}", reason))
@@ -310,20 +347,31 @@ def _names(items, limit: int = SHOW_LAYERS) -> str:
     return ", ".join(items[:limit]) + more
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def _what(e: Explosion) -> str:
+    return "non-finite values" if e.cause == "non-finite" else f"grad norm {_g(e.ratio)}x its median"
+
+
 def summary(diag: Diagnosis) -> str:
     """One line: the verdict."""
     if diag.at_init_only:
         v = diag.vanishing
         return f"at init: first/last layer grad-norm ratio {_g(v.ratio_init)}"
     parts = []
-    e = diag.explosion
+    spikes = [e for e in diag.events if e.transient]
+    if spikes:
+        e = spikes[0]
+        where = f", in {_names(e.layers, 3)}" if e.layers else ""
+        first = "first at step" if len(spikes) > 1 else "at step"
+        parts.append(f"{_plural(len(spikes), 'transient gradient spike')} the loss recovered from "
+                     f"({first} {e.step}, {_what(e)}{where})")
+    e = diag.harmful
     if e is not None:
-        what = "non-finite values" if e.cause == "non-finite" else f"grad norm {_g(e.ratio)}x its median"
-        kind = "transient gradient spike" if e.transient else "explosion"
         where = f", starting in {_names(e.layers, 3)}" if e.layers else ""
-        parts.append(f"{kind} at step {e.step} ({what}){where}")
-        if e.transient:
-            parts.append(f"loss back within {RECOVER_TOL:.0%} from step {e.recovered_at}")
+        parts.append(f"explosion at step {e.step} ({_what(e)}){where}")
     if diag.divergence is not None:
         parts.append(f"diverged at step {diag.divergence}")
     if diag.vanishing.layers:
@@ -349,7 +397,7 @@ def to_markdown(diag: Diagnosis, figure: str | None = None) -> str:
     elif diag.healthy:
         lines += ["- nothing to fix: no explosion, divergence or vanishing gradients"]
     elif not diag.needs_fix:
-        lines += [f"- nothing to fix: the spike was transient (the loss recovered within {AROUND} "
+        lines += [f"- nothing to fix: every spike was transient (the loss recovered within {AROUND} "
                   f"steps) and nothing diverged or vanished"]
     else:
         lines += ["- no registered technique left to suggest beyond what this run already uses"]
@@ -361,37 +409,49 @@ def to_markdown(diag: Diagnosis, figure: str | None = None) -> str:
 
 def _explosion_lines(diag: Diagnosis) -> list[str]:
     lines = ["## Explosion", ""]
-    e = diag.explosion
-    if e is None:
+    spikes = [e for e in diag.events if e.transient]
+    if not diag.events:
         lines += [f"No step's gradient norm exceeded {EXPLODE_FACTOR:g}x its median over the "
                   f"previous {MEDIAN_WINDOW} steps, and every value stayed finite.", ""]
-    else:
-        if e.cause == "non-finite":
-            lines.append(f"- step {e.step}: first non-finite loss, gradient or parameters "
-                         f"(grad norm {_g(e.grad_norm)}, running median {_g(e.median)})")
-        else:
-            lines.append(f"- step {e.step}: global grad norm {_g(e.grad_norm)} = {_g(e.ratio)}x its "
-                         f"median over the previous {MEDIAN_WINDOW} steps ({_g(e.median)})")
-        when = "at that step" if e.onset == e.step else f"at step {e.onset}"
-        lines.append(f"- started in: {_names(e.layers)} (first to exceed {EXPLODE_FACTOR:g}x "
-                     f"its own median, {when})" if e.layers else
-                     "- started in: undetermined (too little history before the step)")
-        top = ", ".join(f"{n} {_g(r)}x" for n, r in e.layer_ratios[:SHOW_LAYERS])
-        lines.append(f"- layer ratios to their own median at step {e.onset}: {top}")
-        lines.append(f"- loss: mean {_g(e.loss_before)} over the {AROUND} steps before, "
-                     f"{_g(e.loss_after)} over the {AROUND} steps from it")
-        if e.recovered_at is not None:
-            lines.append(f"- recovered: a {RECOVER_WINDOW}-step loss mean is back within "
-                         f"{RECOVER_TOL:.0%} of the pre-event mean from step {e.recovered_at}")
-        else:
-            lines.append(f"- not recovered: no later {RECOVER_WINDOW}-step loss mean came back "
-                         f"within {RECOVER_TOL:.0%} of the pre-event mean")
-        lines.append("")
+    if spikes:
+        later = [str(e.step) for e in spikes[1:]]
+        then = f" (then at step{'s' if len(later) > 1 else ''} {', '.join(later)})" if later else ""
+        lines += [f"### {_plural(len(spikes), 'transient spike')}: the loss recovered within "
+                  f"{AROUND} steps", "", f"The first, at step {spikes[0].step}{then}:", ""]
+        lines += _event_lines(spikes[0]) + [""]
+    if diag.harmful is not None:
+        lines += [f"### Explosion at step {diag.harmful.step}", ""]
+        lines += _event_lines(diag.harmful) + [""]
     if diag.divergence is not None:
         lines += [f"Diverged at step {diag.divergence} (a non-finite loss or gradient, or the 20-step "
                   f"mean loss above max(2 L0, L0 + 1)).", ""]
     else:
         lines += ["Did not diverge (DESIGN section 4 definition).", ""]
+    return lines
+
+
+def _event_lines(e: Explosion) -> list[str]:
+    lines = []
+    if e.cause == "non-finite":
+        lines.append(f"- step {e.step}: first non-finite loss, gradient or parameters "
+                     f"(grad norm {_g(e.grad_norm)}, running median {_g(e.median)})")
+    else:
+        lines.append(f"- step {e.step}: global grad norm {_g(e.grad_norm)} = {_g(e.ratio)}x its "
+                     f"median over the previous {MEDIAN_WINDOW} steps ({_g(e.median)})")
+    when = "at that step" if e.onset == e.step else f"at step {e.onset}"
+    lines.append(f"- started in: {_names(e.layers)} (first to exceed {EXPLODE_FACTOR:g}x "
+                 f"its own median, {when})" if e.layers else
+                 "- started in: undetermined (too little history before the step)")
+    top = ", ".join(f"{n} {_g(r)}x" for n, r in e.layer_ratios[:SHOW_LAYERS])
+    lines.append(f"- layer ratios to their own median at step {e.onset}: {top}")
+    lines.append(f"- loss: mean {_g(e.loss_before)} over the {AROUND} steps before, "
+                 f"{_g(e.loss_after)} over the {AROUND} steps from it")
+    if e.recovered_at is not None:
+        lines.append(f"- recovered: a {RECOVER_WINDOW}-step loss mean is back within "
+                     f"{RECOVER_TOL:.0%} of the pre-event mean from step {e.recovered_at}")
+    else:
+        lines.append(f"- not recovered: no later {RECOVER_WINDOW}-step loss mean came back "
+                     f"within {RECOVER_TOL:.0%} of the pre-event mean")
     return lines
 
 

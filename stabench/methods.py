@@ -466,8 +466,9 @@ def _layer_key(layer: str) -> tuple[tuple, int | None]:
     return prefix, None if match[2] is None else int(match[2])
 
 
-def _scale_layer(tree, layer: str, scale: jax.Array):
-    """Multiply the leaves of one layer (every leaf if layer is '') by scale."""
+def _scale_layer(tree, layer: str, on: jax.Array, factor: float):
+    """Multiply the leaves of one layer (every leaf if layer is '') by factor where `on`; elsewhere
+    the leaves pass through untouched (selected, not multiplied by 1)."""
     target = _layer_key(layer) if layer else None
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
     out, hit, parts = [], False, set()
@@ -475,10 +476,10 @@ def _scale_layer(tree, layer: str, scale: jax.Array):
         names = tuple(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in path)
         parts.add(str(names[0]))
         if target is None or (names[:len(target[0])] == target[0] and target[1] is None):
-            g, hit = g * scale, True
+            g, hit = jnp.where(on, g * factor, g), True
         elif names[:len(target[0])] == target[0] and g.ndim and target[1] < g.shape[0]:
             row = (jnp.arange(g.shape[0]) == target[1]).reshape(-1, *[1] * (g.ndim - 1))
-            g, hit = jnp.where(row, g * scale, g), True
+            g, hit = jnp.where(on & row, g * factor, g), True
         out.append(g)
     if not hit:
         raise UserError(f"layer '{layer}' is not a layer of this model; its parts are "
@@ -500,8 +501,7 @@ def inject_spike(step: int = 100, factor: float = 100.0, layer: str = "", steps:
         _layer_key(layer)  # a malformed name fails now, not when the cell compiles
 
     def fault(grads, t):
-        on = (t >= step) & (t < step + steps)
-        return _scale_layer(grads, layer, jnp.where(on, factor, 1.0))
+        return _scale_layer(grads, layer, (t >= step) & (t < step + steps), factor)
 
     return fault
 
@@ -518,7 +518,7 @@ def inject_lr_spike(step: int = 100, factor: float = 100.0, layer: str = "",
 
     def update(updates, state, params=None):
         on = (state.count >= step) & (state.count < step + steps)
-        return _scale_layer(updates, layer, jnp.where(on, factor, 1.0)), optax.ScaleByScheduleState(
+        return _scale_layer(updates, layer, on, factor), optax.ScaleByScheduleState(
             count=optax.safe_increment(state.count))
 
     return optax.GradientTransformation(

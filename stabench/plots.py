@@ -296,9 +296,9 @@ HEATMAP_LABELS = 16  # layer names on the heatmap's axis; more are thinned out
 def diagnosis_figure(diag, loss: np.ndarray, layer_grad_norm: np.ndarray) -> Figure:
     """The loss per step (and its 20-step mean) above a heatmap of every layer's gradient norm over
     steps (log colour scale; grey where not finite or zero), with the diagnosis's events marked:
-    lines on the loss and triangles above the heatmap for the explosion step, the step its first
-    layers jumped, recovery and divergence; red arrows at the layers where it started. Layers with
-    vanishing gradients have blue names."""
+    lines on the loss and triangles above the heatmap for transient spikes, the explosion, the step
+    its first layers jumped, recovery and divergence; arrows at the layers where it started (of the
+    first spike if nothing exploded). Layers with vanishing gradients have blue names."""
     from matplotlib.colors import LogNorm
 
     from .diagnose import AROUND
@@ -340,6 +340,7 @@ def diagnosis_figure(diag, loss: np.ndarray, layer_grad_norm: np.ndarray) -> Fig
         every = max(1, math.ceil(len(names) / HEATMAP_LABELS))
         ticks = list(range(0, len(names), every))
         ax_heat.set_yticks(ticks, [names[i] for i in ticks], fontsize="x-small")
+        ax_heat.tick_params(axis="y", pad=9)  # room for the arrows
         vanishing = {n for n, _ in (diag.vanishing.layers if diag.vanishing else ())}
         for label, i in zip(ax_heat.get_yticklabels(), ticks):
             if names[i] in vanishing:
@@ -348,26 +349,32 @@ def diagnosis_figure(diag, loss: np.ndarray, layer_grad_norm: np.ndarray) -> Fig
         ax_heat.set_ylabel("layer (input at top)")
         ax_heat.grid(False)
 
-        events = []
-        e = diag.explosion
+        events = []  # (step, colour, line style, label or None)
+        for i, spike in enumerate(e for e in diag.events if e.transient):
+            events.append((spike.step, "tab:orange", ":", None if i else "transient spike"))
+        e = diag.harmful
         if e is not None:
             events.append((e.step, "tab:red", "--", f"explosion, step {e.step}"))
             if e.onset != e.step:
-                events.append((e.onset, "tab:orange", ":", f"first layer jump, step {e.onset}"))
+                events.append((e.onset, "tab:red", ":", f"first layer jump, step {e.onset}"))
             if e.recovered_at is not None:
                 events.append((e.recovered_at, "tab:green", ":", f"recovered, step {e.recovered_at}"))
+        first = e or diag.explosion
+        if first is not None:
             # where it started: arrows in the left margin, so the heatmap cells stay visible
-            rows = [names.index(n) for n in e.layers]
-            left = -0.5 - 0.012 * len(steps)
-            ax_heat.scatter([left] * len(rows), rows, marker=">", s=30, color="tab:red",
-                            zorder=3, clip_on=False)
+            rows = [names.index(n) for n in first.layers]
+            ax_heat.scatter([-0.012] * len(rows), rows, marker=">", s=30, zorder=3, clip_on=False,
+                            transform=ax_heat.get_yaxis_transform(),
+                            color="tab:red" if e is not None else "tab:orange")
         if diag.divergence is not None:
             events.append((diag.divergence, "black", "-", f"diverged, step {diag.divergence}"))
         for step, color, ls, label in events:
             ax_loss.axvline(step, color=color, ls=ls, lw=1, label=label)
-            ax_heat.scatter([step], [-0.5], marker="v", s=30, color=color, zorder=3,
-                            clip_on=False)
-        ax_loss.set_xlim(-0.5, len(steps) - 0.5)
+            ax_heat.scatter([step], [1.0], marker="v", s=30, color=color, zorder=3,
+                            clip_on=False, transform=ax_heat.get_xaxis_transform())
+        # a run stopped early (non-finite) has nothing to show after its last recorded step
+        last = int(np.flatnonzero(np.isfinite(loss))[-1]) if np.isfinite(loss).any() else 0
+        ax_loss.set_xlim(-0.5, min(len(steps), last + 1 + max(5, last // 10)) - 0.5)
         ax_loss.legend(fontsize="x-small", loc="upper right", ncols=2)
         run = diag.run
         ax_loss.set_title(textwrap.fill(f"{run['task']}, {run['method']}, init {run['init']}, "
