@@ -212,10 +212,15 @@ class Store:
         buf = io.BytesIO()
         np.savez_compressed(buf, **arrays)
         tel = buf.getvalue()
-        atomic_write(path.with_suffix(".npz"), tel)
         record = {"format_version": FORMAT_VERSION, "spec": spec.to_dict(), "spec_hash": spec.hash,
                   **body, "telemetry_sha256": sha256(tel)}
-        atomic_write(path, json.dumps(record, indent=1, sort_keys=True).encode())
+        payload = json.dumps(record, indent=1, sort_keys=True).encode()
+        atomic_write(path.with_suffix(".npz"), tel)
+        try:
+            atomic_write(path, payload)
+        except BaseException:
+            path.with_suffix(".npz").unlink(missing_ok=True)  # telemetry without its record
+            raise
         return Record(path, record)
 
     def records(self) -> tuple[list[Record], list[str]]:

@@ -3,6 +3,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -60,3 +61,12 @@ def report_tables(directory, out):
     markdown = write_report(directory, out, plots=False, warn=pytest.fail)
     return (markdown.split("## Provenance")[0], (Path(out) / "leaderboard.csv").read_text(),
             (Path(out) / "overall.csv").read_text())
+
+
+@pytest.fixture(scope="session")
+def tiny_sweep(tiny_suite, tmp_path_factory):
+    """The tiny suite swept without interruption, with its report tables: the reference for every
+    interrupted or damaged sweep."""
+    suite, whole = tiny_suite
+    report = report_tables(whole, tmp_path_factory.mktemp("tiny-report"))
+    return SimpleNamespace(suite=suite, whole=whole, report=report)
