@@ -233,7 +233,7 @@ def _diagnose_spec(args):
             overrides[key] = value
     if args.at_init:  # one step records the step-0 gradients; nothing after it is looked at
         overrides.update({"train.steps": 1, "train.eval_every": 1})
-    lrs = parse_lrs(args.lr) if args.lr is not None else None
+    lrs = parse_lrs(args.lr, "--lr") if args.lr is not None else None
     if lrs is not None and len(lrs) != 1:
         raise UserError(f"--lr takes one learning rate, got '{args.lr}'")
     spec = make_spec(args.task, args.method or "none", args.init or "default", args.optimizer, 1,

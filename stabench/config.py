@@ -66,13 +66,13 @@ def _positive_int(name: str, value: Any) -> int:
     return value
 
 
-def parse_lrs(text: str) -> tuple[float, ...]:
+def parse_lrs(text: str, flag: str = "--lrs") -> tuple[float, ...]:
     try:
         lrs = tuple(float(x) for x in text.split(",") if x.strip())
     except ValueError:
-        raise UserError(f"--lrs must be comma-separated numbers, got '{text}'") from None
+        raise UserError(f"{flag} must be comma-separated numbers, got '{text}'") from None
     if not lrs or not all(math.isfinite(x) and x > 0 for x in lrs):
-        raise UserError(f"--lrs must be positive finite numbers, got '{text}'")
+        raise UserError(f"{flag} must be positive finite numbers, got '{text}'")
     return lrs
 
 

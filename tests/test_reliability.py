@@ -83,8 +83,9 @@ def test_dataset_with_nan_is_rejected_before_training():
         check_finite(data, "digits")
 
 
-TOKENS = st.sampled_from(["run", "list", "rerun", "--task", "--method", "--init", "--optimizer",
-                          "--seeds", "--lrs", "--steps", "--batch-size", "--set", "--out", "--force",
+TOKENS = st.sampled_from(["run", "list", "rerun", "report", "merge", "diagnose", "--lr", "--seed",
+                          "--run", "--at-init", ".", "x.json", "--no-plots", "--task", "--method",
+                          "--init", "--optimizer", "--seeds", "--lrs", "--steps", "--batch-size", "--set", "--out", "--force",
                           "digits", "cifar", "clip_norm", "clip_norm(max_norm=", "(", ")", "=", "-1",
                           "0", "nan", "inf", "1e400", "model.depth=0", "train.x=1", "tasks", "", "--"])
 METHOD = st.text(alphabet="abcdefghijklmnopqrstuvwxyz_()=+,.[]'\"0123456789-e ", max_size=30)
@@ -100,6 +101,8 @@ def test_random_command_lines_never_end_in_a_traceback(argv, monkeypatch, tmp_pa
     monkeypatch.setattr(runner, "run_cell", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     monkeypatch.setattr(runner, "load_data", lambda *a, **k: None)
     monkeypatch.setattr(runner, "rerun", lambda *a, **k: [])
+    monkeypatch.setattr(runner, "train_spec",
+                        lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     monkeypatch.chdir(tmp_path)  # results directories the command creates stay in the sandbox
     try:
         status = cli.main(argv)
@@ -151,6 +154,17 @@ def test_random_method_strings_raise_only_user_errors(spec):
     (["run", "--set", "model.depth=0"], "depth must be positive"),
     (["run", "--set", "model.width=-8"], "width and depth must be positive"),
     (["run", "--set", "train.eval_every=0"], "'train.eval_every' must be positive"),
+    (["diagnose"], "give a record path (diagnose RECORD) or a task to train"),
+    (["diagnose", "--task", "digitz"], "Did you mean 'digits'"),
+    (["diagnose", "--task", "digits", "--method", "clip_nrm"], "Did you mean 'clip_norm'"),
+    (["diagnose", "--task", "digits", "--set", "model.depth=0"], "depth must be positive"),
+    (["diagnose", "--task", "digits", "--lr", "-1"], "--lr must be positive finite numbers"),
+    (["diagnose", "--task", "digits", "--lr", "0.1,1"], "--lr takes one learning rate"),
+    (["diagnose", "--task", "digits", "--steps", "0"], "--steps must be positive"),
+    (["diagnose", "--task", "digits", "--seed", "-1"], "--seed must be >= 0"),
+    (["diagnose", "--task", "digits", "--batch-size", "5000"], "exceeds the 1438 training"),
+    (["diagnose", "--task", "digits", "--set", "train.stepz=1"], "Did you mean 'train.steps'"),
+    (["diagnose", "nowhere.json"], "nowhere.json: unreadable record"),
     (["report", "nowhere"], "no results directory nowhere"),
     (["report", "."], "no usable records in ."),
     (["merge", "merged", "nowhere"], "merge: no results directory nowhere"),
@@ -163,8 +177,6 @@ def test_bad_input_to_any_command_exits_2_with_one_line_and_writes_nothing(
     from stabench.cli import main
 
     monkeypatch.chdir(tmp_path)  # default results directories would appear here
-    if argv[0] in ("run", "sweep"):
-        argv = [*argv, "--out", "out"]
     code = main(argv)
     out, err = capsys.readouterr()
     assert code == 2 and out == ""
