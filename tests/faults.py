@@ -10,7 +10,9 @@ Every process appends one line per event to FILE: "EVENT PID DETAIL".
            and the record is about to be renamed into place (DETAIL: its path)
 At the N-th EVENT over all processes (counted in FILE under a lock), ACTION happens:
   kill       SIGKILL to the whole process group: a power cut, nothing runs after it
-  kill-main  SIGKILL to the process that was started (the group leader) only; its workers live on
+  kill-main  SIGKILL to the process that was started (the group leader) only; its workers live on.
+             From then on every other process holds at its next event until that process is gone,
+             so what a worker does next happens as an orphan, not in a race with the kill
   int        SIGINT to the whole process group: Ctrl-C in a terminal
   none       nothing (N is ignored): the log alone
 A `compile` action fires from a timer thread 0.2 s after the compile starts; the compiling thread
@@ -39,15 +41,27 @@ assert ACTION in (*SIGNALS, "none"), f"unknown fault action {ACTION}"
 
 def fire() -> None:
     if ACTION == "kill-main":
+        Path(f"{LOG}.fired").touch()
         os.kill(os.getpgrp(), signal.SIGKILL)
+        wait_orphaned()
     else:
         os.killpg(os.getpgrp(), SIGNALS[ACTION])
+
+
+def wait_orphaned(timeout: float = 60.0) -> None:
+    """Return once the sweep process (this worker's parent, the group leader) has exited."""
+    for _ in range(int(timeout / 0.01)):
+        if os.getppid() != os.getpgrp():
+            return
+        threading.Event().wait(0.01)
 
 
 def event(kind: str, detail: str = "") -> bool:
     """Log the event; True when it is the one the fault is set for."""
     if not LOG:
         return False
+    if ACTION == "kill-main" and os.getpid() != os.getpgrp() and Path(f"{LOG}.fired").exists():
+        wait_orphaned()
     with open(LOG, "a+") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         f.write(f"{kind} {os.getpid()} {detail}\n")
