@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shlex
 import sys
 from pathlib import Path
 
@@ -86,17 +87,26 @@ def cmd_run(args) -> int:
     store.check_writable(spec)
     enable_compilation_cache()
     steps = spec.train["steps"]
-    with tqdm(total=steps, desc=f"{spec.task} {spec.method}", unit="step", file=sys.stderr,
-              leave=False) as bar:
-        try:
-            record = run_cell(spec, store, args.data_dir, lambda done: bar.update(done - bar.n),
-                              data=data)
-        except KeyboardInterrupt:
-            bar.close()
-            print(f"interrupted at step {bar.n} of {steps}: nothing of this cell was saved "
-                  f"(records are written whole or not at all); run the same command again to "
-                  f"train it", file=sys.stderr)
-            return 130
+    if store.is_claimed(spec):
+        print(f"another process is training this cell into {args.out}; waiting for it",
+              file=sys.stderr)
+    with store.claim(spec, wait=True):  # never two writers of one record
+        if not args.force:
+            record = store.load(spec)  # stored by that other process meanwhile
+            if record is not None:
+                print_record(record, reused=True)
+                return 0
+        with tqdm(total=steps, desc=f"{spec.task} {spec.method}", unit="step", file=sys.stderr,
+                  leave=False) as bar:
+            try:
+                record = run_cell(spec, store, args.data_dir,
+                                  lambda done: bar.update(done - bar.n), data=data)
+            except KeyboardInterrupt:
+                bar.close()
+                print(f"interrupted at step {bar.n} of {steps}: nothing of this cell was saved "
+                      f"(records are written whole or not at all); run the same command again "
+                      f"to train it", file=sys.stderr)
+                return 130
     print_record(record, reused=False)
     return 0
 
@@ -148,7 +158,8 @@ def _sweep_from_args(args):
 
 
 def cmd_sweep(args) -> int:
-    from .executor import Progress, cell_label, make_sweep_executor, run_sweep
+    from .executor import (Progress, SweepInterrupted, cell_label, make_sweep_executor,
+                           run_sweep)
     from .store import Store
     from .sweep import parse_shard, shard
 
@@ -169,10 +180,14 @@ def cmd_sweep(args) -> int:
         print(f"{len(cells)} cells; results in {out}")
         return 0
     try:
-        summary = run_sweep(cells, out, executor, Progress())
-    except KeyboardInterrupt:
-        print(f"interrupted: finished cells are stored in {out} (cells in flight are not); run "
-              f"the same command again to resume", file=sys.stderr)
+        summary = run_sweep(cells, out, executor, Progress(),
+                            warn=lambda message: print(message, file=sys.stderr))
+    except SweepInterrupted as stop:
+        stored = sum(Store(out).load(cell) is not None for cell in cells)
+        print(f"interrupted: {stored} of {len(cells)} cells are stored in {out} "
+              f"({stop.summary.trained} trained by this run); the cells in flight were discarded, "
+              f"nothing partial was written. Resume with the same command:\n"
+              f"  python -m stabench {shlex.join(args.argv)}", file=sys.stderr)
         return 130
     print("\n".join(summary.lines(out)))
     return 1 if summary.failed else 0
@@ -218,7 +233,7 @@ def _diagnose_spec(args):
             overrides[key] = value
     if args.at_init:  # one step records the step-0 gradients; nothing after it is looked at
         overrides.update({"train.steps": 1, "train.eval_every": 1})
-    lrs = parse_lrs(args.lr) if args.lr is not None else None
+    lrs = parse_lrs(args.lr, "--lr") if args.lr is not None else None
     if lrs is not None and len(lrs) != 1:
         raise UserError(f"--lr takes one learning rate, got '{args.lr}'")
     spec = make_spec(args.task, args.method or "none", args.init or "default", args.optimizer, 1,
@@ -473,8 +488,10 @@ def build_parser() -> ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args = build_parser().parse_args(argv)
+        args.argv = argv
         return args.func(args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -482,6 +499,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; nothing partial was written", file=sys.stderr)
         return 130
+    except OSError as err:  # the disk or file system failed under a command: say what, where
+        print(f"error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -66,13 +66,13 @@ def _positive_int(name: str, value: Any) -> int:
     return value
 
 
-def parse_lrs(text: str) -> tuple[float, ...]:
+def parse_lrs(text: str, flag: str = "--lrs") -> tuple[float, ...]:
     try:
         lrs = tuple(float(x) for x in text.split(",") if x.strip())
     except ValueError:
-        raise UserError(f"--lrs must be comma-separated numbers, got '{text}'") from None
+        raise UserError(f"{flag} must be comma-separated numbers, got '{text}'") from None
     if not lrs or not all(math.isfinite(x) and x > 0 for x in lrs):
-        raise UserError(f"--lrs must be positive finite numbers, got '{text}'")
+        raise UserError(f"{flag} must be positive finite numbers, got '{text}'")
     return lrs
 
 
@@ -86,12 +86,16 @@ def make_spec(task: str, method: str = "none", init: str = "default", optimizer:
     lrs = tuple(float(x) for x in (train["lrs"] if lrs is None else lrs))
     if not all(math.isfinite(x) and x > 0 for x in lrs):
         raise UserError(f"learning rates must be positive and finite, got {list(lrs)}")
-    source = data_source(spec_task)
+    try:  # a wrong dataset or model argument is an error in the task file (or in --set)
+        source = data_source(spec_task)
+        MODELS.get(spec_task.component("model"))
+    except UserError as err:
+        by_set = any(k.startswith(("dataset.", "model.")) for k in overrides or {})
+        raise UserError(f"{spec_task.source}{' with --set' if by_set else ''}: {err}") from None
     n_train = fake(source.meta).x_train.shape[0] if fake_data else source.meta.n_train
     if train["batch_size"] > n_train:
         raise UserError(f"batch size {train['batch_size']} exceeds the {n_train} training examples "
                         f"of task {spec_task.name}")
-    MODELS.get(spec_task.component("model"))
     spec = RunSpec(
         task=spec_task.name,
         task_config=spec_task.config,

@@ -2,9 +2,11 @@
 
 An executor takes cells (RunSpecs) and a results directory and yields one `Outcome` per cell as
 cells finish; records are written only through `Store.save` (atomic), so a sweep killed at any
-instant loses at most its cells in flight. `run_sweep` skips cells already stored (resume) and
-counts what happened. Another engine plugs in by implementing `Executor`: `RayExecutor` runs each
-cell as a Ray task on a cluster.
+instant loses at most its cells in flight. A cell is trained under its store lock (`Store.claim`),
+so two sweeps into one directory never train or write a cell twice: the second waits for the
+first's cells and takes over those whose holder died. `run_sweep` skips cells already stored
+(resume) and counts what happened. Another engine plugs in by implementing `Executor`:
+`RayExecutor` runs each cell as a Ray task on a cluster.
 
 On a CPU host one process leaves cores idle at these model sizes (DESIGN section 3), so the local
 executor runs one worker process per core, each pinned to its core before JAX starts (XLA then
@@ -14,6 +16,7 @@ JAX's in-memory caches across cells and uses the persistent compilation cache.
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing as mp
 import os
 import queue
@@ -30,7 +33,12 @@ from typing import Iterator, Protocol, Sequence
 
 from .config import RunSpec, task_of
 from .registry import UserError
-from .store import Store
+from .store import Store, check_writable
+
+TRAINED, FAILED = "trained", "failed"
+STORED = "stored"  # another process stored the cell before this one could claim it
+BUSY = "busy"  # another process holds the cell's lock: it is training it now
+STOP_WAIT_S = 20.0  # how long an interrupted worker may take to finish its chunk before a kill
 
 
 @dataclass(frozen=True)
@@ -41,6 +49,7 @@ class Outcome:
     diverged: int
     seconds: float
     error: str | None = None
+    status: str = TRAINED
 
 
 class Listener(Protocol):
@@ -93,15 +102,21 @@ def _where(err: BaseException) -> str:
 
 
 def train_one(index: int, spec: RunSpec, store: Store, data: DataCache, on_chunk) -> Outcome:
-    """Train and store one cell; a failure becomes the outcome's one-line error."""
+    """Train and store one cell under its lock; a failure becomes the outcome's one-line error."""
     from .runner import run_cell
 
     t0 = time.perf_counter()
-    try:
-        record = run_cell(spec, store, data.data_dir, on_chunk, data=data(spec))
-    except Exception as err:  # noqa: BLE001  (one cell's failure must not end the sweep)
-        return Outcome(index, None, len(spec.runs), 0, time.perf_counter() - t0,
-                       f"{type(err).__name__}: {err}{_where(err)}")
+    with store.claim(spec) as mine:
+        if not mine:
+            return Outcome(index, None, len(spec.runs), 0, 0.0, status=BUSY)
+        stored = store.load(spec)
+        if stored is not None:
+            return Outcome(index, str(stored.path), len(spec.runs), 0, 0.0, status=STORED)
+        try:
+            record = run_cell(spec, store, data.data_dir, on_chunk, data=data(spec))
+        except Exception as err:  # noqa: BLE001  (one cell's failure must not end the sweep)
+            return Outcome(index, None, len(spec.runs), 0, time.perf_counter() - t0,
+                           f"{type(err).__name__}: {err}{_where(err)}", FAILED)
     diverged = int(sum(run["diverged"] for run in record.runs))
     return Outcome(index, str(record.path), len(record.runs), diverged, time.perf_counter() - t0)
 
@@ -126,9 +141,31 @@ class SerialExecutor:
             yield train_one(index, spec, store, data, on_chunk)
 
 
+def _die_with_parent() -> None:
+    """Linux: the kernel sends this worker SIGTERM when the sweep process dies, so a sweep killed
+    with kill -9 leaves no worker training for nobody."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def _worker(slot: int, cpu: int | None, out: str, data_dir: str | None, inbox, results) -> None:
     """A worker process: pin to its core, then train the cells the parent sends until None."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops workers
+
+    def stop(signum, frame):
+        # Interrupted (the parent stops its workers) or orphaned: leave at the next Python
+        # instruction, i.e. once the running chunk returns; unwinding releases the cell's lock and
+        # removes a half-written temp file, so nothing partial remains.
+        results.cancel_join_thread()
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    _die_with_parent()
+    if mp.parent_process() is not None and not mp.parent_process().is_alive():
+        return
     if cpu is not None and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {cpu})
     from .runner import enable_compilation_cache
@@ -223,13 +260,18 @@ class LocalExecutor:
                             start(slot_id)
                             feed(slot_id)
         finally:
-            for slot in slots:
-                if slot.process is not None and slot.process.is_alive():
-                    if slot.index is None:
-                        slot.process.join(timeout=5)
-                    if slot.process.is_alive():
-                        slot.process.terminate()  # interrupted: its cell in flight is not written
-                        slot.process.join(timeout=5)
+            # Idle workers were sent None and exit; busy ones (an interrupt) are told to stop and
+            # finish their chunk, writing nothing; one that does not within STOP_WAIT_S is killed.
+            live = [slot for slot in slots if slot.process is not None and slot.process.is_alive()]
+            for slot in live:
+                if slot.index is not None:
+                    slot.process.terminate()
+            deadline = time.monotonic() + STOP_WAIT_S
+            for slot in live:
+                slot.process.join(max(0.0, deadline - time.monotonic()))
+                if slot.process.is_alive():
+                    slot.process.kill()
+                    slot.process.join()
 
 
 def make_executor(workers: int | None, data_dir: str | None = None) -> Executor:
@@ -367,15 +409,18 @@ class Summary:
     cells: int = 0
     trained: int = 0
     skipped: int = 0
+    elsewhere: int = 0  # of the skipped: stored by another process during this sweep
     failed: list[tuple[RunSpec, str]] = field(default_factory=list)
     runs: int = 0
     diverged: int = 0
     seconds: float = 0.0
 
     def lines(self, out: str) -> list[str]:
+        by_other = f", {self.elsewhere} of them by another process" if self.elsewhere else ""
         lines = [f"sweep: {self.cells} cells: {self.trained} trained, {self.skipped} skipped "
-                 f"(already stored), {len(self.failed)} failed | {self.runs} runs trained, "
-                 f"{self.diverged} diverged | wall {_duration(self.seconds)} | results in {out}"]
+                 f"(already stored{by_other}), {len(self.failed)} failed | {self.runs} runs "
+                 f"trained, {self.diverged} diverged | wall {_duration(self.seconds)} | "
+                 f"results in {out}"]
         for spec, error in self.failed:
             lines.append(f"failed: {cell_label(spec)}: {error}")
         if self.failed:
@@ -405,28 +450,94 @@ def _duration(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{seconds:.1f}s"
 
 
+class SweepInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a sweep, with the summary of what it had done."""
+
+    def __init__(self, summary: Summary):
+        super().__init__()
+        self.summary = summary
+
+
+class _Renumbered:
+    """A listener seeing a subset of the cells under their indices in the whole list."""
+
+    def __init__(self, listener: Listener | None, indices: list[int]):
+        self.listener, self.indices = listener, indices
+
+    def started(self, index: int, slot: int) -> None:
+        if self.listener:
+            self.listener.started(self.indices[index], slot)
+
+    def progressed(self, index: int, slot: int, steps: int) -> None:
+        if self.listener:
+            self.listener.progressed(self.indices[index], slot, steps)
+
+
 def run_sweep(cells: list[RunSpec], out: str, executor: Executor,
-              progress: "Progress | None" = None) -> Summary:
-    """Train every cell not already stored in `out`; a stored record that does not verify (a torn
-    write) is trained again."""
+              progress: "Progress | None" = None, warn=None, poll_s: float = 1.0) -> Summary:
+    """Train every cell not already stored in `out`. A stored record that does not verify (torn,
+    corrupt, another format version) is named through `warn` and trained again; temp files of
+    killed writers are removed. Cells another process is training are waited for, then skipped
+    (it stored them) or trained (it died). Ctrl-C raises SweepInterrupted."""
     t0 = time.perf_counter()
+    warn = warn or (lambda message: None)
     store = Store(out)
-    todo = [spec for spec in cells if store.load(spec) is None]
+    todo = []
+    for spec in cells:
+        record, problem = store.lookup(spec)
+        if problem:
+            warn(f"training again: {problem}")
+        if record is None:
+            todo.append(spec)
     summary = Summary(cells=len(cells), skipped=len(cells) - len(todo))
-    if todo:
-        store.check_writable(todo[0])
+    for directory in sorted({store.path_for(spec).parent for spec in todo}):
+        check_writable(directory)
+    for tmp in store.remove_stale_temps():
+        warn(f"removed {tmp}: left by a writer that was killed")
     if progress:
         progress.begin(todo, summary.skipped, executor.slots)
+
+    def count(outcome: Outcome) -> None:
+        if outcome.status == TRAINED:
+            summary.trained += 1
+            summary.runs += outcome.runs
+            summary.diverged += outcome.diverged
+        elif outcome.status == STORED:
+            summary.skipped += 1
+            summary.elsewhere += 1
+        else:
+            summary.failed.append((todo[outcome.index], outcome.error))
+        if progress:
+            progress.finished(outcome)
+
+    pending, waiting = list(range(len(todo))), []
     try:
-        for outcome in executor.run(todo, out, progress):
-            if outcome.error is None:
-                summary.trained += 1
-                summary.runs += outcome.runs
-                summary.diverged += outcome.diverged
-            else:
-                summary.failed.append((todo[outcome.index], outcome.error))
-            if progress:
-                progress.finished(outcome)
+        while pending:
+            for outcome in executor.run([todo[i] for i in pending], out,
+                                        _Renumbered(progress, pending)):
+                outcome = dataclasses.replace(outcome, index=pending[outcome.index])
+                if outcome.status == BUSY:
+                    waiting.append(outcome.index)
+                else:
+                    count(outcome)
+            pending = []
+            if waiting:
+                warn(f"waiting for {len(waiting)} cells that another process is training into "
+                     f"{out}")
+            while waiting and not pending:
+                free = [i for i in waiting if not store.is_claimed(todo[i])]
+                for i in free:
+                    record = store.load(todo[i])
+                    if record is None:
+                        pending.append(i)  # its trainer died: train it here
+                    else:
+                        count(Outcome(i, str(record.path), len(todo[i].runs), 0, 0.0,
+                                      status=STORED))
+                waiting = [i for i in waiting if i not in free]
+                if waiting and not pending:
+                    time.sleep(poll_s)
+    except KeyboardInterrupt:
+        raise SweepInterrupted(summary) from None
     finally:
         if progress:
             progress.close()

@@ -515,7 +515,7 @@ def write_report(directory: str | Path, out: str | Path | None = None, plots: bo
     directory) and return the Markdown. Untrustworthy records are reported through `warn` and
     left out; a directory with none that can be used is a UserError."""
     from .registry import UserError
-    from .store import Store
+    from .store import Store, check_writable
 
     directory = Path(directory)
     if not directory.is_dir():
@@ -528,7 +528,7 @@ def write_report(directory: str | Path, out: str | Path | None = None, plots: bo
                         + (f" ({len(bad)} skipped, listed above)" if bad else "")
                         + f"; write some with: python -m stabench sweep ... --out {directory}")
     out = Path(out or directory)
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable(out)
     report = build_report(records)
     for note in report.notes:
         warn(f"note: {note}")

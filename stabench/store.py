@@ -3,19 +3,28 @@
 Writes are atomic (temp file, fsync, rename), telemetry first, so a record that exists is complete.
 A record that does not parse, or whose spec hash or telemetry checksum does not match, is reported
 by name and never used.
+
+Processes writing into one directory at once (two sweeps, a sweep and a run) take a per-cell lock
+(`Store.claim`, an flock the kernel releases when its holder dies), so no cell is trained or
+written twice. A temporary file left by a killed writer names its host and process; the next sweep
+on that host removes it once that process is gone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
 import hashlib
 import io
 import json
 import os
 import platform
+import socket
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -46,14 +55,26 @@ class Record:
             return {k: z[k] for k in z.files}
 
 
+TMP_SUFFIX = ".tmp"
+
+
+def _temp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}@{socket.gethostname()}{TMP_SUFFIX}")
+
+
 def atomic_write(path: Path, payload: bytes) -> None:
-    # host and pid: writers on several hosts may share the directory (a cluster's file system)
-    tmp = path.with_name(f".{path.name}.{platform.node()}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(payload)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write whole or not at all: a temp file, fsynced, renamed over `path`; the temp file is
+    removed if anything fails (disk full, an interrupt)."""
+    tmp = _temp_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
@@ -63,6 +84,18 @@ def atomic_write(path: Path, payload: bytes) -> None:
 
 def sha256(payload: bytes) -> str:
     return hashlib.sha256(payload).hexdigest()
+
+
+def check_writable(directory: str | os.PathLike) -> None:
+    """Fail with one line, before any work, if files cannot be created in `directory`."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write-test.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"cannot write results to {directory}: {err.strerror or err}") from None
 
 
 def read_record(path: Path) -> Record:
@@ -81,6 +114,13 @@ def read_record(path: Path) -> Record:
         raise BadRecord(f"{path}: record lacks a valid spec") from None
     if not ok:
         raise BadRecord(f"{path}: spec hash does not match its spec")
+    if path.stem != spec.hash[:16]:
+        raise BadRecord(f"{path}: file name does not match its spec hash {spec.hash[:16]} "
+                        f"(a copy under another name would count the cell twice)")
+    runs = data.get("runs")
+    if not (isinstance(runs, list) and all(isinstance(r, dict) for r in runs)
+            and [(r.get("seed"), r.get("lr")) for r in runs] == spec.runs):
+        raise BadRecord(f"{path}: its runs do not match the seeds and learning rates of its spec")
     tel = path.with_suffix(".npz")
     try:
         digest = sha256(tel.read_bytes())
@@ -98,26 +138,73 @@ class Store:
     def path_for(self, spec: RunSpec) -> Path:
         return self.root / spec.task / f"{spec.hash[:16]}.json"
 
-    def load(self, spec: RunSpec) -> Record | None:
-        """The finished record of this spec, or None (absent or untrustworthy: redo it)."""
+    def lookup(self, spec: RunSpec) -> tuple[Record | None, str | None]:
+        """The finished record of this spec, or None and why a stored one cannot be used (None
+        when there is none)."""
         path = self.path_for(spec)
         if not path.exists():
-            return None
+            return None, None
         try:
-            return read_record(path)
-        except BadRecord:
-            return None
+            return read_record(path), None
+        except BadRecord as err:
+            return None, str(err)
+
+    def load(self, spec: RunSpec) -> Record | None:
+        """The finished record of this spec, or None (absent or untrustworthy: redo it)."""
+        return self.lookup(spec)[0]
 
     def check_writable(self, spec: RunSpec) -> None:
         """Fail before any training if the record could not be written."""
-        directory = self.path_for(spec).parent
+        check_writable(self.path_for(spec).parent)
+
+    @contextlib.contextmanager
+    def claim(self, spec: RunSpec, wait: bool = False) -> Iterator[bool]:
+        """Hold the cell's lock while training and saving it. Yields False when another process
+        holds it (or, with `wait`, blocks until it is free). The kernel releases the lock of a
+        process that dies, so a killed claimant never blocks a cell."""
+        path = self.path_for(spec).with_suffix(".lock")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                os.close(fd)
+                yield False
+                return
+            # The previous holder unlinks the file on release; if it did so after we opened it,
+            # our lock is on a file nobody else will open: lock the current one instead.
+            try:
+                current = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                current = False
+            if current:
+                break
+            os.close(fd)
         try:
-            directory.mkdir(parents=True, exist_ok=True)
-            probe = directory / f".write-test.{os.getpid()}"
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as err:
-            raise UserError(f"cannot write results to {directory}: {err.strerror}") from None
+            yield True
+        finally:
+            path.unlink(missing_ok=True)  # before releasing, so a waiter re-checks (see above)
+            os.close(fd)
+
+    def is_claimed(self, spec: RunSpec) -> bool:
+        """Whether another process holds the cell's lock now."""
+        with self.claim(spec) as mine:
+            return not mine
+
+    def remove_stale_temps(self) -> list[Path]:
+        """Delete temporary files whose writer, a process on this host, is gone (killed mid-write);
+        returns them. Files of live processes and of other hosts are left alone."""
+        removed = []
+        host = socket.gethostname()
+        for tmp in self.root.rglob(f".*{TMP_SUFFIX}"):
+            writer, _, where = tmp.name[:-len(TMP_SUFFIX)].rpartition("@")
+            pid = writer.rpartition(".")[2]
+            if where != host or not pid.isdigit() or _alive(int(pid)):
+                continue
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+        return removed
 
     def save(self, spec: RunSpec, body: dict, arrays: dict[str, np.ndarray]) -> Record:
         path = self.path_for(spec)
@@ -125,10 +212,15 @@ class Store:
         buf = io.BytesIO()
         np.savez_compressed(buf, **arrays)
         tel = buf.getvalue()
-        atomic_write(path.with_suffix(".npz"), tel)
         record = {"format_version": FORMAT_VERSION, "spec": spec.to_dict(), "spec_hash": spec.hash,
                   **body, "telemetry_sha256": sha256(tel)}
-        atomic_write(path, json.dumps(record, indent=1, sort_keys=True).encode())
+        payload = json.dumps(record, indent=1, sort_keys=True).encode()
+        atomic_write(path.with_suffix(".npz"), tel)
+        try:
+            atomic_write(path, payload)
+        except BaseException:
+            path.with_suffix(".npz").unlink(missing_ok=True)  # telemetry without its record
+            raise
         return Record(path, record)
 
     def records(self) -> tuple[list[Record], list[str]]:
@@ -140,6 +232,16 @@ class Store:
             except BadRecord as err:
                 bad.append(str(err))
         return good, bad
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
 
 
 def _git_commit() -> str | None:
@@ -181,10 +283,12 @@ def merge(dest: str | os.PathLike, sources: list[str | os.PathLike]) -> tuple[in
     """Copy every trustworthy record (and its telemetry) of the source directories into dest,
     atomically; a cell dest already holds is kept. Returns (copied, already present, problems)."""
     target = Store(dest)
-    copied, present, problems = 0, 0, []
     for source in sources:
         if not Path(source).is_dir():
             raise UserError(f"merge: no results directory {source}")
+    check_writable(dest)
+    copied, present, problems = 0, 0, []
+    for source in sources:
         good, bad = Store(source).records()
         problems += bad
         for record in good:

@@ -1,9 +1,14 @@
-"""Task specs: one TOML file per task under tasks/, loaded into frozen TaskSpec values."""
+"""Task specs: one TOML file per task under tasks/, loaded into frozen TaskSpec values.
+
+Users add their own task files without touching the package: STABENCH_TASKS_DIR names one or more
+directories (separated like PATH) whose *.toml files are loaded after the built-in tasks.
+"""
 
 from __future__ import annotations
 
 import copy
 import math
+import os
 import sys
 from dataclasses import dataclass
 from importlib import resources
@@ -115,28 +120,49 @@ def validate(doc: dict, source: str) -> dict:
     return doc
 
 
-def _load_all() -> dict[str, TaskSpec]:
+TASKS_DIR_ENV = "STABENCH_TASKS_DIR"
+
+
+def user_task_dirs() -> list[Path]:
+    """The directories of user task files named by STABENCH_TASKS_DIR; each must exist."""
+    dirs = [Path(d) for d in os.environ.get(TASKS_DIR_ENV, "").split(os.pathsep) if d]
+    for d in dirs:
+        if not d.is_dir():
+            raise UserError(f"{TASKS_DIR_ENV}: no directory {d}")
+    return dirs
+
+
+def _load_all(user_dirs: list[Path]) -> dict[str, TaskSpec]:
     tasks = {}
-    for path in sorted(task_dir().iterdir(), key=lambda p: p.name):
-        if not path.name.endswith(".toml"):
-            continue
-        name = path.name[: -len(".toml")]
-        source = f"tasks/{path.name}"
-        try:
-            doc = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as err:
-            raise UserError(f"{source}: not valid TOML: {err}") from None
-        tasks[name] = TaskSpec(name, validate(doc, source), source)
+    places = [(task_dir(), "tasks/")] + [(d, f"{d}{os.sep}") for d in user_dirs]
+    for directory, label in places:
+        for path in sorted(directory.iterdir(), key=lambda p: p.name):
+            if not path.name.endswith(".toml"):
+                continue
+            name = path.name[: -len(".toml")]
+            source = f"{label}{path.name}"
+            if name in tasks:
+                raise UserError(f"{source}: task '{name}' is already defined by "
+                                f"{tasks[name].source}; rename one of them")
+            try:
+                doc = tomllib.loads(path.read_text())
+            except tomllib.TOMLDecodeError as err:
+                raise UserError(f"{source}: not valid TOML: {err}") from None
+            except (OSError, UnicodeDecodeError) as err:
+                raise UserError(f"{source}: cannot read it ({err.__class__.__name__})") from None
+            tasks[name] = TaskSpec(name, validate(doc, source), source)
     return tasks
 
 
-_CACHE: dict[str, TaskSpec] = {}
+_CACHE: dict[tuple[Path, ...], dict[str, TaskSpec]] = {}
 
 
 def all_tasks() -> dict[str, TaskSpec]:
-    if not _CACHE:
-        _CACHE.update(_load_all())
-    return _CACHE
+    user_dirs = user_task_dirs()
+    key = tuple(user_dirs)
+    if key not in _CACHE:
+        _CACHE[key] = _load_all(user_dirs)
+    return _CACHE[key]
 
 
 def aliases() -> dict[str, str]:

@@ -3,6 +3,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -96,3 +97,12 @@ def engine_for(spec, data):
     from stabench.train import Engine
 
     return Engine(build_cell(spec, data_source(task_of(spec))), data)
+
+
+@pytest.fixture(scope="session")
+def tiny_sweep(tiny_suite, tmp_path_factory):
+    """The tiny suite swept without interruption, with its report tables: the reference for every
+    interrupted or damaged sweep."""
+    suite, whole = tiny_suite
+    report = report_tables(whole, tmp_path_factory.mktemp("tiny-report"))
+    return SimpleNamespace(suite=suite, whole=whole, report=report)

@@ -1,4 +1,7 @@
-"""Faults around a single cell: Ctrl-C, determinism, rerun, bad data, random bad input."""
+"""Faults outside a running sweep: Ctrl-C in `run`, determinism and rerun, bad data, bad input to
+every command (and random bad input), user task files, unwritable or full disks, the store's
+locks and temp files, numerical extremes in telemetry and reports. Faults injected into running
+sweeps are in test_sweep_faults.py."""
 
 import json
 import os
@@ -80,8 +83,9 @@ def test_dataset_with_nan_is_rejected_before_training():
         check_finite(data, "digits")
 
 
-TOKENS = st.sampled_from(["run", "list", "rerun", "--task", "--method", "--init", "--optimizer",
-                          "--seeds", "--lrs", "--steps", "--batch-size", "--set", "--out", "--force",
+TOKENS = st.sampled_from(["run", "list", "rerun", "report", "merge", "diagnose", "--lr", "--seed",
+                          "--run", "--at-init", ".", "x.json", "--no-plots", "--task", "--method",
+                          "--init", "--optimizer", "--seeds", "--lrs", "--steps", "--batch-size", "--set", "--out", "--force",
                           "digits", "cifar", "clip_norm", "clip_norm(max_norm=", "(", ")", "=", "-1",
                           "0", "nan", "inf", "1e400", "model.depth=0", "train.x=1", "tasks", "", "--"])
 METHOD = st.text(alphabet="abcdefghijklmnopqrstuvwxyz_()=+,.[]'\"0123456789-e ", max_size=30)
@@ -97,6 +101,8 @@ def test_random_command_lines_never_end_in_a_traceback(argv, monkeypatch, tmp_pa
     monkeypatch.setattr(runner, "run_cell", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     monkeypatch.setattr(runner, "load_data", lambda *a, **k: None)
     monkeypatch.setattr(runner, "rerun", lambda *a, **k: [])
+    monkeypatch.setattr(runner, "train_spec",
+                        lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     monkeypatch.chdir(tmp_path)  # results directories the command creates stay in the sandbox
     try:
         status = cli.main(argv)
@@ -119,3 +125,500 @@ def test_random_method_strings_raise_only_user_errors(spec):
             0.1, jax.random.key(0))
     except UserError:
         pass
+
+
+# ---- bad input to every command: exit 2, one line, nothing written ---------------------------------
+@pytest.mark.parametrize("argv, expected", [
+    (["sweep"], "give --suite NAME or at least one --task"),
+    (["sweep", "--task", "cifar-11"], "unknown task 'cifar-11'"),
+    (["sweep", "--task", "digits", "--method", "none", "clip_nrm"], "Did you mean 'clip_norm'"),
+    (["sweep", "--task", "digits", "--method", "clip_norm(max_norm=)"], "cannot parse"),
+    (["sweep", "--task", "digits", "--method", "clip_norm(max_norm=[1,2)"], "unbalanced brackets"),
+    (["sweep", "--task", "digits", "--method", "clip_norm(max_norm=abc)"], "max_norm"),
+    (["sweep", "--task", "digits", "--method", "clip_norm(max_nrm=[1,2])"], "Accepted: max_norm"),
+    (["sweep", "--task", "digits", "--init", "hee_normal"], "Did you mean 'he_normal'"),
+    (["sweep", "--task", "digits", "--optimizer", "sgdd"], "Valid optimizers: adam, sgd"),
+    (["sweep", "--task", "digits", "--lrs", "0.1,-1"], "positive finite"),
+    (["sweep", "--task", "digits", "--lrs", "inf"], "positive finite"),
+    (["sweep", "--task", "digits", "--steps", "0"], "--steps must be positive"),
+    (["sweep", "--task", "digits", "--seeds", "-1"], "--seeds must be positive"),
+    (["sweep", "--task", "digits", "--batch-size", "5000"], "exceeds the 1438 training examples"),
+    (["sweep", "--task", "digits", "--set", "train.batch_size=[64,5000]"], "exceeds the 1438"),
+    (["sweep", "--task", "digits", "--set", "model.depth=0"], "depth must be positive"),
+    (["sweep", "--task", "digits", "--set", "model.depth=[4,-2]"], "depth must be positive"),
+    (["sweep", "--task", "digits", "--set", "model.depth=2.5"], "depth must be int"),
+    (["sweep", "--task", "digits", "--set", "train.stepz=3"], "Valid keys"),
+    (["sweep", "--task", "digits", "--set", "model.nope=3"], "unknown argument 'nope'"),
+    (["sweep", "--task", "digits", "--workers", "0"], "--workers must be positive"),
+    (["sweep", "--task", "digits", "--shard", "3/2"], "--shard must be i/N"),
+    (["sweep", "--task", "digits", "--search", "randm(n=2)"], "Did you mean 'random'"),
+    (["sweep", "--suite", "nope"], "unknown suite 'nope'"),
+    (["sweep", "--suite", "missing.toml"], "suite file missing.toml does not exist"),
+    (["sweep", "--suite", "x", "--task", "digits"], "drop --task or drop --suite"),
+    (["run", "--set", "model.depth=0"], "depth must be positive"),
+    (["run", "--set", "model.width=-8"], "width and depth must be positive"),
+    (["run", "--set", "train.eval_every=0"], "'train.eval_every' must be positive"),
+    (["diagnose"], "give a record path (diagnose RECORD) or a task to train"),
+    (["diagnose", "--task", "digitz"], "Did you mean 'digits'"),
+    (["diagnose", "--task", "digits", "--method", "clip_nrm"], "Did you mean 'clip_norm'"),
+    (["diagnose", "--task", "digits", "--set", "model.depth=0"], "depth must be positive"),
+    (["diagnose", "--task", "digits", "--lr", "-1"], "--lr must be positive finite numbers"),
+    (["diagnose", "--task", "digits", "--lr", "0.1,1"], "--lr takes one learning rate"),
+    (["diagnose", "--task", "digits", "--steps", "0"], "--steps must be positive"),
+    (["diagnose", "--task", "digits", "--seed", "-1"], "--seed must be >= 0"),
+    (["diagnose", "--task", "digits", "--batch-size", "5000"], "exceeds the 1438 training"),
+    (["diagnose", "--task", "digits", "--set", "train.stepz=1"], "Did you mean 'train.steps'"),
+    (["diagnose", "nowhere.json"], "nowhere.json: unreadable record"),
+    (["report", "nowhere"], "no results directory nowhere"),
+    (["report", "."], "no usable records in ."),
+    (["merge", "merged", "nowhere"], "merge: no results directory nowhere"),
+    (["rerun", "nowhere.json"], "nowhere.json: unreadable record"),
+    (["list", "taskz"], "invalid choice: 'taskz'"),
+    (["sweeep"], "invalid choice: 'sweeep'"),
+])
+def test_bad_input_to_any_command_exits_2_with_one_line_and_writes_nothing(
+        tmp_path, monkeypatch, capsys, argv, expected):
+    from stabench.cli import main
+
+    monkeypatch.chdir(tmp_path)  # default results directories would appear here
+    code = main(argv)
+    out, err = capsys.readouterr()
+    assert code == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], err
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+# ---- user task files ---------------------------------------------------------------------------------
+DIGITS_TOML = (ROOT / "tasks" / "digits.toml").read_text()
+
+
+@pytest.fixture
+def user_tasks(tmp_path, monkeypatch):
+    """A fresh STABENCH_TASKS_DIR; returns a function writing NAME.toml into it."""
+    directory = tmp_path / "my tasks"
+    directory.mkdir()
+    monkeypatch.setenv("STABENCH_TASKS_DIR", str(directory))
+
+    def write(text, name="mine"):
+        (directory / f"{name}.toml").write_text(text)
+        return directory / f"{name}.toml"
+    return write
+
+
+def test_user_task_directory_adds_tasks(user_tasks, tmp_path, capsys):
+    from stabench.cli import main
+    from stabench.config import make_spec
+
+    user_tasks(DIGITS_TOML.replace("width = 128", "width = 16").replace("aliases", "# aliases"))
+    spec = make_spec("mine", seeds=1, lrs=(0.1,))
+    assert spec.task == "mine" and spec.task_config["model"]["width"] == 16
+    assert main(["list", "tasks"]) == 0
+    listed = capsys.readouterr().out
+    assert "mine" in listed and "digits" in listed
+    proc = subprocess.run([sys.executable, "-m", "stabench", "sweep", "--task", "mine", "digits",
+                           "--dry-run", "--out", tmp_path / "out"], cwd=ROOT, capture_output=True,
+                          text=True, env={**os.environ}, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "to train  mine |" in proc.stdout and "to train  digits |" in proc.stdout
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda t: t.replace("steps = 500\n", ""), "missing field 'train.steps'"),
+    (lambda t: t.replace("steps = 500", 'steps = "ten"'), "field 'train.steps' must be int, got 'ten'"),
+    (lambda t: t.replace("steps = 500", "stepz = 500"), "missing field 'train.steps'"),
+    (lambda t: t.replace("seeds = 3", "seeds = 3\nsed = 4"), "unknown field(s) ['sed'] in [train]"),
+    (lambda t: t.replace("batch_size = 128", "batch_size = 0"), "'train.batch_size' must be positive"),
+    (lambda t: t.replace("[target]", "[targets]"), "missing section [target]"),
+    (lambda t: t.replace("depth = 1", "depht = 4"), "unknown argument 'depht'. Did you mean 'depth'"),
+    (lambda t: t.replace("depth = 1", "depth = 0"), "width and depth must be positive"),
+    (lambda t: t.replace('name = "digits"', 'name = "digitz"'), "unknown dataset 'digitz'"),
+    (lambda t: t.replace('loss = "cross_entropy"', 'loss = "hinge"'), "'loss' must be one of"),
+    (lambda t: t.replace("[model]", "[model"), "not valid TOML"),
+])
+def test_broken_user_task_file_names_the_file_and_field(user_tasks, tmp_path, capsys, edit,
+                                                       expected):
+    from stabench.cli import main
+
+    path = user_tasks(edit(DIGITS_TOML.replace("aliases", "# aliases")))
+    code = main(["run", "--task", "mine", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    assert lines[0].startswith(f"error: {path}:") and expected in lines[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_user_task_named_like_a_builtin_or_missing_directory_is_an_error(user_tasks, monkeypatch):
+    from stabench.registry import UserError
+    from stabench.tasks import all_tasks
+
+    path = user_tasks(DIGITS_TOML, name="digits")
+    with pytest.raises(UserError, match=f"{path}: task 'digits' is already defined by "
+                                        f"tasks/digits.toml"):
+        all_tasks()
+    monkeypatch.setenv("STABENCH_TASKS_DIR", "/no/such/dir")
+    with pytest.raises(UserError, match="STABENCH_TASKS_DIR: no directory /no/such/dir"):
+        all_tasks()
+
+
+# ---- disks: unwritable, full ---------------------------------------------------------------------------
+def unwritable_places(tmp_path) -> list:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    places = [blocker / "results"]  # a file where a directory should be: fails for root too
+    if os.geteuid() != 0:  # root writes into read-only directories
+        readonly = tmp_path / "read-only"
+        readonly.mkdir(mode=0o500)
+        places.append(readonly / "results")
+    return places
+
+
+def test_unwritable_output_fails_before_any_training(tmp_path, monkeypatch, capsys, tiny_records):
+    from stabench import runner
+    from stabench.cli import main
+
+    trained = []
+    monkeypatch.setattr(runner, "run_cell", lambda *a, **k: trained.append(a))
+    monkeypatch.setattr(runner, "load_data", lambda *a, **k: trained.append(a))
+    for place in unwritable_places(tmp_path):
+        for argv in (["run", *FAST, "--out", place],
+                     ["sweep", "--task", "digits", *FAST, "--workers", "1", "--out", place],
+                     ["report", tiny_records, "--out", place, "--no-plots"],
+                     ["merge", place, tiny_records]):
+            code = main([str(a) for a in argv])
+            err = capsys.readouterr().err
+            assert code == 2, (argv, err)
+            lines = err.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith(f"error: cannot write results to {place}")
+    assert trained == []
+
+
+@pytest.fixture
+def tiny_records(tmp_path):
+    """A results directory with one hand-made record."""
+    from test_report import fake_record
+
+    from stabench.store import Store
+
+    fake_record(Store(tmp_path / "records"), seeds=2)
+    return tmp_path / "records"
+
+
+def test_disk_full_during_a_record_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    import errno
+
+    from test_report import fake_record
+
+    from stabench.store import Store
+
+    store = Store(tmp_path)
+    real = os.replace
+
+    def full(src, dst):
+        if str(dst).endswith(".json"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(OSError, match="No space left"):
+        fake_record(store)
+    assert not list(tmp_path.rglob("*.*"))  # no record, no telemetry, no temp file
+    monkeypatch.setattr(os, "replace", real)
+    record = fake_record(store)
+    records, bad = Store(tmp_path).records()
+    assert [r.path for r in records] == [record.path] and not bad
+
+
+# ---- the store's locks and temp files --------------------------------------------------------------------
+HOLD = """
+import sys
+from stabench.config import make_spec
+from stabench.store import Store
+spec = make_spec("digits", seeds=1, lrs=(0.1,))
+with Store(sys.argv[1]).claim(spec) as mine:
+    print(mine, flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_a_cell_lock_excludes_other_processes_and_dies_with_its_holder(tmp_path):
+    from stabench.config import make_spec
+    from stabench.store import Store
+
+    store, spec = Store(tmp_path), make_spec("digits", seeds=1, lrs=(0.1,))
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], cwd=ROOT, text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline().strip() == "True"
+        assert store.is_claimed(spec)
+        with store.claim(spec) as mine:
+            assert mine is False
+        holder.kill()  # SIGKILL: no chance to release; the kernel does
+        holder.wait(timeout=60)
+    finally:
+        holder.kill()
+    assert not store.is_claimed(spec)
+    with store.claim(spec) as mine:
+        assert mine is True
+    assert not list(tmp_path.rglob("*.lock"))
+
+
+def save_stub(store, spec):
+    """A record of `spec` with stub metrics, written through the store."""
+    runs = [{"seed": s, "lr": lr, "diverged": 0.0} for s, lr in spec.runs]
+    return store.save(spec, {"runs": runs}, {"loss": np.zeros((len(runs), 3), np.float32)})
+
+
+@pytest.mark.parametrize("holder_stores", [True, False])
+def test_a_sweep_waits_for_cells_another_process_holds(tmp_path, monkeypatch, holder_stores):
+    """Cell 0 is locked by someone else: the sweep trains cell 1, says it waits, then skips cell 0
+    if the holder stored it, or trains it if the holder let go without storing (it died)."""
+    import threading
+
+    from stabench import executor, runner
+    from stabench.store import Store
+
+    from conftest import tiny_spec
+
+    cells = [tiny_spec(method) for method in ("none", "clip_norm")]
+    store = Store(tmp_path)
+    trained = []
+
+    def fake_run_cell(spec, store, data_dir, on_chunk, data):
+        trained.append(spec.method)
+        return save_stub(store, spec)
+
+    monkeypatch.setattr(runner, "run_cell", fake_run_cell)
+    monkeypatch.setattr(runner, "load_data", lambda spec, data_dir=None: None)
+    held, release = threading.Event(), threading.Event()
+
+    def other_process():
+        with store.claim(cells[0]) as mine:
+            assert mine
+            held.set()
+            release.wait(60)
+            if holder_stores:
+                save_stub(store, cells[0])
+
+    thread = threading.Thread(target=other_process)
+    thread.start()
+    held.wait(60)
+    messages = []
+
+    def warn(message):
+        messages.append(message)
+        release.set()
+
+    summary = executor.run_sweep(cells, str(tmp_path), executor.SerialExecutor(), warn=warn,
+                                 poll_s=0.01)
+    thread.join()
+    assert messages == [f"waiting for 1 cells that another process is training into {tmp_path}"]
+    if holder_stores:
+        assert trained == ["clip_norm(max_norm=1.0)"]
+        assert (summary.trained, summary.skipped, summary.elsewhere) == (1, 1, 1)
+        assert "1 skipped (already stored, 1 of them by another process)" in summary.lines("x")[0]
+    else:
+        assert trained == ["clip_norm(max_norm=1.0)", "none"]
+        assert (summary.trained, summary.skipped) == (2, 0)
+    assert all(store.load(c) is not None for c in cells)
+
+
+def test_stale_temp_files_are_removed_only_when_their_writer_is_gone(tmp_path):
+    import socket
+
+    from stabench.store import Store
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    host = socket.gethostname()
+    (tmp_path / "digits").mkdir()
+    stale = tmp_path / "digits" / f".abc.json.{dead}@{host}.tmp"
+    live = tmp_path / "digits" / f".abd.json.{os.getpid()}@{host}.tmp"
+    remote = tmp_path / "digits" / f".abe.json.{dead}@another.host.tmp"
+    for path in (stale, live, remote):
+        path.write_text("{")
+    assert Store(tmp_path).remove_stale_temps() == [stale]
+    assert not stale.exists() and live.exists() and remote.exists()
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda p: p.write_bytes(b""), "unreadable record"),
+    (lambda p: p.write_bytes(b"\xff\xfe garbage"), "unreadable record"),
+    (lambda p: p.write_text("[1, 2]"), "format version ? is not 1"),
+    (lambda p: p.rename(p.with_name("0" * 16 + ".json")), "file name does not match its spec hash"),
+    (lambda p: edit_json(p, lambda d: d["runs"].pop()), "its runs do not match"),
+    (lambda p: edit_json(p, lambda d: d["runs"][0].update(lr=99.0)), "its runs do not match"),
+    (lambda p: edit_json(p, lambda d: d.pop("spec")), "record lacks a valid spec"),
+    (lambda p: edit_json(p, lambda d: d["spec"].update(seeds=3)), "record lacks a valid spec"),
+    (lambda p: p.with_suffix(".npz").write_bytes(b"PK\x03\x04"), "does not match its checksum"),
+    (lambda p: (p.unlink(), p.mkdir()), "unreadable record"),
+])
+def test_damaged_records_are_named_and_skipped(tmp_path, capsys, damage, problem):
+    """Damage beyond torn writes (test_report covers those): each record is named with its
+    problem and left out; the report of the rest still works."""
+    from test_report import fake_record
+
+    from stabench.cli import main
+    from stabench.store import Store
+
+    store = Store(tmp_path)
+    good = fake_record(store, "none", seeds=2)
+    bad = fake_record(store, "clip_norm", seeds=2)
+    damage(bad.path)
+    records, messages = store.records()
+    assert [r.path for r in records] == [good.path]
+    assert len(messages) == 1 and problem in messages[0]
+    assert main(["report", str(tmp_path), "--no-plots"]) == 0
+    err = capsys.readouterr().err
+    assert "skipped" in err and problem in err and "Traceback" not in err
+    assert store.load(bad.spec) is None  # a sweep trains that cell again
+
+
+def edit_json(path, change):
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+# ---- numerical extremes ----------------------------------------------------------------------------------
+def test_huge_and_infinite_grad_norms_are_stored_reported_and_plotted(tmp_path):
+    """Telemetry at the edge of float32 (1e38, its max, inf, NaN) survives the store bit for bit,
+    the metrics, the tables and every figure."""
+    from test_report import fake_record, table_metrics
+
+    from stabench import leaderboard as lb
+    from stabench import metrics
+    from stabench.store import Store
+
+    store = Store(tmp_path / "records")
+    edge = np.float32(np.finfo(np.float32).max)
+    huge = {}
+    for method, norm in (("none", 1e38), ("clip_norm", edge)):
+        record = fake_record(store, method, metrics_fn=lambda s, lr, m=method, n=norm: {
+            **table_metrics(m)(s, lr), "max_grad_norm": float(np.float32(n))})
+        tel = record.telemetry()
+        tel["grad_norm"][:, 5:] = np.float32(norm)
+        tel["grad_norm"][0, 10] = np.inf
+        tel["grad_norm"][1, 20:] = np.nan
+        body = {k: v for k, v in record.data.items()
+                if k not in ("format_version", "spec", "spec_hash", "telemetry_sha256")}
+        huge[method] = store.save(record.spec, body, tel)
+    for method, record in huge.items():
+        stored = Store(tmp_path / "records").load(record.spec).telemetry()
+        assert stored["grad_norm"].dtype == np.float32
+        assert np.array_equal(stored["grad_norm"], record.telemetry()["grad_norm"], equal_nan=True)
+        row = {k: v[0] for k, v in stored.items() if k in ("loss", "grad_norm")}
+        row["changed"] = np.zeros(30, np.float32)
+        row["nonfinite"] = np.zeros(30, np.float32)
+        m = metrics.run_metrics(row, {"test_loss": np.array([1.0]), "test_accuracy": np.array(
+            [0.5])}, np.array([30]), -1, ("test_accuracy", 0.95, "max"))
+        assert m["max_grad_norm"] == float(stored["grad_norm"][0][np.isfinite(stored["grad_norm"][0])].max())
+        assert m["diverged"] == 1.0 and m["divergence_step"] == 10  # the inf step
+    markdown = lb.write_report(tmp_path / "records", tmp_path / "report", warn=pytest.fail)
+    assert "1e+38" in markdown and "3.4e+38" in markdown
+    stems = sorted(p.stem for p in (tmp_path / "report" / "plots").glob("*.png"))
+    assert "digits-gradnorm" in stems and len(stems) >= 4
+    for stem in stems:
+        png = tmp_path / "report" / "plots" / f"{stem}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_diverged_runs_are_reported_with_their_step_and_counted(tmp_path, tiny_sweep):
+    """In a real sweep lr 3 blows up: every diverged run keeps its row, with the step its telemetry
+    first went non-finite (or its loss average exploded), and the leaderboard counts it."""
+    import pandas as pd
+
+    from stabench import metrics
+    from stabench.store import Store
+
+    from conftest import report_tables
+
+    records, bad = Store(tiny_sweep.whole).records()
+    assert not bad
+    diverged = 0
+    for record in records:
+        tel = record.telemetry()
+        for i, run in enumerate(record.runs):
+            frozen = int(tel["diverged_at"][i])
+            if run["diverged"]:
+                diverged += 1
+                step = metrics.divergence_step(tel["loss"][i], tel["grad_norm"][i], frozen)
+                assert run["divergence_step"] == step
+                if frozen >= 0:
+                    assert step <= frozen and not np.isfinite(tel["loss"][i][frozen:]).any()
+                    assert run["test_accuracy"] == 0.0 and run["final_train_loss"] == np.inf
+            else:
+                assert frozen == -1 and run["divergence_step"] == record.spec.train["steps"] - 1
+    assert diverged > 0
+    report_tables(tiny_sweep.whole, tmp_path / "report")
+    board = pd.read_csv(tmp_path / "report" / "leaderboard.csv")
+    assert board["diverged_runs"].sum() == diverged and board["runs"].sum() == 16
+    runs = pd.read_parquet(tmp_path / "report" / "runs.parquet")
+    assert len(runs) == 16 and int(runs["diverged"].sum()) == diverged
+
+
+def test_run_waits_for_another_process_training_the_same_cell(tmp_path, monkeypatch, capsys):
+    """`run` into a directory where another process holds the cell's lock waits for it, then
+    reuses the record it stored instead of training and writing the cell a second time."""
+    import threading
+
+    from test_report import fake_record
+
+    from stabench import runner
+    from stabench.cli import main
+    from stabench.config import make_spec
+    from stabench.store import Store
+
+    store = Store(tmp_path)
+    spec = make_spec("digits", seeds=3, lrs=(0.1, 1.0, 10.0),
+                     overrides={"train.steps": 30, "train.eval_every": 10})
+    trained = []
+    monkeypatch.setattr(runner, "run_cell", lambda *a, **k: trained.append(a))
+    monkeypatch.setattr(runner, "load_data", lambda *a, **k: None)
+    waiting, held = threading.Event(), threading.Event()
+
+    class Stderr:
+        def write(self, text):
+            if "waiting for it" in text:
+                waiting.set()
+            return sys.__stderr__.write(text)
+
+        def flush(self):
+            pass
+
+    def other_process():
+        with store.claim(spec) as mine:
+            assert mine
+            held.set()
+            waiting.wait(60)
+            fake_record(store)
+
+    thread = threading.Thread(target=other_process)
+    thread.start()
+    held.wait(60)
+    monkeypatch.setattr(sys, "stderr", Stderr())
+    code = main(["run", "--seeds", "3", "--lrs", "0.1,1,10", "--steps", "30", "--set",
+                 "train.eval_every=10", "--out", str(tmp_path)])
+    thread.join()
+    assert code == 0 and waiting.is_set() and trained == []
+    assert "reused stored record" in capsys.readouterr().out
+
+
+def test_a_file_system_error_under_a_command_is_one_line_not_a_traceback(
+        tmp_path, monkeypatch, capsys, tiny_records):
+    import errno
+    from pathlib import Path
+
+    from stabench.cli import main
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self))
+
+    monkeypatch.setattr(Path, "write_text", full)
+    code = main(["report", str(tiny_records), "--out", str(tmp_path / "report"), "--no-plots"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert err.strip().splitlines() == [
+        f"error: [Errno 28] No space left on device: '{tmp_path / 'report' / 'report.md'}'"]
