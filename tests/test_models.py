@@ -242,9 +242,9 @@ def test_batch_statistics_update_in_training_and_serve_evaluation(digits_data):
     engine = Engine(build_cell(spec, data_source(task_of(spec))), digits_data)
     seeds, lrs = np.array([0], np.int32), np.array([0.05], np.float32)
     init, chunk, _ = engine.compile(*jax.device_put((seeds, lrs)))
-    carry0 = init(seeds, lrs)
-    params0, rest0 = jax.device_get((carry0.params, carry0.rest))
     idx = engine.batch_indices(seeds, 0)
+    carry0 = init(seeds, lrs, idx[:, 0], engine.arrays)
+    params0, rest0 = jax.device_get((carry0.params, carry0.rest))
     carry, _, ev = chunk(carry0, idx, lrs, np.int32(0), engine.arrays)
     rest = jax.device_get(carry.rest)
 
