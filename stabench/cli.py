@@ -77,13 +77,13 @@ def cmd_run(args) -> int:
         if record is not None:
             print_record(record, reused=True)
             return 0
-    store.check_writable(spec)
 
     from tqdm import tqdm
 
     from .runner import enable_compilation_cache, load_data, run_cell
 
-    data = load_data(spec, args.data_dir)
+    data = load_data(spec, args.data_dir)  # absent data fails here, before anything is written
+    store.check_writable(spec)
     enable_compilation_cache()
     steps = spec.train["steps"]
     with tqdm(total=steps, desc=f"{spec.task} {spec.method}", unit="step", file=sys.stderr,
@@ -303,16 +303,37 @@ def cmd_diagnose(args) -> int:
 
 def cmd_list(args) -> int:
     if args.what == "tasks":
+        from .config import data_source
         from .tasks import all_tasks
 
+        width = max(len(name) for name in all_tasks())
+        missing = False
         for task in all_tasks().values():
-            print(f"{task.name:16s} {task.description}")
+            status = data_source(task).availability(args.data_dir)
+            missing |= status == "missing"
+            print(f"{task.name:{width}s}  {status:9s}  {task.description}")
+        if missing:
+            print("missing: `python -m stabench data TASK` says how to get the data; "
+                  "--fake-data runs the task without it")
         return 0
     registry = _registry(args.what)
     for entry in registry.entries():
         ref = f"  [{entry.ref}]" if entry.ref else ""
         print(f"{entry.signature_text():40s} {entry.help}{ref}")
     return 0
+
+
+def cmd_data(args) -> int:
+    from .config import source_named
+
+    source = source_named(args.name)
+    if args.prepare and source.kind == "tfds" and not source.available(args.data_dir):
+        from .data.tfds import prepare
+
+        print(f"prepared {source.name} in {prepare(source.name, args.data_dir)}")
+        return 0
+    print(source.describe(args.data_dir))
+    return 0 if source.available(args.data_dir) else 1
 
 
 def _registry(what: str):
@@ -435,7 +456,16 @@ def build_parser() -> ArgumentParser:
 
     lst = sub.add_parser("list", help="list tasks, methods, inits, optimizers or models")
     lst.add_argument("what", choices=["tasks", "methods", "inits", "optimizers", "models"])
+    lst.add_argument("--data-dir", default=None, help="TFDS data directory (else $TFDS_DATA_DIR)")
     lst.set_defaults(func=cmd_list)
+
+    data = sub.add_parser("data", help="is a dataset here? how to get it; --prepare gets it",
+                          description="Exit status 0 when the data is here, 1 when it is not.")
+    data.add_argument("name", help="dataset (cifar10) or task (cifar) name")
+    data.add_argument("--prepare", action="store_true",
+                      help="download and convert a TFDS dataset (needs the [prepare] extra)")
+    data.add_argument("--data-dir", default=None, help="TFDS data directory (else $TFDS_DATA_DIR)")
+    data.set_defaults(func=cmd_data)
     return parser
 
 

@@ -13,8 +13,8 @@ from .data import DATASETS, Source, fake
 from .inits import INITS
 from .models import MODELS
 from .optimizers import OPTIMIZERS
-from .registry import UserError
-from .tasks import TARGET_METRICS, TaskSpec, get_task, with_overrides
+from .registry import UserError, closest
+from .tasks import TARGET_METRICS, TaskSpec, all_tasks, get_task, with_overrides
 
 FORMAT_VERSION = 1
 
@@ -102,12 +102,36 @@ def make_spec(task: str, method: str = "none", init: str = "default", optimizer:
         lrs=lrs,
         fake_data=fake_data,
     )
-    build_cell(spec, source)  # factories check their own arguments now, not mid-sweep
+    cell = build_cell(spec, source)  # factories check their own arguments now, not mid-sweep
+    _check_model_fits(cell, spec_task)
     return spec
+
+
+def _check_model_fits(cell, task: TaskSpec) -> None:
+    """Build the model abstractly (shapes only, no compute) so a model that cannot take the
+    dataset's inputs fails here, in one line."""
+    from flax import nnx
+
+    try:
+        nnx.eval_shape(lambda: cell.build_model(nnx.Rngs(0)))
+    except ValueError as err:
+        raise UserError(f"model {task.component('model')} on task {task.name}: {err}") from None
 
 
 def data_source(task: TaskSpec) -> Source:
     return DATASETS.get(task.component("dataset"))
+
+
+def source_named(name: str) -> Source:
+    """A dataset by its own name (cifar10) or by a task that uses it (cifar, deep_plain)."""
+    if name in DATASETS:
+        return DATASETS.get(name)
+    try:
+        return data_source(get_task(name))
+    except UserError:
+        choices = DATASETS.names() + sorted(all_tasks())
+        raise UserError(f"no dataset or task named '{name}'.{closest(name, choices)} Datasets: "
+                        f"{', '.join(DATASETS.names())}") from None
 
 
 def task_of(spec: RunSpec) -> TaskSpec:

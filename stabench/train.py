@@ -185,7 +185,8 @@ class Engine:
                      self.cell.optimizer(lr).init(params), jnp.array(True), jnp.array(-1, jnp.int32))
 
     def _forward_loss(self, params, rest, x, y):
-        model = nnx.merge(self.graphdef, params, rest)
+        # copy: fresh variables at this trace level, so layers may update their batch statistics
+        model = nnx.merge(self.graphdef, params, rest, copy=True)
         loss, _ = loss_and_metrics(self.cell.loss, model(x), y)
         return loss.mean(), nnx.state(model, MUTABLE)
 
@@ -224,7 +225,8 @@ class Engine:
     def _evaluate(self, carry: Carry, arrays):
         def one_batch(batch):
             x, y, w = batch
-            model = nnx.merge(self.graphdef, carry.params, carry.rest)  # inside: nnx needs one trace level
+            # inside: nnx needs one trace level; copy as in _forward_loss
+            model = nnx.merge(self.graphdef, carry.params, carry.rest, copy=True)
             model.eval()
             loss, score = loss_and_metrics(self.cell.loss, model(self._inputs(x, arrays)), y)
             return jnp.sum(loss * w), jnp.sum(score * w)

@@ -23,6 +23,7 @@ class Meta:
     n_test: int
     task_type: str = "classification"  # or "regression"
     y_shape: tuple[int, ...] = ()
+    vocab_size: int = 0  # integer token inputs take values in [0, vocab_size); 0 = not tokens
 
 
 @dataclass(frozen=True)
@@ -51,9 +52,26 @@ class Source:
     meta: Meta
     load: Callable[[str | None], Dataset]  # data_dir -> Dataset; raises DataMissing
     where: Callable[[str | None], str | None] = field(default=lambda data_dir: "bundled")
+    kind: str = "bundled"  # "bundled" | "generated" | "tfds" (prepared once, then read offline)
 
     def available(self, data_dir: str | None = None) -> bool:
         return self.where(data_dir) is not None
+
+    def availability(self, data_dir: str | None = None) -> str:
+        """One word for listings: bundled, generated, prepared or missing."""
+        if self.kind != "tfds":
+            return self.kind
+        return "prepared" if self.available(data_dir) else "missing"
+
+    def describe(self, data_dir: str | None = None) -> str:
+        """Whether the data is here, where, and otherwise how to get it (several lines)."""
+        if self.kind == "tfds":
+            from .tfds import describe
+
+            return describe(self.name, data_dir)
+        how = "bundled with the installed packages" if self.kind == "bundled" else \
+            "generated from a seed when a run starts"
+        return f"{self.name}: {how}; nothing to prepare."
 
 
 def fake(meta: Meta, seed: int = 0, max_train: int = 8192, max_test: int = 1024) -> Dataset:
@@ -65,8 +83,8 @@ def fake(meta: Meta, seed: int = 0, max_train: int = 8192, max_test: int = 1024)
         shape = (n, *meta.x_shape)
         if meta.x_dtype == "uint8":
             return rng.integers(0, 256, shape, dtype=np.uint8)
-        if np.issubdtype(np.dtype(meta.x_dtype), np.integer):
-            return rng.integers(0, meta.num_outputs + 2, shape).astype(meta.x_dtype)
+        if meta.vocab_size:
+            return rng.integers(0, meta.vocab_size, shape).astype(meta.x_dtype)
         return rng.standard_normal(shape).astype(meta.x_dtype)
 
     def targets(n):
@@ -89,4 +107,4 @@ def check_finite(data: Dataset, name: str) -> Dataset:
     return data
 
 
-from . import bundled  # noqa: E402,F401  (registers the bundled datasets)
+from . import bundled, synthetic, tfds  # noqa: E402,F401  (registers the datasets)

@@ -89,8 +89,9 @@ def observe(part: str, h: jax.Array, std: jax.Array | None = None) -> jax.Array:
     return h
 
 
-def scan_layers(model: nnx.Module, part: str, h: jax.Array) -> jax.Array:
-    """Apply a stack of identical layers (leading layer axis) in order with lax.scan.
+def scan_layers(model: nnx.Module, part: str, h: jax.Array, *args) -> jax.Array:
+    """Apply a stack of identical layers (leading layer axis) in order with lax.scan:
+    h = layer(h, *args) for each layer; `args` (e.g. an attention mask) are shared by all layers.
 
     Plain jax.lax.scan over the split state, rather than nnx.scan, so the model can be called under
     any outer transformation; state a layer mutates (batch statistics) is written back.
@@ -100,7 +101,7 @@ def scan_layers(model: nnx.Module, part: str, h: jax.Array) -> jax.Array:
 
     def body(carry, layer_state):
         layer = nnx.merge(graphdef, layer_state)
-        out = layer(carry)
+        out = layer(carry, *args)
         return out, (nnx.state(layer, MUTABLE), jnp.std(out))
 
     h, (new_state, stds) = jax.lax.scan(body, h, state)
@@ -111,6 +112,22 @@ def scan_layers(model: nnx.Module, part: str, h: jax.Array) -> jax.Array:
 
 # Model state that training carries and updates besides the parameters (e.g. batch statistics).
 MUTABLE = nnx.Not(nnx.Param)
+
+NORMS = ("none", "layer", "batch")
+BATCHNORM_MOMENTUM = 0.9  # running statistics settle within the short runs of a benchmark
+
+
+def make_norm(kind: str, features: int, rngs: nnx.Rngs, reduction_axes=-1) -> nnx.Module | None:
+    """A normalization layer over the trailing feature axis: LayerNorm over `reduction_axes` (e.g.
+    (-3, -2, -1) for images), BatchNorm over every other axis (statistics of the batch in training,
+    running averages after `model.eval()`), or None."""
+    if kind == "layer":
+        return nnx.LayerNorm(features, reduction_axes=reduction_axes, rngs=rngs)
+    if kind == "batch":
+        return nnx.BatchNorm(features, momentum=BATCHNORM_MOMENTUM, rngs=rngs)
+    if kind != "none":
+        raise ValueError(f"norm must be one of {', '.join(NORMS)}")
+    return None
 
 
 def activation_stds(model: nnx.Module, x: jax.Array, layout: LayerLayout) -> jax.Array:
@@ -132,4 +149,4 @@ def _shape(leaf) -> tuple[int, ...]:
     return tuple(_value(leaf).shape)
 
 
-from . import mlp  # noqa: E402,F401  (registers the models)
+from . import cnn, mlp, resnet, rnn, transformer  # noqa: E402,F401  (registers the models)

@@ -5,11 +5,10 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from . import MODELS, observe, scan_layers
+from . import MODELS, NORMS, make_norm, observe, scan_layers
 
 ACTIVATIONS = {"relu": jax.nn.relu, "tanh": jax.nn.tanh, "sigmoid": jax.nn.sigmoid,
                "gelu": jax.nn.gelu, "linear": lambda x: x}
-NORMS = ("none", "layer")
 
 
 def kernel_init_kwargs(kernel_init) -> dict:
@@ -17,15 +16,11 @@ def kernel_init_kwargs(kernel_init) -> dict:
     return {} if kernel_init is None else {"kernel_init": kernel_init}
 
 
-def _norm(kind: str, width: int, rngs: nnx.Rngs):
-    return nnx.LayerNorm(width, rngs=rngs) if kind == "layer" else None
-
-
 class Block(nnx.Module):
     """One hidden layer: h -> [h +] scale * linear(act(norm(h))) (pre-activation, He et al. 2016b)."""
 
     def __init__(self, width, activation, norm, residual, branch_scale, kernel_init, rngs):
-        self.norm = _norm(norm, width, rngs)
+        self.norm = make_norm(norm, width, rngs)
         self.linear = nnx.Linear(width, width, **kernel_init_kwargs(kernel_init), rngs=rngs)
         self.activation = activation
         self.residual = residual
@@ -38,7 +33,7 @@ class Block(nnx.Module):
 
 
 class MLP(nnx.Module):
-    layer_order = ("input", "blocks", "head")
+    layer_order = ("input", "blocks", "final_norm", "head")
     stacked_layers = ("blocks",)
 
     def __init__(self, in_features, num_outputs, *, width, depth, activation, norm, residual,
@@ -52,7 +47,7 @@ class MLP(nnx.Module):
             return Block(width, activation, norm, residual, branch_scale, kernel_init, rngs)
 
         self.blocks = make_blocks(rngs)
-        self.final_norm = _norm(norm, width, rngs)
+        self.final_norm = make_norm(norm, width, rngs)
         self.head = nnx.Linear(width, num_outputs, **init, rngs=rngs)
         self.activation = activation
 
@@ -60,7 +55,7 @@ class MLP(nnx.Module):
         h = observe("input", self.input(x.reshape(x.shape[0], -1)))
         h = scan_layers(self, "blocks", h)
         if self.final_norm is not None:
-            h = self.final_norm(h)
+            h = observe("final_norm", self.final_norm(h))
         return observe("head", self.head(ACTIVATIONS[self.activation](h)))
 
 
