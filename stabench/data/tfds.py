@@ -196,7 +196,7 @@ def _text(value) -> str:
 
 
 def _register_image(name: str, help: str, ref: str) -> None:
-    @DATASETS.register(name, help=help, ref=ref, tfds=True)
+    @DATASETS.register(name, help=help, ref=ref)
     def factory() -> Source:
         return _image_source(name, INFO[name])
 
@@ -207,7 +207,7 @@ def _register_text(name: str, help: str, ref: str, seq_len: int) -> None:
             raise ValueError("seq_len must be positive")
         return _text_source(name, INFO[name], seq_len)
 
-    DATASETS.register(name, help=help, ref=ref, tfds=True)(factory)
+    DATASETS.register(name, help=help, ref=ref)(factory)
 
 
 _register_image("cifar10", "CIFAR-10: 32x32 colour images, 10 classes (TFDS)",
