@@ -343,6 +343,8 @@ def _registry(what: str):
         from .inits import INITS as reg
     elif what == "optimizers":
         from .optimizers import OPTIMIZERS as reg
+    elif what == "datasets":
+        from .data import DATASETS as reg
     else:
         from .models import MODELS as reg
     return reg
@@ -454,8 +456,9 @@ def build_parser() -> ArgumentParser:
                       help="directory for the report and figure (default: beside the record)")
     diag.set_defaults(func=cmd_diagnose)
 
-    lst = sub.add_parser("list", help="list tasks, methods, inits, optimizers or models")
-    lst.add_argument("what", choices=["tasks", "methods", "inits", "optimizers", "models"])
+    lst = sub.add_parser("list", help="list tasks, methods, inits, optimizers, models or datasets")
+    lst.add_argument("what", choices=["tasks", "methods", "inits", "optimizers", "models",
+                                      "datasets"])
     lst.add_argument("--data-dir", default=None, help="TFDS data directory (else $TFDS_DATA_DIR)")
     lst.set_defaults(func=cmd_list)
 

@@ -124,3 +124,14 @@ def test_list_tasks_shows_availability():
     assert lines["digits"] == "bundled" and lines["adding"] == "generated"
     assert lines["cifar10"] == "missing" and lines["imdb"] == "missing"
     assert "python -m stabench data" in proc.stdout and "--fake-data" in proc.stdout
+
+
+@pytest.mark.parametrize("what", ["models", "datasets"])
+def test_list_models_and_datasets_with_help(what):
+    from stabench.data import DATASETS
+    from stabench.models import MODELS
+
+    proc = run_cli("list", what)
+    assert proc.returncode == 0, proc.stderr
+    for entry in (MODELS if what == "models" else DATASETS).entries():
+        assert entry.name in proc.stdout and entry.help in proc.stdout

@@ -146,7 +146,8 @@ def _read_splits(name: str, data_dir: str | None):
 
 def _records(source):
     # One index at a time: tfds.testing.mock_data does not implement batched reads.
-    return [source[i] for i in range(len(source))]
+    with _quiet_tfds():  # TFDS logs which image decoder it picked
+        return [source[i] for i in range(len(source))]
 
 
 def tokenize_bytes(text: str, seq_len: int) -> np.ndarray:
