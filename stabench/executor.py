@@ -16,6 +16,7 @@ JAX's in-memory caches across cells and uses the persistent compilation cache.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import multiprocessing as mp
 import os
@@ -25,6 +26,7 @@ import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -35,7 +37,7 @@ from .config import RunSpec, task_of
 from .registry import UserError
 from .store import Store, check_writable
 
-TRAINED, FAILED = "trained", "failed"
+TRAINED = "trained"  # or failed, when the outcome has an error
 STORED = "stored"  # another process stored the cell before this one could claim it
 BUSY = "busy"  # another process holds the cell's lock: it is training it now
 STOP_WAIT_S = 20.0  # how long an interrupted worker may take to finish its chunk before a kill
@@ -116,7 +118,7 @@ def train_one(index: int, spec: RunSpec, store: Store, data: DataCache, on_chunk
             record = run_cell(spec, store, data.data_dir, on_chunk, data=data(spec))
         except Exception as err:  # noqa: BLE001  (one cell's failure must not end the sweep)
             return Outcome(index, None, len(spec.runs), 0, time.perf_counter() - t0,
-                           f"{type(err).__name__}: {err}{_where(err)}", FAILED)
+                           f"{type(err).__name__}: {err}{_where(err)}")
     diverged = int(sum(run["diverged"] for run in record.runs))
     return Outcome(index, str(record.path), len(record.runs), diverged, time.perf_counter() - t0)
 
@@ -154,13 +156,19 @@ def _die_with_parent() -> None:
 def _worker(slot: int, cpu: int | None, out: str, data_dir: str | None, inbox, results) -> None:
     """A worker process: pin to its core, then train the cells the parent sends until None."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops workers
+    stopped: list[int] = []
 
     def stop(signum, frame):
-        # Interrupted (the parent stops its workers) or orphaned: leave at the next Python
-        # instruction, i.e. once the running chunk returns; unwinding releases the cell's lock and
-        # removes a half-written temp file, so nothing partial remains.
+        # Interrupted (the parent stops its workers) or orphaned: leave at the next safe point, a
+        # finished chunk or between cells. Raising here instead could land in a callback whose
+        # exceptions Python ignores (a gc callback), and the worker would train on.
+        stopped.append(signum)
         results.cancel_join_thread()
-        raise SystemExit(128 + signum)
+
+    def progress(index: int, steps: int) -> None:
+        if stopped:  # the cell in flight is dropped; unwinding releases its lock
+            raise SystemExit(128 + stopped[0])
+        results.put(("progress", slot, index, steps))
 
     signal.signal(signal.SIGTERM, stop)
     _die_with_parent()
@@ -173,7 +181,7 @@ def _worker(slot: int, cpu: int | None, out: str, data_dir: str | None, inbox, r
     enable_compilation_cache()
     store, data = Store(out), DataCache(data_dir)
     parent = mp.parent_process()
-    while True:
+    while not stopped:
         try:
             item = inbox.get(timeout=1.0)
         except queue.Empty:
@@ -183,8 +191,7 @@ def _worker(slot: int, cpu: int | None, out: str, data_dir: str | None, inbox, r
         if item is None:
             return
         index, spec = item
-        outcome = train_one(index, spec, store, data,
-                            lambda steps: results.put(("progress", slot, index, steps)))
+        outcome = train_one(index, spec, store, data, lambda steps: progress(index, steps))
         results.put(("done", slot, outcome))
 
 
@@ -458,19 +465,45 @@ class SweepInterrupted(KeyboardInterrupt):
         self.summary = summary
 
 
-class _Renumbered:
-    """A listener seeing a subset of the cells under their indices in the whole list."""
+class _Relay:
+    """The listener an executor gets: passes a subset of the cells on under their indices in the
+    whole list, and re-raises a Ctrl-C that Python dropped (see `_sticky_interrupt`)."""
 
-    def __init__(self, listener: Listener | None, indices: list[int]):
-        self.listener, self.indices = listener, indices
+    def __init__(self, listener: Listener | None, indices: list[int], interrupted: list):
+        self.listener, self.indices, self.interrupted = listener, indices, interrupted
 
     def started(self, index: int, slot: int) -> None:
+        if self.interrupted:
+            raise KeyboardInterrupt
         if self.listener:
             self.listener.started(self.indices[index], slot)
 
     def progressed(self, index: int, slot: int, steps: int) -> None:
+        if self.interrupted:
+            raise KeyboardInterrupt
         if self.listener:
             self.listener.progressed(self.indices[index], slot, steps)
+
+
+@contextlib.contextmanager
+def _sticky_interrupt() -> Iterator[list]:
+    """Ctrl-C raises KeyboardInterrupt as usual and is also noted: raised inside a callback whose
+    exceptions Python ignores (a garbage-collector callback of JAX's), it would be lost and the
+    sweep would go on; the relay raises it again at the next chunk."""
+    interrupted: list = []
+    if threading.current_thread() is not threading.main_thread():
+        yield interrupted
+        return
+
+    def handler(signum, frame):
+        interrupted.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield interrupted
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def run_sweep(cells: list[RunSpec], out: str, executor: Executor,
@@ -498,44 +531,47 @@ def run_sweep(cells: list[RunSpec], out: str, executor: Executor,
         progress.begin(todo, summary.skipped, executor.slots)
 
     def count(outcome: Outcome) -> None:
-        if outcome.status == TRAINED:
-            summary.trained += 1
-            summary.runs += outcome.runs
-            summary.diverged += outcome.diverged
+        if outcome.error is not None:
+            summary.failed.append((todo[outcome.index], outcome.error))
         elif outcome.status == STORED:
             summary.skipped += 1
             summary.elsewhere += 1
         else:
-            summary.failed.append((todo[outcome.index], outcome.error))
+            summary.trained += 1
+            summary.runs += outcome.runs
+            summary.diverged += outcome.diverged
         if progress:
             progress.finished(outcome)
 
     pending, waiting = list(range(len(todo))), []
     try:
-        while pending:
-            for outcome in executor.run([todo[i] for i in pending], out,
-                                        _Renumbered(progress, pending)):
-                outcome = dataclasses.replace(outcome, index=pending[outcome.index])
-                if outcome.status == BUSY:
-                    waiting.append(outcome.index)
-                else:
-                    count(outcome)
-            pending = []
-            if waiting:
-                warn(f"waiting for {len(waiting)} cells that another process is training into "
-                     f"{out}")
-            while waiting and not pending:
-                free = [i for i in waiting if not store.is_claimed(todo[i])]
-                for i in free:
-                    record = store.load(todo[i])
-                    if record is None:
-                        pending.append(i)  # its trainer died: train it here
+        with _sticky_interrupt() as interrupted:
+            while pending:
+                for outcome in executor.run([todo[i] for i in pending], out,
+                                            _Relay(progress, pending, interrupted)):
+                    outcome = dataclasses.replace(outcome, index=pending[outcome.index])
+                    if outcome.status == BUSY:
+                        waiting.append(outcome.index)
                     else:
-                        count(Outcome(i, str(record.path), len(todo[i].runs), 0, 0.0,
-                                      status=STORED))
-                waiting = [i for i in waiting if i not in free]
-                if waiting and not pending:
-                    time.sleep(poll_s)
+                        count(outcome)
+                    if interrupted:
+                        raise KeyboardInterrupt
+                pending = []
+                if waiting:
+                    warn(f"waiting for {len(waiting)} cells that another process is training "
+                         f"into {out}")
+                while waiting and not pending:
+                    free = [i for i in waiting if not store.is_claimed(todo[i])]
+                    for i in free:
+                        record = store.load(todo[i])
+                        if record is None:
+                            pending.append(i)  # its trainer died: train it here
+                        else:
+                            count(Outcome(i, str(record.path), len(todo[i].runs), 0, 0.0,
+                                          status=STORED))
+                    waiting = [i for i in waiting if i not in free]
+                    if waiting and not pending:
+                        time.sleep(poll_s)
     except KeyboardInterrupt:
         raise SweepInterrupted(summary) from None
     finally:

@@ -85,7 +85,8 @@ def test_dataset_with_nan_is_rejected_before_training():
 
 TOKENS = st.sampled_from(["run", "list", "rerun", "report", "merge", "diagnose", "--lr", "--seed",
                           "--run", "--at-init", ".", "x.json", "--no-plots", "--task", "--method",
-                          "--init", "--optimizer", "--seeds", "--lrs", "--steps", "--batch-size", "--set", "--out", "--force",
+                          "--init", "--optimizer", "--seeds", "--lrs", "--steps", "--batch-size",
+                          "--set", "--out", "--force",
                           "digits", "cifar", "clip_norm", "clip_norm(max_norm=", "(", ")", "=", "-1",
                           "0", "nan", "inf", "1e400", "model.depth=0", "train.x=1", "tasks", "", "--"])
 METHOD = st.text(alphabet="abcdefghijklmnopqrstuvwxyz_()=+,.[]'\"0123456789-e ", max_size=30)
@@ -189,7 +190,7 @@ def test_bad_input_to_any_command_exits_2_with_one_line_and_writes_nothing(
     assert not list(tmp_path.iterdir())  # nothing written
 
 
-# ---- user task files ---------------------------------------------------------------------------------
+# ---- user task files ------------------------------------------------------------------------------
 DIGITS_TOML = (ROOT / "tasks" / "digits.toml").read_text()
 
 
@@ -225,12 +226,16 @@ def test_user_task_directory_adds_tasks(user_tasks, tmp_path, capsys):
 
 @pytest.mark.parametrize("edit, expected", [
     (lambda t: t.replace("steps = 500\n", ""), "missing field 'train.steps'"),
-    (lambda t: t.replace("steps = 500", 'steps = "ten"'), "field 'train.steps' must be int, got 'ten'"),
+    (lambda t: t.replace("steps = 500", 'steps = "ten"'),
+     "field 'train.steps' must be int, got 'ten'"),
     (lambda t: t.replace("steps = 500", "stepz = 500"), "missing field 'train.steps'"),
-    (lambda t: t.replace("seeds = 3", "seeds = 3\nsed = 4"), "unknown field(s) ['sed'] in [train]"),
-    (lambda t: t.replace("batch_size = 128", "batch_size = 0"), "'train.batch_size' must be positive"),
+    (lambda t: t.replace("seeds = 3", "seeds = 3\nsed = 4"),
+     "unknown field(s) ['sed'] in [train]"),
+    (lambda t: t.replace("batch_size = 128", "batch_size = 0"),
+     "'train.batch_size' must be positive"),
     (lambda t: t.replace("[target]", "[targets]"), "missing section [target]"),
-    (lambda t: t.replace("depth = 1", "depht = 4"), "unknown argument 'depht'. Did you mean 'depth'"),
+    (lambda t: t.replace("depth = 1", "depht = 4"),
+     "unknown argument 'depht'. Did you mean 'depth'"),
     (lambda t: t.replace("depth = 1", "depth = 0"), "width and depth must be positive"),
     (lambda t: t.replace('name = "digits"', 'name = "digitz"'), "unknown dataset 'digitz'"),
     (lambda t: t.replace('loss = "cross_entropy"', 'loss = "hinge"'), "'loss' must be one of"),
@@ -262,7 +267,7 @@ def test_user_task_named_like_a_builtin_or_missing_directory_is_an_error(user_ta
         all_tasks()
 
 
-# ---- disks: unwritable, full ---------------------------------------------------------------------------
+# ---- disks: unwritable, full -----------------------------------------------------------------------
 def unwritable_places(tmp_path) -> list:
     blocker = tmp_path / "a-file"
     blocker.write_text("")
@@ -330,7 +335,7 @@ def test_disk_full_during_a_record_write_leaves_no_partial_file(tmp_path, monkey
     assert [r.path for r in records] == [record.path] and not bad
 
 
-# ---- the store's locks and temp files --------------------------------------------------------------------
+# ---- the store's locks and temp files --------------------------------------------------------------
 HOLD = """
 import sys
 from stabench.config import make_spec
@@ -449,6 +454,8 @@ def test_stale_temp_files_are_removed_only_when_their_writer_is_gone(tmp_path):
     (lambda p: p.rename(p.with_name("0" * 16 + ".json")), "file name does not match its spec hash"),
     (lambda p: edit_json(p, lambda d: d["runs"].pop()), "its runs do not match"),
     (lambda p: edit_json(p, lambda d: d["runs"][0].update(lr=99.0)), "its runs do not match"),
+    (lambda p: edit_json(p, lambda d: d["spec"].update(lrs=[0.1, 0.3])),
+     "spec hash does not match"),
     (lambda p: edit_json(p, lambda d: d.pop("spec")), "record lacks a valid spec"),
     (lambda p: edit_json(p, lambda d: d["spec"].update(seeds=3)), "record lacks a valid spec"),
     (lambda p: p.with_suffix(".npz").write_bytes(b"PK\x03\x04"), "does not match its checksum"),
@@ -481,7 +488,7 @@ def edit_json(path, change):
     path.write_text(json.dumps(data))
 
 
-# ---- numerical extremes ----------------------------------------------------------------------------------
+# ---- numerical extremes ----------------------------------------------------------------------------
 def test_huge_and_infinite_grad_norms_are_stored_reported_and_plotted(tmp_path):
     """Telemetry at the edge of float32 (1e38, its max, inf, NaN) survives the store bit for bit,
     the metrics, the tables and every figure."""
@@ -513,7 +520,8 @@ def test_huge_and_infinite_grad_norms_are_stored_reported_and_plotted(tmp_path):
         row["nonfinite"] = np.zeros(30, np.float32)
         m = metrics.run_metrics(row, {"test_loss": np.array([1.0]), "test_accuracy": np.array(
             [0.5])}, np.array([30]), -1, ("test_accuracy", 0.95, "max"))
-        assert m["max_grad_norm"] == float(stored["grad_norm"][0][np.isfinite(stored["grad_norm"][0])].max())
+        first = stored["grad_norm"][0]
+        assert m["max_grad_norm"] == float(first[np.isfinite(first)].max())
         assert m["diverged"] == 1.0 and m["divergence_step"] == 10  # the inf step
     markdown = lb.write_report(tmp_path / "records", tmp_path / "report", warn=pytest.fail)
     assert "1e+38" in markdown and "3.4e+38" in markdown
@@ -622,3 +630,40 @@ def test_a_file_system_error_under_a_command_is_one_line_not_a_traceback(
     assert code == 1 and "Traceback" not in err
     assert err.strip().splitlines() == [
         f"error: [Errno 28] No space left on device: '{tmp_path / 'report' / 'report.md'}'"]
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_ctrl_c_that_python_drops_in_a_gc_callback_still_stops_the_sweep(tmp_path, monkeypatch):
+    """Ctrl-C arriving while a garbage-collector callback runs (JAX registers one) raises there,
+    and Python drops exceptions of such callbacks. The sweep still stops at the next chunk."""
+    import gc
+
+    from stabench import executor, runner
+
+    from conftest import tiny_spec
+
+    cells = [tiny_spec(method) for method in ("none", "clip_norm", "clip_value")]
+    trained = []
+
+    def ctrl_c_during_gc():
+        gc.callbacks.remove(ctrl_c_during_gc_callback)
+        signal.raise_signal(signal.SIGINT)  # the handler raises KeyboardInterrupt right here
+
+    def ctrl_c_during_gc_callback(phase, info):
+        ctrl_c_during_gc()
+
+    def fake_run_cell(spec, store, data_dir, on_chunk, data):
+        trained.append(spec.method)
+        gc.callbacks.append(ctrl_c_during_gc_callback)
+        gc.collect()  # the KeyboardInterrupt is raised in the callback and dropped
+        on_chunk(spec.train["steps"] // 2)
+        on_chunk(spec.train["steps"])
+        return save_stub(store, spec)
+
+    monkeypatch.setattr(runner, "run_cell", fake_run_cell)
+    monkeypatch.setattr(runner, "load_data", lambda spec, data_dir=None: None)
+    with pytest.raises(executor.SweepInterrupted) as stop:
+        executor.run_sweep(cells, str(tmp_path), executor.SerialExecutor())
+    assert trained == ["none"] and stop.value.summary.trained == 0
+    assert not list(tmp_path.rglob("*.json"))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored

@@ -200,7 +200,7 @@ def test_killed_sweep_resumes_to_the_uninterrupted_report(tmp_path, tiny_suite):
     assert 1 <= len(stored) < 4
     stored[0].write_text(stored[0].read_text()[:50])  # torn: must be trained again
 
-    proc = run_sweep_cli("--suite", tiny_sweep.suite, "--workers", "2", "--out", resumed)
+    proc = run_sweep_cli("--suite", suite, "--workers", "2", "--out", resumed)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err
     assert f"4 cells: {5 - len(stored)} trained, {len(stored) - 1} skipped" in out
