@@ -21,6 +21,7 @@ import argparse
 import datetime as dt
 import os
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,10 +33,16 @@ import optax
 from flax import nnx
 
 from stabench.config import build_cell, data_source, make_spec, task_of
+from stabench.executor import LocalExecutor, default_workers
 from stabench.runner import load_data
+from stabench.store import read_record
 from stabench.train import Engine, epoch_order
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def best_of(fn, repeats: int) -> float:
@@ -65,48 +72,40 @@ def batch_index(seed: int, t: int, n: int, b: int) -> np.ndarray:
 
 # ---- (a) naive JAX loop ------------------------------------------------------------------------
 def naive_jax(spec, data, repeats: int) -> dict:
-    """Same model and transform as the engine, trained run by run with a jitted step."""
-    cell = build_cell(spec, data_source(task_of(spec)))
-    graphdef, _, rest = nnx.split(nnx.eval_shape(lambda: cell.build_model(nnx.Rngs(0))),
-                                  nnx.Param, ...)
+    """Same model, forward and transform as the engine, trained run by run with a jitted step and
+    no telemetry: what a user writes without vmap or scan."""
+    engine = Engine(build_cell(spec, data_source(task_of(spec))), data)
+    cell = engine.cell
 
-    def update_key(seed):
-        return jax.random.fold_in(jax.random.key(seed), 1)
-
-    def init(seed, lr):
-        model = cell.build_model(nnx.Rngs(jax.random.key(seed)))
-        _, params, rest = nnx.split(model, nnx.Param, ...)
-        return params, rest, cell.transform.build(lr, update_key(seed)).init(params)
-
-    def loss_fn(params, rest, x, y):
-        logits = nnx.merge(graphdef, params, rest)(x)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    def init(seed, lr, idx, arrays):
+        carry = engine._init_run(seed, lr, idx, arrays)
+        return carry.params, carry.rest, carry.opt_state, carry.key
 
     @jax.jit
-    def step(params, rest, state, x, y, lr, seed):
-        loss, grads = jax.value_and_grad(loss_fn)(params, rest, x, y)
-        updates, state = cell.transform.build(lr, update_key(seed)).update(grads, state, params)
-        return optax.apply_updates(params, updates), state, loss
+    def step(params, rest, state, key, idx, lr, arrays):
+        x, y = engine._inputs(arrays["x_train"][idx], arrays), arrays["y_train"][idx]
+        (loss, rest), grads = jax.value_and_grad(engine._forward_loss, has_aux=True)(
+            params, rest, x, y)
+        updates, state = cell.transform.build(lr, key).update(grads, state, params)
+        return optax.apply_updates(params, updates), rest, state, loss
 
     init_jit = jax.jit(init)
-    x_train, y_train = jax.device_put((data.x_train, data.y_train))
     n, b, steps = len(data.x_train), cell.batch_size, cell.steps
     order = {(s, t): batch_index(s, t, n, b) for s in spec.seeds for t in range(steps)}
+    arrays = engine.arrays
 
     def sweep():
         for seed, lr in spec.runs:
-            params, rest_, state = init_jit(seed, np.float32(lr))
+            lr = np.float32(lr)
+            params, rest, state, key = init_jit(seed, lr, order[(seed, 0)], arrays)
             for t in range(steps):
-                idx = order[(seed, t)]
-                params, state, loss = step(params, rest_, state, x_train[idx], y_train[idx],
-                                           np.float32(lr), seed)
+                params, rest, state, loss = step(params, rest, state, key, order[(seed, t)], lr,
+                                                 arrays)
                 float(loss)
 
     t0 = time.perf_counter()
-    params, rest_, state = init_jit(0, np.float32(0.1))
-    idx = order[(0, 0)]
-    jax.block_until_ready(step(params, rest_, state, x_train[idx], y_train[idx],
-                               np.float32(0.1), 0))
+    params, rest, state, key = init_jit(0, np.float32(0.1), order[(0, 0)], arrays)
+    jax.block_until_ready(step(params, rest, state, key, order[(0, 0)], np.float32(0.1), arrays))
     compile_s = time.perf_counter() - t0
     return {"compile_s": compile_s, "steady_s": best_of(sweep, repeats)}
 
@@ -135,31 +134,87 @@ def step_flops(engine: Engine, seeds, lrs) -> float:
     return float(cost["flops"])
 
 
+# ---- (c) the sweep executor on every core -------------------------------------------------------
+def executor_every_core(make, lrs, repeats: int, workers: int) -> dict:
+    """The runs split by learning rate into one cell per worker, trained by LocalExecutor (one
+    pinned process per core). Compile: the slowest worker with an empty persistent cache. Steady:
+    best over `repeats` warm sweeps of the slowest worker's steady seconds; wall: best sweep from
+    spawning the workers to the last record written."""
+    cells = [make(tuple(part)) for part in np.array_split(np.array(lrs), workers)]
+    os.environ["STABENCH_CACHE_DIR"] = tempfile.mkdtemp(prefix="bench-cache-workers-")
+    compile_s, steady, wall = 0.0, [], []
+    for repeat in range(repeats + 1):
+        out = tempfile.mkdtemp(prefix="bench-sweep-")
+        t0 = time.perf_counter()
+        outcomes = list(LocalExecutor(workers).run(cells, out))
+        elapsed = time.perf_counter() - t0
+        failed = [o.error for o in outcomes if o.error]
+        if failed:
+            raise RuntimeError(f"executor cell failed: {failed[0]}")
+        timings = [read_record(Path(o.path)).data["timing"] for o in outcomes]
+        if repeat == 0:  # cold: every worker compiles
+            compile_s = max(t["compile_s"] for t in timings)
+        else:
+            steady.append(max(t["steady_s"] for t in timings))
+            wall.append(elapsed)
+    return {"compile_s": compile_s, "steady_s": min(steady), "wall_s": min(wall)}
+
+
 # ---- (d) PyTorch eager loop ---------------------------------------------------------------------
+def torch_model(torch, spec, data):
+    """The task's MLP or CIFAR ResNet (option-A shortcuts, batch norm) in PyTorch."""
+    nn, cfg = torch.nn, spec.task_config["model"]
+    classes = int(data.y_train.max()) + 1
+    if cfg["name"] == "mlp":
+        width = cfg["width"]
+        layers = [nn.Linear(data.x_train.shape[1], width)]
+        for _ in range(cfg["depth"]):
+            layers += [nn.ReLU(), nn.Linear(width, width)]
+        return nn.Sequential(*layers, nn.ReLU(), nn.Linear(width, classes))
+
+    class Block(nn.Module):
+        def __init__(self, cin, cout, stride):
+            super().__init__()
+            self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(cout)
+            self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+            self.bn2 = nn.BatchNorm2d(cout)
+            self.stride, self.pad = stride, cout - cin
+
+        def forward(self, x):
+            h = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+            short = nn.functional.pad(x[:, :, ::self.stride, ::self.stride],
+                                      (0, 0, 0, 0, 0, self.pad))
+            return torch.relu(h + short)
+
+    w, n = cfg["width"], (cfg["depth"] - 2) // 6
+    blocks = [Block(w, w, 1) for _ in range(n)]
+    for c in (2 * w, 4 * w):
+        blocks += [Block(c // 2, c, 2)] + [Block(c, c, 1) for _ in range(n - 1)]
+    return nn.Sequential(nn.Conv2d(data.x_train.shape[-1], w, 3, 1, 1, bias=False),
+                         nn.BatchNorm2d(w), nn.ReLU(), *blocks, nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(4 * w, classes))
+
+
 def torch_loop(spec, data, repeats: int, max_norm: float) -> dict | None:
     try:
         import torch
     except ImportError:
         return None
     torch.set_num_threads(os.cpu_count() or 1)
-    cfg = spec.task_config["model"]
-    width, depth = cfg["width"], cfg["depth"]
-    x_train = torch.from_numpy(data.x_train)
+    x = data.x_train.astype(np.float32)
+    if data.mean is not None:
+        x = (x - data.mean) / data.std
+    x_train = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2) if x.ndim == 4 else x))
     y_train = torch.from_numpy(data.y_train.astype(np.int64))
     n, b, steps = len(data.x_train), spec.train["batch_size"], spec.train["steps"]
     order = {(s, t): torch.from_numpy(batch_index(s, t, n, b)) for s in spec.seeds
              for t in range(steps)}
 
-    def model(seed):
-        torch.manual_seed(seed)
-        layers = [torch.nn.Linear(x_train.shape[1], width)]
-        for _ in range(depth):
-            layers += [torch.nn.ReLU(), torch.nn.Linear(width, width)]
-        return torch.nn.Sequential(*layers, torch.nn.ReLU(), torch.nn.Linear(width, 10))
-
     def sweep():
         for seed, lr in spec.runs:
-            net = model(seed)
+            torch.manual_seed(seed)
+            net = torch_model(torch, spec, data)
             opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
             for t in range(steps):
                 idx = order[(seed, t)]
@@ -168,7 +223,7 @@ def torch_loop(spec, data, repeats: int, max_norm: float) -> dict | None:
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(net.parameters(), max_norm)
                 opt.step()
-                float(loss)
+                loss.item()
 
     return {"compile_s": 0.0, "steady_s": best_of(sweep, repeats), "torch": torch.__version__}
 
@@ -188,55 +243,97 @@ def depth_compile(depths, steps: int) -> dict[int, float]:
     return out
 
 
+def compare(title: str, make, lrs, repeats: int, workers: int, peak: float) -> tuple[list[str], dict]:
+    """Rows (a)-(d) for one sweep; returns Markdown lines and the numbers of the every-core row."""
+    spec = make(lrs)
+    data = load_data(spec)
+    steps, samples = spec.train["steps"], len(spec.runs) * spec.train["steps"] * spec.train["batch_size"]
+    log(f"{title}: stabench engine")
+    engine = engine_once(spec, data, repeats)
+    log(f"{title}: naive JAX loop")
+    rows = {"naive JAX loop": naive_jax(spec, data, repeats),
+            "stabench engine, 1 process": engine}
+    log(f"{title}: sweep executor, {workers} workers")
+    rows[f"stabench sweep executor, {workers} workers"] = executor_every_core(make, lrs, repeats,
+                                                                              workers)
+    log(f"{title}: PyTorch loop")
+    torch_row = torch_loop(spec, data, repeats, 1.0)
+    if torch_row:
+        rows[f"PyTorch {torch_row['torch']} eager loop"] = torch_row
+    naive_s = rows["naive JAX loop"]["steady_s"]
+    lines = [f"## {title}: {len(spec.runs)} runs x {steps} steps", "",
+             "| implementation | compile s | steady s | wall s | runs/s | samples/s | GFLOP/s | MFU "
+             "| vs naive |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        gflops = engine["flops"] / r["steady_s"] / 1e9
+        wall = f"{r['wall_s']:.2f}" if "wall_s" in r else ""
+        lines.append(f"| {name} | {r['compile_s']:.2f} | {r['steady_s']:.3f} | {wall} | "
+                     f"{len(spec.runs) / r['steady_s']:.2f} | {samples / r['steady_s']:,.0f} | "
+                     f"{gflops:.1f} | {gflops / peak:.0%} | {naive_s / r['steady_s']:.2f}x |")
+    lines += ["", f"Training FLOPs of the sweep (XLA cost analysis of one vmapped step x steps): "
+              f"{engine['flops'] / 1e9:.1f} GFLOP.", ""]
+    best = rows[f"stabench sweep executor, {workers} workers"]["steady_s"]
+    summary = {"vs_naive": naive_s / best, "mfu": engine["flops"] / best / 1e9 / peak,
+               "vs_torch": (torch_row["steady_s"] / best) if torch_row else float("nan")}
+    return lines, summary
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps and repeats")
+    parser.add_argument("--workers", type=int, default=default_workers())
     parser.add_argument("--out", default=str(ROOT / "results" / "bench" / "throughput.md"))
     args = parser.parse_args()
     repeats = 1 if args.quick else 3
     steps = 100 if args.quick else 500
     # compile times are measured, so nothing may come from a persistent cache
     jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="bench-cache-"))
-
-    lrs = (0.01, 0.03, 0.1, 0.3)
-    spec = make_spec("digits", "clip_norm(max_norm=1.0)", "default", "sgd(momentum=0.9)", seeds=8,
-                     lrs=lrs, overrides={"train.steps": steps, "train.eval_every": steps // 5})
-    data = load_data(spec)
     peak = matmul_peak()
-    rows = {"naive JAX loop": naive_jax(spec, data, repeats),
-            "stabench engine, 1 process": engine_once(spec, data, repeats)}
-    torch_row = torch_loop(spec, data, repeats, 1.0)
-    if torch_row:
-        rows[f"PyTorch {torch_row['torch']} eager loop"] = torch_row
-    flops = rows["stabench engine, 1 process"]["flops"]
-    samples = len(spec.runs) * steps * spec.train["batch_size"]
-    naive_s = rows["naive JAX loop"]["steady_s"]
 
-    lines = [f"# Throughput: digits MLP sweep ({len(spec.runs)} runs x {steps} steps)", ""]
-    lines += ["| implementation | compile s | steady s | runs/s | samples/s | GFLOP/s | MFU | vs naive |",
-              "|---|---|---|---|---|---|---|---|"]
-    for name, r in rows.items():
-        gflops = flops / r["steady_s"] / 1e9
-        lines.append(f"| {name} | {r['compile_s']:.2f} | {r['steady_s']:.3f} | "
-                     f"{len(spec.runs) / r['steady_s']:.1f} | {samples / r['steady_s']:,.0f} | "
-                     f"{gflops:.1f} | {gflops / peak:.0%} | {naive_s / r['steady_s']:.2f}x |")
+    def digits(lrs):
+        return make_spec("digits", "clip_norm(max_norm=1.0)", "default", "sgd(momentum=0.9)",
+                         seeds=8, lrs=lrs, overrides={"train.steps": steps,
+                                                      "train.eval_every": steps // 5})
+
+    resnet_depth = 8 if args.quick else 20  # the smoke run only checks the pipeline
+
+    def resnet(lrs):
+        return make_spec("cifar10", "clip_norm(max_norm=1.0)", "default", "sgd(momentum=0.9)",
+                         seeds=4, lrs=lrs, fake_data=True,
+                         overrides={"model.depth": resnet_depth,
+                                    "train.steps": 2 if args.quick else 20,
+                                    "train.eval_every": 2 if args.quick else 20,
+                                    "train.batch_size": 32})
+
+    t0 = time.perf_counter()
+    lines = ["# Throughput: stabench against a naive JAX loop and PyTorch", ""]
+    digits_lines, summary = compare("digits MLP 64-128-128-10, SGD momentum + clip_norm, batch 128",
+                                    digits, (0.01, 0.03, 0.1, 0.3), repeats, args.workers, peak)
+    resnet_lines, _ = compare(f"CIFAR-10 ResNet-{resnet_depth} on fake data, SGD momentum + "
+                              "clip_norm, batch 32", resnet, (0.01, 0.1), repeats, args.workers,
+                              peak)
+    log("compile time by depth")
     depths = depth_compile((10, 100, 1000), 20)
-    lines += ["", "## Compile time of a residual MLP by depth (seconds)", "",
+    lines += digits_lines + resnet_lines
+    lines += ["## Compile time of a residual MLP by depth (seconds)", "",
               "| depth | compile s |", "|---|---|"]
     lines += [f"| {d} | {s:.2f} |" for d, s in depths.items()]
-    lines += ["", f"Matmul peak (float32 1024x1024, jit): {peak:.1f} GFLOP/s. Training FLOPs per "
-              f"sweep from XLA's cost analysis of one vmapped step x steps: {flops / 1e9:.1f} GFLOP.",
+    lines += ["", "Steady: best of {} (every run trained to the end, `block_until_ready`); the "
+              "executor's compile is its slowest worker's with an empty persistent cache, its "
+              "steady the slowest worker's.".format(repeats),
+              f"Matmul peak (float32 1024x1024, jit, all cores): {peak:.1f} GFLOP/s. "
               f"Hardware: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
               f"{jax.devices()[0].device_kind}; jax {jax.__version__}; "
-              f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d}."]
+              f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d}; benchmark wall time "
+              f"{time.perf_counter() - t0:.0f} s.",
+              "", "Regenerate: `python scripts/bench_throughput.py` (PyTorch rows need "
+              "`pip install -e .[bench]`)."]
     text = "\n".join(lines) + "\n"
     print(text)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)
-    engine_s = rows["stabench engine, 1 process"]["steady_s"]
-    torch_s = torch_row["steady_s"] if torch_row else float("nan")
-    print(f"speedup_vs_naive={naive_s / engine_s:.2f} speedup_vs_torch={torch_s / engine_s:.2f} "
-          f"mfu={flops / engine_s / 1e9 / peak:.2f}")
+    print(f"speedup_vs_naive={summary['vs_naive']:.2f} speedup_vs_torch={summary['vs_torch']:.2f} "
+          f"mfu={summary['mfu']:.2f}")
 
 
 if __name__ == "__main__":

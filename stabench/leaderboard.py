@@ -272,9 +272,15 @@ def overall_board(boards: dict[str, pd.DataFrame], task_of_variant: dict[str, st
             "diverged_rate": p, "diverged_lo": lo, "diverged_hi": hi,
         })
     board = pd.DataFrame(rows)
-    board["rank"] = board["stability"].rank(ascending=False, method="min")
-    order = board.sort_values(["rank", "profile_score"], ascending=[True, False],
-                              na_position="last", kind="stable").index
+    # Scores averaged over different task sets do not compare: only entries that ran every task
+    # variant are ranked; the others follow, unranked, by stability.
+    complete = board["tasks"] == len(variants)
+    board["rank"] = board["stability"].where(complete).rank(ascending=False, method="min")
+    ranked = board[complete].sort_values(["rank", "profile_score"], ascending=[True, False],
+                                         na_position="last", kind="stable")
+    unranked = board[~complete].sort_values("stability", ascending=False, na_position="last",
+                                            kind="stable")
+    order = np.concatenate([ranked.index, unranked.index]).astype(int)
     return board.loc[order].reset_index(drop=True), ratios[order], unsolved
 
 
@@ -414,6 +420,11 @@ def render_overall(board: pd.DataFrame, unsolved: list[str], n_variants: int) ->
         f"that never reaches the target, or did not run the task, counts as infinitely slow. Mean "
         f"rank: weighted mean of the per-task ranks. Diverged: share of all runs with a 95% Wilson "
         f"interval. Rank by stability; bold: best in the column.")
+    partial = int(board["rank"].isna().sum())
+    if partial:
+        caption += (f" Unranked (rank -): {partial} {'entry' if partial == 1 else 'entries'} that "
+                    f"did not run every task "
+                    f"variant; their scores average over the tasks they ran.")
     if unsolved:
         caption += (f" Left out of the profiles because no entry reached the target: "
                     f"{', '.join(unsolved)}.")

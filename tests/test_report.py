@@ -211,6 +211,17 @@ def test_overall_board_weights_each_task_once():
     assert (o.at["x", "diverged_runs"], o.at["x", "runs"]) == (1, 30)
     assert list(overall["method"]) == ["y", "x"] and unsolved == []
 
+    # an entry that ran only task b is listed after the ranked ones, unranked, whatever its score
+    boards["b"] = pd.concat([boards["b"], board([("z", "d", "o", 50, 1.0, 1, 0, 10)])])
+    overall, ratios, _ = lb.overall_board(boards, {"a[depth=1]": "a", "a[depth=2]": "a", "b": "b"})
+    assert list(overall["method"]) == ["y", "x", "z"]
+    assert overall["rank"].tolist()[:2] == [1, 2] and np.isnan(overall["rank"].iloc[2])
+    assert overall.set_index("method").at["z", "tasks"] == 1
+    assert ratios.shape == (3, 3)
+    table = lb.render_overall(overall, [], 3)
+    assert table.frame["rank"].tolist() == ["1", "2", "-"]
+    assert "Unranked (rank -): 1 entry that did not run every task variant" in table.caption
+
 
 # ---- LaTeX ------------------------------------------------------------------------------------------
 def test_latex_escapes_special_characters_and_balances_braces(board):

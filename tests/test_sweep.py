@@ -129,6 +129,20 @@ seeds = 1
     assert {(c.train["steps"], len(c.seeds)) for c in cli} == {(7, 4)}
 
 
+@pytest.mark.slow  # validates each of the suite's 56 cells (model shapes traced)
+def test_default_suite_crosses_the_main_methods_and_inits_on_every_task_family():
+    cells = sw.suite_spec(sw.load_suite("default")[1]).cells()
+    assert {c.task for c in cells} == {"digits", "deep_plain", "deep_residual", "adding",
+                                       "temporal_order", "listops"}
+    assert all(len(c.seeds) >= 3 and len(c.lrs) >= 5 for c in cells)
+    digits = [c for c in cells if c.task == "digits"]
+    assert {c.method.split("(")[0] for c in digits} >= {
+        "none", "clip_norm", "clip_value", "agc", "autoclip", "zclip", "warmup", "skip_nonfinite"}
+    assert {c.init.split("(")[0] for c in digits} == {"default", "he_normal", "normal"}
+    for twin in ("deep_plain", "deep_residual"):
+        assert len({c.task_config["model"]["depth"] for c in cells if c.task == twin}) >= 3
+
+
 @pytest.mark.parametrize("text, message", [
     ('tasks = ["digits"]\nmethod = ["none"]', "unknown field 'method'"),
     ('tasks = ["digits"]\nseeds = "3"', "field 'seeds' must be int"),
