@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 from matplotlib.ticker import NullLocator, ScalarFormatter
 
 from .metrics import mean_ci, performance_profile
@@ -322,6 +323,7 @@ def diagnosis_figure(diag, loss: np.ndarray, layer_grad_norm: np.ndarray) -> Fig
                      color="C0", label=f"{AROUND}-step mean")
         if np.nanmin(finite[finite > 0], initial=np.inf) < np.nanmax(finite, initial=0) / 20:
             ax_loss.set_yscale("log")
+            ax_loss.yaxis.set_minor_formatter(NullFormatter())  # the short panel has no room
         ax_loss.set_ylabel("train loss")
         ax_loss.tick_params(labelbottom=False)
 
