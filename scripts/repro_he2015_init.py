@@ -32,7 +32,7 @@ TRAINS, STALLS = 0.5, 0.1  # share of the initial loss removed
 def config(tiny: bool) -> dict:
     if tiny:
         return dict(depth=4, seeds=2, lrs=(0.01,), steps=20, eval_every=10)
-    return dict(depth=28, seeds=5, lrs=(0.001, 0.01, 0.1), steps=500, eval_every=100)
+    return dict(depth=28, seeds=5, lrs=(0.01, 0.1), steps=300, eval_every=100)
 
 
 def specs(c: dict) -> list:

@@ -29,7 +29,7 @@ def config(tiny: bool) -> dict:
     if tiny:
         return dict(lengths=(10,), seeds=2, lrs=(0.1, 1.0), steps=20, eval_every=10, n_train=200,
                     n_test=100)
-    return dict(lengths=(50, 100), seeds=5, lrs=(0.1, 0.3, 1.0), steps=1500, eval_every=250,
+    return dict(lengths=(50, 100), seeds=5, lrs=(0.03, 0.1, 0.3, 1.0), steps=2500, eval_every=500,
                 n_train=10000, n_test=1000)
 
 
