@@ -68,15 +68,17 @@ def table_from(runs: pd.DataFrame, grads: pd.DataFrame) -> pd.DataFrame:
         lr = g.groupby("lr")["removed"].mean().idxmax()
         b = g[g["lr"] == lr]
         at0 = g.drop_duplicates("seed")  # step 0 comes before any update: the same for every lr
+        with np.errstate(divide="ignore", invalid="ignore"):  # a gradient that underflowed to 0
+            first = float(np.exp(np.log(at0["first_grad"]).mean()))
+            ratio = float(np.exp(np.log(at0["first_grad"] / at0["last_grad"]).mean()))
         rows.append({
             "init": INITS[init], "best lr": lr, "seeds": len(b),
             "initial loss": float(b["init_loss"].mean()),
             "final train loss": float(b["final_train_loss"].mean()),
             "loss removed": float(b["removed"].mean()), "test acc": float(b["test_accuracy"].mean()),
             "diverged": int(b["diverged"].sum()),
-            "first-layer grad at init": float(np.exp(np.log(at0["first_grad"]).mean())),
-            "first/last grad at init": float(np.exp(np.log(at0["first_grad"] / at0["last_grad"])
-                                                    .mean())),
+            "first-layer grad at init": first, "first/last grad at init": ratio,
+            "zero first-layer grads": int((at0["first_grad"] == 0).sum()),
         })
     order = {v: i for i, v in enumerate(INITS.values())}
     return pd.DataFrame(rows).sort_values("init", key=lambda s: s.map(order)).reset_index(drop=True)
@@ -119,7 +121,7 @@ def figure(records, table: pd.DataFrame):
     ax1.legend(frameon=False, fontsize="small")
     ax2.set_yscale("log")
     ax2.set_xlabel("layer (0 = input, last = head)")
-    ax2.set_ylabel("gradient norm at init")
+    ax2.set_ylabel("gradient norm at init (0 drawn at 1e-38)")
     ax2.set_title("per-layer gradient norm at step 0 (geometric mean over runs)",
                   fontsize="medium")
     ax2.legend(frameon=False, fontsize="small")
@@ -150,7 +152,8 @@ def main(argv=None) -> bool:
                "Loss removed: (L0 - min(final, L0)) / L0 with L0 the loss before any update and "
                "the final loss the mean of the last 20 training batches (a diverged run removes 0)",
                "Gradients at init: per-layer gradient norms of step 0 from the telemetry, "
-               "geometric means over seeds"],
+               "geometric means over seeds; zero first-layer grads: seeds whose first-layer "
+               "gradient norm underflowed to exactly 0 in float32"],
         table=table, checks=checks, wall_s=time.perf_counter() - t0, trained=trained,
         records=records, figure=path,
         notes=[f"Glorot (Var = 2/(fan_in + fan_out)) removes "
