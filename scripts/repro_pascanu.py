@@ -90,7 +90,7 @@ def figure(table):
     t = table.assign(problem_T=table["problem"] + " T=" + table["T"].astype(str),
                      success_rate=table["successes"] / table["runs"],
                      divergence_rate=table["diverged"] / table["runs"])
-    panels = sorted(t["problem_T"].unique())
+    panels = list(dict.fromkeys(t.sort_values(["problem", "T"])["problem_T"]))
     fig = Figure(figsize=(3.0 * len(panels), 5.2), layout="constrained")
     axes = fig.subplots(2, len(panels), squeeze=False, sharex=True, sharey=True)
     palette = dict(zip(["plain SGD", "clip_norm(1)"], sns.color_palette("colorblind", 2)))
