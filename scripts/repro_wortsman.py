@@ -94,8 +94,8 @@ def per_lr_table(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def evaluate(table: pd.DataFrame) -> list[Check]:
-    s = {(r["warmup"], r["qk_norm"]): r["LR sensitivity"] for _, r in table.iterrows()}
-    f = _repro.fmt
+    f = _repro.fmt  # also spells a table parsed back from Markdown (True/False) as yes/no
+    s = {(f(r["warmup"]), f(r["qk_norm"])): r["LR sensitivity"] for _, r in table.iterrows()}
     return [
         *[Check(f"warmup lowers LR sensitivity with qk_norm={qk}: {f(s['yes', qk])} vs "
                 f"{f(s['no', qk])} without", s["yes", qk] < s["no", qk]) for qk in ("no", "yes")],
