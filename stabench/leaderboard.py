@@ -410,7 +410,8 @@ def render_overall(board: pd.DataFrame, unsolved: list[str], n_variants: int) ->
                OVERALL["diverged"][0]: board["diverged_rate"]}
     directions = {"rank": "min", "stability": "max", "profile score": "max", "mean rank": "min",
                   OVERALL["diverged"][0]: "min"}
-    bold = pd.DataFrame({c: _bold_mask(numeric[c], directions[c]) if c in numeric
+    ranked = board["rank"].notna()  # the best of a column is the best among ranked entries
+    bold = pd.DataFrame({c: _bold_mask(numeric[c].where(ranked), directions[c]) if c in numeric
                          else pd.Series(False, index=frame.index) for c in frame.columns})
     caption = (
         f"Overall, across {_plural(n_variants, 'task variant')} (each task counts once; its "

@@ -6,6 +6,7 @@ Bands are the same 95% Student-t intervals over seeds that the tables report.
 
 from __future__ import annotations
 
+import json
 import math
 import textwrap
 from contextlib import contextmanager
@@ -108,8 +109,10 @@ def divergence_heatmap(runs: pd.DataFrame, title: str) -> Figure:
     table = runs.assign(entry=label).pivot_table(index="entry", columns="lr", values="diverged",
                                                  aggfunc="mean")
     table.columns = [f"{x:g}" for x in table.columns]
+    # long entry labels would squeeze the cells: widen the figure so each keeps ~0.45 in
+    width = max(WIDTH, 0.065 * max(map(len, table.index)) + 0.45 * table.shape[1] + 1.4)
     with style():
-        fig = Figure(figsize=(WIDTH, 1.0 + 0.28 * len(table)), layout="constrained")
+        fig = Figure(figsize=(width, 1.0 + 0.28 * len(table)), layout="constrained")
         ax = fig.subplots()
         sns.heatmap(table, ax=ax, vmin=0, vmax=1, cmap="rocket_r", annot=True, fmt=".2g",
                     annot_kws={"fontsize": 7}, cbar_kws={"label": "diverged share"},
@@ -122,22 +125,25 @@ def divergence_heatmap(runs: pd.DataFrame, title: str) -> Figure:
 
 def depth_accuracy(points: pd.DataFrame, metric: str) -> Figure:
     """Best-LR target metric against depth, plain vs residual twins; one panel per method.
-    `points`: depth, architecture, method, init, quality_mean, quality_lo, quality_hi."""
+    `points`: depth, family_label, architecture, method, init, quality_mean, quality_lo,
+    quality_hi."""
     methods = sorted(points["method"].unique())
     cols = min(4, len(methods))
     rows = math.ceil(len(methods) / cols)
     colors = _palette(["plain", "residual"])
     inits = sorted(points["init"].unique())
+    families = points["family"].unique()
     dashes = dict(zip(inits, DASHES * len(inits)))
     with style():
         fig = Figure(figsize=(WIDTH, 0.6 + 1.9 * rows), layout="constrained")
         axes = fig.subplots(rows, cols, squeeze=False, sharex=True, sharey=True)
         for k, method in enumerate(methods):
             ax = axes[k // cols, k % cols]
-            for (arch, init), g in points[points["method"] == method].groupby(
-                    ["architecture", "init"], sort=True):
+            for (_, arch, init), g in points[points["method"] == method].groupby(
+                    ["family", "architecture", "init"], sort=True):
                 g = g.sort_values("depth")
-                label = f"{arch}, {init}" if len(inits) > 1 else arch
+                label = ", ".join([g["family_label"].iloc[0]] * (len(families) > 1) + [arch]
+                                  + [init] * (len(inits) > 1))
                 ax.plot(g["depth"], g["quality_mean"], marker="o", ms=3, color=colors[arch],
                         ls=dashes[init], label=label)
                 ax.fill_between(g["depth"], g["quality_lo"], g["quality_hi"], color=colors[arch],
@@ -146,7 +152,7 @@ def depth_accuracy(points: pd.DataFrame, metric: str) -> Figure:
             ax.set_xticks(sorted(points["depth"].unique()))
             ax.xaxis.set_major_formatter(ScalarFormatter())
             ax.xaxis.set_minor_locator(NullLocator())
-            ax.set_title(method, fontsize="small")
+            ax.set_title(textwrap.fill(method, 30), fontsize="small")
         for k in range(len(methods), rows * cols):
             axes[k // cols, k % cols].set_visible(False)
         for ax in axes[:, 0]:
@@ -241,14 +247,25 @@ def _depth_points(report, by_hash: dict) -> pd.DataFrame | None:
             continue
         if "depth" not in args or "residual" not in args:
             continue
+        family = json.dumps([spec.task_config.get("dataset"), {
+            k: v for k, v in spec.task_config["model"].items() if k not in ("depth", "residual")}],
+            sort_keys=True, default=str)
         for _, r in board.iterrows():
-            rows.append({"depth": args["depth"],
+            rows.append({"depth": args["depth"], "family": family,
+                         "family_label": f"{spec.task_config['dataset']['name']} "
+                                         f"{spec.task_config['model']['name']}",
                          "architecture": "residual" if args["residual"] else "plain",
                          "method": r["method"], "init": r["init"], "metric": r["quality_metric"],
                          "quality_mean": r["quality_mean"], "quality_lo": r["quality_lo"],
                          "quality_hi": r["quality_hi"]})
     points = pd.DataFrame(rows)
-    if points.empty or points["depth"].nunique() < 2 or points["architecture"].nunique() < 2:
+    if points.empty:
+        return None
+    # twins only: a model family (dataset and model but depth and residual) with both
+    # architectures, and methods run on both
+    keep = points.groupby(["family", "method"])["architecture"].transform("nunique") == 2
+    points = points[keep]
+    if points.empty or points["depth"].nunique() < 2:
         return None
     return points
 

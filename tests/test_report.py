@@ -220,6 +220,8 @@ def test_overall_board_weights_each_task_once():
     assert ratios.shape == (3, 3)
     table = lb.render_overall(overall, [], 3)
     assert table.frame["rank"].tolist() == ["1", "2", "-"]
+    assert not table.bold.iloc[2].any()  # z's top stability is not the ranked best
+    assert table.bold.at[0, "stability"]
     assert "Unranked (rank -): 1 entry that did not run every task variant" in table.caption
 
 
