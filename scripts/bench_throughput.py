@@ -1,7 +1,8 @@
 """Throughput of the stabench engine against what users would otherwise write, in one process.
 
 For the digits MLP sweep (64-128-128-10, SGD momentum 0.9 + global-norm clipping, batch 128,
-8 seeds x 4 learning rates, 500 steps) and a CIFAR-10 ResNet-20 cell on fake data (fewer steps):
+8 seeds x 4 learning rates, 500 steps) and a CIFAR-10 ResNet-20 cell on fake data (2 seeds x 2
+learning rates, batch 32, 10 steps):
   (a) a naive JAX loop: Python loop over runs and steps, a jitted step, float(loss) each step;
   (b) the stabench engine in one process: jit(vmap(lax.scan)) over every run;
   (c) the stabench sweep executor using every core (the runs split into one cell per worker);
@@ -299,10 +300,10 @@ def main() -> None:
 
     def resnet(lrs):
         return make_spec("cifar10", "clip_norm(max_norm=1.0)", "default", "sgd(momentum=0.9)",
-                         seeds=4, lrs=lrs, fake_data=True,
+                         seeds=2, lrs=lrs, fake_data=True,
                          overrides={"model.depth": resnet_depth,
-                                    "train.steps": 2 if args.quick else 20,
-                                    "train.eval_every": 2 if args.quick else 20,
+                                    "train.steps": 2 if args.quick else 10,
+                                    "train.eval_every": 2 if args.quick else 10,
                                     "train.batch_size": 32})
 
     t0 = time.perf_counter()
