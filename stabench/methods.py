@@ -118,6 +118,11 @@ def traced_args(call: Call) -> tuple[str, ...]:
     return METHODS.entry(call.name).meta.get("traced", ())
 
 
+def traced_values(calls: tuple[Call, ...]) -> tuple[float, ...]:
+    """The values of the traced arguments of a method string's calls, in slot order."""
+    return tuple(float(dict(c.kwargs)[a]) for c in calls if not _is_fault(c) for a in traced_args(c))
+
+
 @dataclass(frozen=True)
 class CellTransform:
     """A cell's whole update: wrappers around (pre methods, the optimizer's direction, direction
@@ -184,20 +189,18 @@ def transform(calls: tuple[Call, ...], optimizer: Optimizer, steps: int,
     """The cell's update from its methods (each factory checks its arguments now) and optimizer;
     the methods' traced arguments become slots of the program's per-run values."""
     stages: dict[str, list] = {s: [] for s in STAGES if s != "fault"}
-    values: list[float] = []
+    slot = 0
     for call in calls:
         if _is_fault(call):  # faults act on the computed gradient: see build_fault
             continue
         built = METHODS.build(call)
-        stage = METHODS.entry(call.name).meta["stage"]
         names = traced_args(call)
         if names:
-            kwargs = dict(call.kwargs)
-            built = Traced(call, tuple((a, len(values) + i) for i, a in enumerate(names)))
-            values.extend(float(kwargs[a]) for a in names)
-        stages[stage].append(built)
+            built = Traced(call, tuple((a, slot + i) for i, a in enumerate(names)))
+            slot += len(names)
+        stages[METHODS.entry(call.name).meta["stage"]].append(built)
     return CellTransform({s: tuple(v) for s, v in stages.items()}, optimizer, steps,
-                         tuple(layer_order), tuple(stacked), tuple(values))
+                         tuple(layer_order), tuple(stacked), traced_values(calls))
 
 
 # ---- helpers ---------------------------------------------------------------------------------
