@@ -359,7 +359,9 @@ def cmd_list(args) -> int:
     registry = _registry(args.what)
     for entry in registry.entries():
         ref = f"  [{entry.ref}]" if entry.ref else ""
-        print(f"{entry.signature_text():40s} {entry.help}{ref}")
+        traced = entry.meta.get("traced")  # program inputs: what --search optuna can search
+        traced = f" (traced: {', '.join(traced)})" if traced else ""
+        print(f"{entry.signature_text():40s} {entry.help}{traced}{ref}")
     return 0
 
 

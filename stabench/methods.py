@@ -120,7 +120,8 @@ def traced_args(call: Call) -> tuple[str, ...]:
 
 def traced_values(calls: tuple[Call, ...]) -> tuple[float, ...]:
     """The values of the traced arguments of a method string's calls, in slot order."""
-    return tuple(float(dict(c.kwargs)[a]) for c in calls if not _is_fault(c) for a in traced_args(c))
+    return tuple(float(dict(c.kwargs)[a])
+                 for c in calls if not _is_fault(c) for a in traced_args(c))
 
 
 @dataclass(frozen=True)

@@ -239,8 +239,9 @@ def random(n: int = 10, seed: int = 0) -> Random:
 
 @SEARCHES.register("optuna", help="Optuna's TPE: n trials per combination of the lists, asked "
                                   "`batch` at a time and trained as the runs of one compiled "
-                                  "program; ranges of traced method arguments, and lr=loguniform(a,b)"
-                                  " to search the learning rate; objective loss or target",
+                                  "program; ranges of traced method arguments, and "
+                                  "lr=loguniform(a,b) to search the learning rate; objective "
+                                  "loss or target",
                    ref="Bergstra et al. 2011 (TPE); Akiba et al. 2019 (Optuna)", ranges=("lr",))
 def optuna(n: int = 32, batch: int = 8, seed: int = 0, objective: str = "loss",
            lr: Range | None = None) -> Optuna:

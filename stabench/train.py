@@ -285,7 +285,8 @@ class Engine:
     # ---- compiled programs --------------------------------------------------------------------
     def compile(self, seeds: np.ndarray, lrs: np.ndarray, values=None):
         """Lower and compile the init and chunk programs for these runs (with per-run traced
-        values [runs, n], if given); returns them and seconds. An engine compiles each shape once."""
+        values [runs, n], if given); returns them and seconds. An engine compiles each shape
+        once."""
         key = (len(lrs), values is not None)
         if key in self.programs:
             return *self.programs[key], 0.0
