@@ -112,8 +112,9 @@ def main() -> None:
         print(json.dumps(one(args.one[0], int(args.one[1]), args.trials, args.batch, args.out)))
         return
 
-    strategies = {"optuna": f"optuna(n={args.trials}, batch={args.batch})",
-                  "random": f"random(n={args.trials})"}
+    strategies = {"optuna": f"optuna(n={args.trials}, batch={args.batch}, seed=S, "
+                            f"lr=loguniform({LR[0]},{LR[1]}))",
+                  "random": f"random(n={args.trials}, seed=S)"}
     results: dict[tuple[str, int], dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.search_seeds:
@@ -152,7 +153,9 @@ def main() -> None:
         "one compiled program with the trials' max_norm and lr as per-run inputs. Random: "
         f"`{strategies['random']}` draws max_norm (the sweep's own path, one compiled cell per "
         "trial) with a learning rate drawn from the same range per cell. Each search runs in a "
-        "fresh process with an empty compilation cache; wall time is the search alone.",
+        "fresh process with an empty compilation cache; wall time is the search alone, on a "
+        "machine whose CPUs other work may share (compare within a row of seeds). Compiles: XLA "
+        "compilations (each compiled cell is an init and a training-chunk program).",
         "",
         f"Mean ± sd over {len(args.search_seeds)} search seeds. Best final training loss and best "
         "test accuracy reached after the given number of trials:",
