@@ -22,7 +22,7 @@ TRACED = [(e.name, a) for e in METHODS.entries() for a in e.meta.get("traced", (
 TINY = (("train.steps", 20), ("train.eval_every", 20), ("model.width", 16))
 
 
-def _updates(tx, grads, n=3):
+def _updates(tx, grads, n=2):
     state = tx.init(PARAMS)
     for _ in range(n):
         u, state = tx.update(grads, state, PARAMS)
