@@ -161,13 +161,15 @@ def cmd_sweep(args) -> int:
     from .executor import (Progress, SweepInterrupted, cell_label, make_sweep_executor,
                            run_sweep)
     from .store import Store
-    from .sweep import parse_shard, shard
+    from .sweep import Optuna, parse_search, parse_shard, shard
 
     if args.workers is not None and args.workers <= 0:
         raise UserError(f"--workers must be positive, got {args.workers}")
     part = parse_shard(args.shard) if args.shard else None
-    executor = make_sweep_executor(args.executor, args.workers, args.address, args.data_dir)
     spec, out = _sweep_from_args(args)
+    if isinstance(parse_search(spec.search), Optuna):
+        return _optuna_sweep(args, spec, out)
+    executor = make_sweep_executor(args.executor, args.workers, args.address, args.data_dir)
     cells = spec.cells()
     if part:
         cells = shard(cells, *part)
@@ -191,6 +193,29 @@ def cmd_sweep(args) -> int:
         return 130
     print("\n".join(summary.lines(out)))
     return 1 if summary.failed else 0
+
+
+def _optuna_sweep(args, spec, out: str) -> int:
+    """A Bayesian search: its trials depend on each other, so they train in this process."""
+    from .search import run_search, studies
+    from .sweep import parse_search
+
+    search = parse_search(spec.search)
+    for flag, given in (("--shard", args.shard), ("--executor ray", args.executor == "ray"),
+                        ("--workers", args.workers), ("--address", args.address)):
+        if given:
+            raise UserError(f"{flag} does not apply to --search optuna: a study asks each batch "
+                            f"of trials from the results of the last, in this process")
+    if args.dry_run:
+        found = studies(spec, search)
+        for study in found:
+            dims = ", ".join(name for name, _, _ in study.dims) or "nothing (one cell)"
+            print(f"study {study.label()} | searches {dims}")
+        print(f"{len(found)} studies of {search.n} trials, {search.batch} per compiled batch; "
+              f"results in {out}")
+        return 0
+    run_search(spec, search, out, args.data_dir)
+    return 0
 
 
 def cmd_report(args) -> int:
@@ -334,7 +359,9 @@ def cmd_list(args) -> int:
     registry = _registry(args.what)
     for entry in registry.entries():
         ref = f"  [{entry.ref}]" if entry.ref else ""
-        print(f"{entry.signature_text():40s} {entry.help}{ref}")
+        traced = entry.meta.get("traced")  # program inputs: what --search optuna can search
+        traced = f" (traced: {', '.join(traced)})" if traced else ""
+        print(f"{entry.signature_text():40s} {entry.help}{traced}{ref}")
     return 0
 
 
@@ -409,7 +436,9 @@ def build_parser() -> ArgumentParser:
                             "model.depth=[4,8,16]")
     sweep.add_argument("--search", default=None,
                        help="grid (default) or random(n=K, seed=S) over method/init/optimizer "
-                            "arguments written as lists or loguniform(a,b) / uniform(a,b)")
+                            "arguments written as lists or loguniform(a,b) / uniform(a,b), or "
+                            "optuna(n=K, batch=B, lr=loguniform(a,b)): TPE over the ranges of "
+                            "traced method arguments, B trials per compiled batch")
     sweep.add_argument("--shard", default=None, metavar="I/N",
                        help="run only shard I of N (1-based) of the cells")
     sweep.add_argument("--workers", type=int, default=None,

@@ -13,7 +13,7 @@ from .data import DATASETS, Source, fake
 from .inits import INITS
 from .models import MODELS
 from .optimizers import OPTIMIZERS
-from .registry import UserError, closest
+from .registry import Call, UserError, closest
 from .tasks import TARGET_METRICS, TaskSpec, all_tasks, get_task, with_overrides
 
 FORMAT_VERSION = 1
@@ -58,6 +58,17 @@ class RunSpec:
     def target(self) -> tuple[str, float, str]:
         t = self.task_config["target"]
         return t["metric"], float(t["value"]), TARGET_METRICS[t["metric"]]
+
+
+def program_key(spec: RunSpec) -> str:
+    """What a cell's Engine and its compiled programs depend on: the spec without its seeds,
+    learning rates and the values of its methods' traced arguments (runs of one program differ in
+    those), so trials of a search over them share one key."""
+    masked = [Call(c.name, tuple((k, "<traced>" if k in methods.traced_args(c) else v)
+                                 for k, v in c.kwargs))
+              for c in methods.resolve(spec.method)]
+    d = {**spec.to_dict(), "method": methods.canonical(tuple(masked)), "seeds": None, "lrs": None}
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 
 def _positive_int(name: str, value: Any) -> int:

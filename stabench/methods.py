@@ -17,6 +17,11 @@ Each entry's `stage` says where it acts in a training step:
 
 A factory returns a transformation, or a function of the run's `Context` that returns one, for
 methods that need the number of optimizer updates, the run's own random key or the model's layers.
+
+An entry's `traced` names its float arguments that may enter the compiled program as per-run inputs
+(`CellTransform.build(..., values)`), like the learning rate: runs of one program may then differ in
+them, so a search over them compiles once. A factory checks such an argument only when it is a
+number; a traced value was checked as a number when its run's spec was made.
 """
 
 from __future__ import annotations
@@ -97,6 +102,29 @@ def _observed(inner: optax.GradientTransformation) -> optax.GradientTransformati
 
 
 @dataclass(frozen=True)
+class Traced:
+    """A method whose traced arguments are inputs of the program: built per run from its values."""
+
+    call: Call
+    slots: tuple[tuple[str, int], ...]  # (argument, index into the run's values)
+
+    def build(self, values):
+        kwargs = {**dict(self.call.kwargs), **{arg: values[i] for arg, i in self.slots}}
+        return METHODS.entry(self.call.name).factory(**kwargs)
+
+
+def traced_args(call: Call) -> tuple[str, ...]:
+    """The arguments of a method call that the compiled program may take as inputs."""
+    return METHODS.entry(call.name).meta.get("traced", ())
+
+
+def traced_values(calls: tuple[Call, ...]) -> tuple[float, ...]:
+    """The values of the traced arguments of a method string's calls, in slot order."""
+    return tuple(float(dict(c.kwargs)[a])
+                 for c in calls if not _is_fault(c) for a in traced_args(c))
+
+
+@dataclass(frozen=True)
 class CellTransform:
     """A cell's whole update: wrappers around (pre methods, the optimizer's direction, direction
     methods, learning rate, the optimizer's line search, post multipliers)."""
@@ -106,6 +134,7 @@ class CellTransform:
     steps: int  # training steps of a run
     layer_order: tuple[str, ...] = ()
     stacked: tuple[str, ...] = ()
+    values: tuple[float, ...] = ()  # the traced arguments' own values, in slot order
 
     @property
     def needs_value(self) -> bool:
@@ -116,9 +145,17 @@ class CellTransform:
         """Optimizer updates in a run: training steps over the accumulated micro-steps."""
         return self.steps // math.prod(w.every for w in self.stages["wrap"])
 
-    def build(self, lr, key: jax.Array) -> optax.GradientTransformationExtraArgs:
+    def build(self, lr, key: jax.Array, values=None) -> optax.GradientTransformationExtraArgs:
+        """The update for learning rate `lr` and traced-argument values `values` (a traced
+        [len(self.values)] array; None: the spec's own values, constants of the program)."""
         ctx = Context(self.updates, key, self.layer_order, self.stacked)
-        made = {stage: [m(ctx) if callable(m) else m for m in self.stages[stage]]
+        values = self.values if values is None else values
+
+        def make(m):
+            m = m.build(values) if isinstance(m, Traced) else m
+            return m(ctx) if callable(m) else m
+
+        made = {stage: [make(m) for m in self.stages[stage]]
                 for stage in ("pre", "direction", "post")}
         pre = optax.chain(*made["pre"]) if made["pre"] else optax.identity()
         tx = optax.chain(_observed(pre), self.optimizer.direction,
@@ -150,13 +187,21 @@ def canonical(calls: tuple[Call, ...]) -> str:
 
 def transform(calls: tuple[Call, ...], optimizer: Optimizer, steps: int,
               layer_order: tuple[str, ...] = (), stacked: tuple[str, ...] = ()) -> CellTransform:
-    """The cell's update from its methods (each factory checks its arguments now) and optimizer."""
+    """The cell's update from its methods (each factory checks its arguments now) and optimizer;
+    the methods' traced arguments become slots of the program's per-run values."""
     stages: dict[str, list] = {s: [] for s in STAGES if s != "fault"}
+    slot = 0
     for call in calls:
-        if not _is_fault(call):  # faults act on the computed gradient: see build_fault
-            stages[METHODS.entry(call.name).meta["stage"]].append(METHODS.build(call))
+        if _is_fault(call):  # faults act on the computed gradient: see build_fault
+            continue
+        built = METHODS.build(call)
+        names = traced_args(call)
+        if names:
+            built = Traced(call, tuple((a, slot + i) for i, a in enumerate(names)))
+            slot += len(names)
+        stages[METHODS.entry(call.name).meta["stage"]].append(built)
     return CellTransform({s: tuple(v) for s, v in stages.items()}, optimizer, steps,
-                         tuple(layer_order), tuple(stacked))
+                         tuple(layer_order), tuple(stacked), traced_values(calls))
 
 
 # ---- helpers ---------------------------------------------------------------------------------
@@ -186,6 +231,8 @@ def _per_layer(tx: optax.GradientTransformation, stacked: tuple[str, ...]):
 
 def _positive(**values) -> None:
     for name, value in values.items():
+        if isinstance(value, jax.core.Tracer):  # a traced argument: checked as a number (Traced)
+            continue
         if not value > 0:
             raise ValueError(f"{name} must be positive")
 
@@ -198,21 +245,22 @@ def none() -> optax.GradientTransformation:
 
 
 @METHODS.register("clip_norm", help="rescale the gradient so its global L2 norm is <= max_norm",
-                  ref="Pascanu et al. 2013", stage="pre")
+                  ref="Pascanu et al. 2013", stage="pre", traced=("max_norm",))
 def clip_norm(max_norm: float = 1.0) -> optax.GradientTransformation:
     _positive(max_norm=max_norm)
     return optax.clip_by_global_norm(max_norm)
 
 
 @METHODS.register("clip_value", help="clip every gradient element to [-limit, limit]",
-                  ref="Mikolov 2012 (PhD thesis)", stage="pre")
+                  ref="Mikolov 2012 (PhD thesis)", stage="pre", traced=("limit",))
 def clip_value(limit: float = 1.0) -> optax.GradientTransformation:
     _positive(limit=limit)
     return optax.clip(limit)
 
 
 @METHODS.register("clip_block_rms", help="rescale each layer's gradient so its RMS is <= threshold",
-                  ref="Shazeer & Stern 2018 (Adafactor update clipping)", stage="pre")
+                  ref="Shazeer & Stern 2018 (Adafactor update clipping)", stage="pre",
+                  traced=("threshold",))
 def clip_block_rms(threshold: float = 1.0):
     _positive(threshold=threshold)
     return lambda ctx: _per_layer(optax.clip_by_block_rms(threshold), ctx.stacked)
@@ -220,7 +268,7 @@ def clip_block_rms(threshold: float = 1.0):
 
 @METHODS.register("agc", help="adaptive gradient clipping: each unit's ||G|| <= clip * "
                   "max(||W||, eps); the final layer is not clipped",
-                  ref="Brock et al. 2021 (NFNets)", stage="pre")
+                  ref="Brock et al. 2021 (NFNets)", stage="pre", traced=("clip",))
 def agc(clip: float = 0.01, eps: float = 1e-3):
     _positive(clip=clip, eps=eps)
 
@@ -312,7 +360,7 @@ def zclip(z: float = 2.5, alpha: float = 0.97, warmup: int = 25,
 
 @METHODS.register("lars", help="layer-wise trust ratio on the gradient before the optimizer: "
                   "each layer's gradient rescaled to norm trust * ||W|| (LARS with sgd+momentum)",
-                  ref="You et al. 2017", stage="pre")
+                  ref="You et al. 2017", stage="pre", traced=("trust",))
 def lars(trust: float = 0.001):
     _positive(trust=trust)
     return lambda ctx: _per_layer(optax.scale_by_trust_ratio(trust_coefficient=trust), ctx.stacked)
@@ -336,7 +384,7 @@ def centralize():
 
 @METHODS.register("grad_noise", help="add Gaussian noise of variance eta / (1 + t)^gamma to the "
                   "gradient (t = update count, a random key per run)",
-                  ref="Neelakantan et al. 2015", stage="pre")
+                  ref="Neelakantan et al. 2015", stage="pre", traced=("eta",))
 def grad_noise(eta: float = 0.01, gamma: float = 0.55):
     _positive(eta=eta)
     if gamma < 0:
@@ -347,7 +395,7 @@ def grad_noise(eta: float = 0.01, gamma: float = 0.55):
 # ---- on the optimizer's direction ("direction") ----------------------------------------------
 @METHODS.register("lamb", help="layer-wise trust ratio on the optimizer's direction before the "
                   "learning rate: each layer's step rescaled to norm trust * ||W|| (LAMB with adam)",
-                  ref="You et al. 2020", stage="direction")
+                  ref="You et al. 2020", stage="direction", traced=("trust",))
 def lamb(trust: float = 1.0):
     _positive(trust=trust)
     return lambda ctx: _per_layer(optax.scale_by_trust_ratio(trust_coefficient=trust), ctx.stacked)
@@ -355,7 +403,7 @@ def lamb(trust: float = 1.0):
 
 @METHODS.register("weight_decay", help="decoupled weight decay: add wd * W to the optimizer's "
                   "direction, scaled by the learning rate (adam + weight_decay = adamw)",
-                  ref="Loshchilov & Hutter 2019", stage="direction")
+                  ref="Loshchilov & Hutter 2019", stage="direction", traced=("wd",))
 def weight_decay(wd: float = 1e-4) -> optax.GradientTransformation:
     _positive(wd=wd)
     return optax.add_decayed_weights(wd)
@@ -379,6 +427,25 @@ def warmup(steps: int = 100, shape: str = "linear") -> optax.GradientTransformat
     else:
         raise ValueError(f"shape must be one of {', '.join(WARMUP_SHAPES)}")
     return optax.scale_by_schedule(multiplier)
+
+
+@METHODS.register("warmup_frac", help="learning-rate warmup from 0 to the full rate over a "
+                  "fraction of the run's optimizer updates (shape linear or cosine)",
+                  ref="Goyal et al. 2017", stage="post", traced=("fraction",))
+def warmup_frac(fraction: float = 0.05, shape: str = "linear"):
+    if not isinstance(fraction, jax.core.Tracer) and not 0.0 < fraction <= 1.0:
+        raise ValueError("fraction must lie in (0, 1]")
+    if shape not in WARMUP_SHAPES:
+        raise ValueError(f"shape must be one of {', '.join(WARMUP_SHAPES)}")
+
+    def make(ctx: Context):
+        def multiplier(t):
+            done = jnp.clip(t / (fraction * ctx.steps), 0.0, 1.0)
+            return done if shape == "linear" else 0.5 * (1.0 - jnp.cos(jnp.pi * done))
+
+        return optax.scale_by_schedule(multiplier)
+
+    return make
 
 
 @METHODS.register("schedule", help="learning-rate decay over the run: cosine to 0, step (x0.1 at "

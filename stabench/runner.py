@@ -39,7 +39,12 @@ def train_spec(spec: RunSpec, data: Dataset, on_chunk: Callable[[int], None] | N
 
     engine = Engine(build_cell(spec, data_source(task_of(spec))), data)
     seeds, lrs = (np.array(x) for x in zip(*spec.runs))
-    result = engine.run(seeds, lrs, on_chunk)
+    return cell_record(spec, engine.run(seeds, lrs, on_chunk))
+
+
+def cell_record(spec: RunSpec, result):
+    """The record body and telemetry arrays of a cell from its trained runs (a CellResult)."""
+    seeds, lrs = (np.array(x) for x in zip(*spec.runs))
     runs = []
     for i, (seed, lr) in enumerate(spec.runs):
         tel = {k: v[i] for k, v in result.telemetry.items()}

@@ -2,7 +2,9 @@
 
 A template is a registry string whose arguments may be lists or ranges (benchopt's grid grammar):
 `clip_norm(max_norm=[0.25,1,4])` is three cells under `--search grid`;
-`clip_norm(max_norm=loguniform(0.01,10))` draws values under `--search random(n=K, seed=S)`.
+`clip_norm(max_norm=loguniform(0.01,10))` draws values under `--search random(n=K, seed=S)`, and
+Optuna chooses them under `--search optuna(n=K, batch=B)` (lists stay grid axes there; see
+`stabench.search`).
 Task overrides (`--set model.depth=[4,8]`) with a list for a field that is not itself a list are a
 grid of task variants whatever the search. The learning rate is not a cell axis: every cell trains
 its whole learning-rate grid in one program.
@@ -19,12 +21,12 @@ import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
 from .config import RunSpec, make_spec
-from .registry import Registry, UserError, _literal, parse_call, split_plus
+from .registry import Call, Registry, UserError, _literal, parse_call, split_plus
 from .tasks import get_task, task_dir
 
 if sys.version_info >= (3, 11):
@@ -36,7 +38,7 @@ RANGES = ("loguniform", "uniform")
 SIGNIFICANT = 4  # drawn values are rounded to 4 significant digits: readable, reproducible names
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Range:
     """A continuous search range; integer bounds draw integers (e.g. warmup steps)."""
 
@@ -59,6 +61,8 @@ class Range:
 
     def __str__(self) -> str:
         return f"{self.kind}({self.low!r},{self.high!r})"
+
+    __repr__ = __str__  # a template keeps its ranges when rendered (Optuna)
 
 
 def _range(node: ast.Call, where: str) -> Range:
@@ -196,6 +200,29 @@ class Random:
         return list(dict.fromkeys(out))
 
 
+@dataclass(frozen=True)
+class Optuna:
+    """Bayesian search (TPE): per combination of the lists, a study of n trials over the ranges of
+    the methods' traced arguments (and the learning rate if `lr` is a range), asked `batch` at a
+    time and trained as the runs of one compiled program (`stabench.search`)."""
+
+    n: int
+    batch: int
+    seed: int
+    objective: str
+    lr: Range | None
+
+    def expand(self, template: Template) -> list[str]:
+        """The studies of a template: every combination of its lists, its ranges kept."""
+        axes = [(i, k, v) for i, k, v in template.axes() if isinstance(v, Choices)]
+        keys = [(i, k) for i, k, _ in axes]
+        return [template.render(dict(zip(keys, combo)))
+                for combo in itertools.product(*(v.values for _, _, v in axes))]
+
+
+OBJECTIVES = {"loss": "the final training loss", "target": "the task's target metric"}
+
+
 @SEARCHES.register("grid", help="every combination of the listed argument values")
 def grid() -> Grid:
     return Grid()
@@ -208,6 +235,44 @@ def random(n: int = 10, seed: int = 0) -> Random:
     if n <= 0:
         raise ValueError("n must be positive")
     return Random(n, seed)
+
+
+@SEARCHES.register("optuna", help="Optuna's TPE: n trials per combination of the lists, asked "
+                                  "`batch` at a time and trained as the runs of one compiled "
+                                  "program; ranges of traced method arguments, and "
+                                  "lr=loguniform(a,b) to search the learning rate; objective "
+                                  "loss or target",
+                   ref="Bergstra et al. 2011 (TPE); Akiba et al. 2019 (Optuna)", ranges=("lr",))
+def optuna(n: int = 32, batch: int = 8, seed: int = 0, objective: str = "loss",
+           lr: Range | None = None) -> Optuna:
+    if n <= 0 or batch <= 0:
+        raise ValueError("n and batch must be positive")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}")
+    if lr is not None and not isinstance(lr, Range):
+        raise ValueError("lr must be a range: lr=loguniform(a,b) or lr=uniform(a,b)")
+    if lr is not None and lr.low <= 0:
+        raise ValueError("the lr range must hold positive rates only")
+    return Optuna(n, batch, seed, objective, lr)
+
+
+def parse_search(text: str):
+    """A search strategy from its string; only the arguments an entry names in `ranges` take a
+    range, e.g. `optuna(n=32, batch=8, lr=loguniform(0.001,1))`."""
+    term = parse_term(text, "search")
+    ranges = {k: v for k, v in term.kwargs if isinstance(v, Range)}
+    if any(isinstance(v, Choices) for _, v in term.kwargs):
+        raise UserError(f"search '{text}': arguments take one value, not a list")
+    plain = Term(term.name, tuple((k, v) for k, v in term.kwargs if k not in ranges))
+    call = SEARCHES.resolve(plain.render({}))
+    allowed = SEARCHES.entry(call.name).meta.get("ranges", ())
+    for key in ranges:
+        if key not in allowed:
+            raise UserError(f"search '{text}': {key} takes a number, not a range"
+                            if key in dict(call.kwargs) else
+                            f"search '{text}': unknown argument '{key}'. Accepted: "
+                            f"{', '.join(k for k, _ in call.kwargs) or 'none'}")
+    return SEARCHES.build(Call(call.name, tuple({**dict(call.kwargs), **ranges}.items())))
 
 
 # ---- sweeps --------------------------------------------------------------------------------------
@@ -236,9 +301,9 @@ class SweepSpec:
     fake_data: bool = False
     overrides: tuple[tuple[str, Any], ...] = field(default=())  # applied to every task
 
-    def cells(self) -> list[RunSpec]:
-        """Every cell, validated, in order (task variants outermost), duplicates removed."""
-        search = SEARCHES.get(self.search)
+    def combinations(self, search) -> Iterator[tuple[TaskEntry, dict, str | None, str, str]]:
+        """(task entry, overrides, optimizer, init, method) of every cell in order, the strings
+        expanded by the search."""
         expanded: dict[tuple[str, str], list[str]] = {}
 
         def expand(text: str, kind: str) -> list[str]:
@@ -246,22 +311,28 @@ class SweepSpec:
                 expanded[(text, kind)] = search.expand(Template.parse(text, kind))
             return expanded[(text, kind)]
 
-        cells: dict[str, RunSpec] = {}
         for entry in self.tasks:
             overrides = {**dict(entry.overrides), **dict(self.overrides)}  # the command line wins
-            optimizers = entry.optimizers or self.optimizers
             for variant in task_variants(entry.name, overrides):
-                for opt in optimizers:
+                for opt in entry.optimizers or self.optimizers:
                     for opt_s in ([None] if opt is None else expand(opt, "optimizer")):
                         for init in entry.inits or self.inits:
                             for init_s in expand(init, "init"):
                                 for method in entry.methods or self.methods:
                                     for method_s in expand(method, "method"):
-                                        spec = make_spec(
-                                            entry.name, method_s, init_s, opt_s,
-                                            entry.seeds or self.seeds, entry.lrs or self.lrs,
-                                            variant, self.fake_data)
-                                        cells.setdefault(spec.hash, spec)
+                                        yield entry, variant, opt_s, init_s, method_s
+
+    def cells(self) -> list[RunSpec]:
+        """Every cell, validated, in order (task variants outermost), duplicates removed."""
+        search = parse_search(self.search)
+        if isinstance(search, Optuna):
+            raise UserError(f"search '{self.search}' chooses its cells as it trains: use "
+                            f"stabench.search.run_search")
+        cells: dict[str, RunSpec] = {}
+        for entry, variant, opt_s, init_s, method_s in self.combinations(search):
+            spec = make_spec(entry.name, method_s, init_s, opt_s, entry.seeds or self.seeds,
+                             entry.lrs or self.lrs, variant, self.fake_data)
+            cells.setdefault(spec.hash, spec)
         return list(cells.values())
 
 

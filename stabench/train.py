@@ -4,6 +4,8 @@
 training steps; the scan runs in chunks of `eval_every` steps so the host can report progress,
 evaluate, and stop once every run has diverged. Telemetry is computed inside the program.
 The runs axis is sharded over all local devices (a 1-D mesh), padded to a multiple of their count.
+Given per-run `values` of the methods' traced arguments, runs differ in those too (one program for
+a whole search over them); without, the spec's values are constants of the program.
 """
 
 from __future__ import annotations
@@ -63,6 +65,12 @@ class CellResult:
     diverged_at: np.ndarray  # [runs], -1 where the run stayed finite
     layer_names: list[str]
     timing: dict[str, float]
+
+    def take(self, start: int, stop: int) -> "CellResult":
+        """Runs start..stop of this result (one cell of a program that trained several)."""
+        return CellResult({k: v[start:stop] for k, v in self.telemetry.items()}, self.eval_steps,
+                          {k: v[start:stop] for k, v in self.evals.items()},
+                          self.diverged_at[start:stop], self.layer_names, self.timing)
 
 
 def loss_and_metrics(kind: str, out: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -140,6 +148,7 @@ class Engine:
         self.chunk = min(cell.eval_every, cell.steps)
         self.n_chunks = math.ceil(cell.steps / self.chunk)
         self.arrays = self._device_data()
+        self.programs: dict[tuple[int, bool], tuple] = {}  # (runs, traced values) -> compiled
 
     def _device_data(self) -> dict[str, jax.Array]:
         d = self.data
@@ -178,11 +187,11 @@ class Engine:
         x = self._inputs(self.arrays["x_train"][idx], self.arrays)
         return np.asarray(activation_stds(self.initial_model(seed, x), x, self.layout))
 
-    def _init_run(self, seed, lr, idx, arrays) -> Carry:
+    def _init_run(self, seed, lr, idx, arrays, values=None) -> Carry:
         model = self.initial_model(seed, self._inputs(arrays["x_train"][idx], arrays))
         _, params, rest = nnx.split(model, nnx.Param, MUTABLE)
         update_key = jax.random.fold_in(jax.random.key(seed), 1)
-        opt_state = self.cell.transform.build(lr, update_key).init(params)
+        opt_state = self.cell.transform.build(lr, update_key, values).init(params)
         return Carry(params, rest, opt_state, update_key, jnp.array(True), jnp.array(-1, jnp.int32))
 
     def _forward_loss(self, params, rest, x, y):
@@ -191,7 +200,7 @@ class Engine:
         loss, _ = loss_and_metrics(self.cell.loss, model(x), y)
         return loss.mean(), nnx.state(model, MUTABLE)
 
-    def _step(self, carry: Carry, t, idx, lr, arrays):
+    def _step(self, carry: Carry, t, idx, lr, arrays, values=None):
         cell = self.cell
         x, y = self._inputs(arrays["x_train"][idx], arrays), arrays["y_train"][idx]
         (loss, rest), grads = jax.value_and_grad(self._forward_loss, has_aux=True)(
@@ -202,7 +211,7 @@ class Engine:
         if cell.transform.needs_value:  # line searches evaluate the loss on this batch
             extra = {"value": loss, "grad": grads,
                      "value_fn": lambda p: self._forward_loss(p, carry.rest, x, y)[0]}
-        updates, opt_state = cell.transform.build(lr, carry.key).update(
+        updates, opt_state = cell.transform.build(lr, carry.key, values).update(
             grads, carry.opt_state, carry.params, **extra)
         params = optax.apply_updates(carry.params, updates)
         seen = cell.transform.observe(carry.opt_state, opt_state)
@@ -253,9 +262,9 @@ class Engine:
             out["test_accuracy"] = alive(score_sum.sum() / n)
         return out
 
-    def _chunk_run(self, carry, idx, lr, step0, arrays):
+    def _chunk_run(self, carry, idx, lr, step0, arrays, values=None):
         def body(c, t_idx):
-            return self._step(c, *t_idx, lr, arrays)
+            return self._step(c, *t_idx, lr, arrays, values)
 
         steps = step0 + jnp.arange(self.chunk, dtype=jnp.int32)
         carry, records = jax.lax.scan(body, carry, (steps, idx))
@@ -274,36 +283,54 @@ class Engine:
         return np.stack([out[s] for s in seeds]).astype(np.int32)
 
     # ---- compiled programs --------------------------------------------------------------------
-    def compile(self, seeds: np.ndarray, lrs: np.ndarray):
-        """Lower and compile the init and chunk programs for these runs; returns them and seconds."""
+    def compile(self, seeds: np.ndarray, lrs: np.ndarray, values=None):
+        """Lower and compile the init and chunk programs for these runs (with per-run traced
+        values [runs, n], if given); returns them and seconds. An engine compiles each shape
+        once."""
+        key = (len(lrs), values is not None)
+        if key in self.programs:
+            return *self.programs[key], 0.0
         t0 = time.perf_counter()
         run, rep = self.by_run, self.replicated
+        traced = () if values is None else (values,)  # a trailing per-run argument
         first = jax.ShapeDtypeStruct((len(lrs), self.cell.batch_size), jnp.int32)
-        init_run = jax.vmap(self._init_run, in_axes=(0, 0, 0, None))
-        init = jax.jit(init_run, in_shardings=(run, run, run, rep), out_shardings=run)
-        init = init.lower(seeds, lrs, first, self.arrays).compile()
-        carry_shape = jax.eval_shape(init_run, seeds, lrs, first, self.arrays)
+        init_run = jax.vmap(self._init_run, in_axes=(0, 0, 0, None, *(0,) * len(traced)))
+        init = jax.jit(init_run, in_shardings=(run, run, run, rep, *(run,) * len(traced)),
+                       out_shardings=run)
+        init = init.lower(seeds, lrs, first, self.arrays, *traced).compile()
+        carry_shape = jax.eval_shape(init_run, seeds, lrs, first, self.arrays, *traced)
         idx = jax.ShapeDtypeStruct((len(lrs), self.chunk, self.cell.batch_size), jnp.int32)
-        chunk = jax.jit(jax.vmap(self._chunk_run, in_axes=(0, 0, 0, None, None)),
-                        in_shardings=(run, run, run, rep, rep), out_shardings=run,
-                        donate_argnums=(0,)).lower(
-            carry_shape, idx, lrs, jax.ShapeDtypeStruct((), jnp.int32), self.arrays).compile()
+        chunk = jax.jit(jax.vmap(self._chunk_run, in_axes=(0, 0, 0, None, None,
+                                                           *(0,) * len(traced))),
+                        in_shardings=(run, run, run, rep, rep, *(run,) * len(traced)),
+                        out_shardings=run, donate_argnums=(0,)).lower(
+            carry_shape, idx, lrs, jax.ShapeDtypeStruct((), jnp.int32), self.arrays,
+            *traced).compile()
+        self.programs[key] = (init, chunk)
         return init, chunk, time.perf_counter() - t0
 
-    def run(self, seeds, lrs, on_chunk: Callable[[int], None] | None = None) -> CellResult:
-        """Train runs (seeds[i], lrs[i]) to completion or until every run has diverged."""
+    def run(self, seeds, lrs, on_chunk: Callable[[int], None] | None = None,
+            values=None) -> CellResult:
+        """Train runs (seeds[i], lrs[i]) to completion or until every run has diverged; with
+        `values` [runs, len(cell.transform.values)], run i takes values[i] as its methods' traced
+        arguments."""
         runs = len(lrs)
         pad = -runs % len(self.devices)  # copies of the last run, dropped from the results
         host_seeds = np.asarray(np.concatenate([seeds, np.repeat(seeds[-1:], pad)]), np.int32)
         host_lrs = np.asarray(np.concatenate([lrs, np.repeat(lrs[-1:], pad)]), np.float32)
         seeds, lrs = jax.device_put((host_seeds, host_lrs), self.by_run)  # no compile
+        traced = ()
+        if values is not None:
+            values = np.asarray(values, np.float32).reshape(runs, len(self.cell.transform.values))
+            traced = (jax.device_put(np.concatenate([values, np.repeat(values[-1:], pad, 0)]),
+                                     self.by_run),)
         hits_before = cache_hits()
-        init, chunk, compile_s = self.compile(seeds, lrs)
+        init, chunk, compile_s = self.compile(seeds, lrs, *traced)
         compile_cache_hits = cache_hits() - hits_before
 
         t0 = time.perf_counter()
         first = self.batch_indices(host_seeds, 0)[:, 0]  # the runs' first batches
-        carry = jax.block_until_ready(init(seeds, lrs, first, self.arrays))
+        carry = jax.block_until_ready(init(seeds, lrs, first, self.arrays, *traced))
         init_s = time.perf_counter() - t0
 
         records, evals, eval_steps = [], [], []
@@ -311,7 +338,8 @@ class Engine:
         t0 = time.perf_counter()
         for i in range(self.n_chunks):
             idx = self.batch_indices(host_seeds, i * self.chunk)
-            carry, rec, ev = chunk(carry, idx, lrs, np.int32(i * self.chunk), self.arrays)
+            carry, rec, ev = chunk(carry, idx, lrs, np.int32(i * self.chunk), self.arrays,
+                                   *traced)
             rec, ev, alive = jax.device_get((rec, ev, carry.alive))
             records.append(rec)
             evals.append(ev)

@@ -291,6 +291,16 @@ def test_warmup_gives_the_stated_learning_rate(shape):
     assert m[5] == pytest.approx(quarter, abs=1e-6)
 
 
+@covers("method", "warmup_frac")
+@pytest.mark.parametrize("shape", ["linear", "cosine"])
+def test_warmup_frac_warms_up_over_its_fraction_of_the_runs_updates(shape):
+    steps20 = multipliers(f"warmup(steps=20, shape={shape})", 25)
+    np.testing.assert_allclose(multipliers(f"warmup_frac(fraction=0.2, shape={shape})", 25),
+                               steps20, atol=1e-6)
+    np.testing.assert_allclose(multipliers(f"warmup_frac(fraction=0.5, shape={shape})", 25,
+                                           steps=40), steps20, atol=1e-6)
+
+
 @covers("method", "schedule")
 def test_schedules_decay_over_the_runs_updates():
     cos = multipliers("schedule(kind=cosine)", 21, steps=20)
