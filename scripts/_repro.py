@@ -61,6 +61,18 @@ def spec(task: str, method: str = "none", init: str = "default", optimizer: str 
                      overrides={k.replace("__", "."): v for k, v in overrides.items()})
 
 
+def start(doc: str, argv, config, specs):
+    """A script's common opening: parse its command line, build its configuration (tiny or full)
+    and cells, and train or load them. Returns args, config, start time, cells, records and how
+    many cells were trained now."""
+    args = parser(doc).parse_args(argv)
+    c = config(args.tiny)
+    t0 = time.perf_counter()
+    cells = specs(c)
+    records, trained = run_cells(cells, args.store or args.out / "store")
+    return args, c, t0, cells, records, trained
+
+
 def run_cells(specs: list[RunSpec], store_dir: Path, log=print) -> tuple[list[Record], int]:
     """Each cell's record, trained now or loaded from the store; also how many were trained."""
     enable_compilation_cache()

@@ -115,11 +115,7 @@ def figure(runs: pd.DataFrame, table: pd.DataFrame):
 
 
 def main(argv=None) -> bool:
-    args = _repro.parser(__doc__).parse_args(argv)
-    c = config(args.tiny)
-    t0 = time.perf_counter()
-    cells = specs(c)
-    records, trained = _repro.run_cells(cells, args.store or args.out / "store")
+    args, c, t0, cells, records, trained = _repro.start(__doc__, argv, config, specs)
     runs = _repro.frame(records)
     table = table_from(runs)
     checks = evaluate(table)

@@ -114,11 +114,7 @@ def figure(table):
 
 
 def main(argv=None) -> bool:
-    args = _repro.parser(__doc__).parse_args(argv)
-    c = config(args.tiny)
-    t0 = time.perf_counter()
-    cells = specs(c)
-    records, trained = _repro.run_cells(cells, args.store or args.out / "store")
+    args, c, t0, cells, records, trained = _repro.start(__doc__, argv, config, specs)
     table = table_from(_repro.frame(records))
     checks = evaluate(table)
     path = _repro.save_figure(figure(table), args.out, NAME)
