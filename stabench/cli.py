@@ -167,8 +167,9 @@ def cmd_sweep(args) -> int:
         raise UserError(f"--workers must be positive, got {args.workers}")
     part = parse_shard(args.shard) if args.shard else None
     spec, out = _sweep_from_args(args)
-    if isinstance(parse_search(spec.search), Optuna):
-        return _optuna_sweep(args, spec, out)
+    search = parse_search(spec.search)
+    if isinstance(search, Optuna):
+        return _optuna_sweep(args, spec, search, out)
     executor = make_sweep_executor(args.executor, args.workers, args.address, args.data_dir)
     cells = spec.cells()
     if part:
@@ -195,12 +196,10 @@ def cmd_sweep(args) -> int:
     return 1 if summary.failed else 0
 
 
-def _optuna_sweep(args, spec, out: str) -> int:
+def _optuna_sweep(args, spec, search, out: str) -> int:
     """A Bayesian search: its trials depend on each other, so they train in this process."""
     from .search import run_search, studies
-    from .sweep import parse_search
 
-    search = parse_search(spec.search)
     for flag, given in (("--shard", args.shard), ("--executor ray", args.executor == "ray"),
                         ("--workers", args.workers), ("--address", args.address)):
         if given:

@@ -159,7 +159,11 @@ class StudyResult:
     seconds: float
 
     def best(self, sense: str) -> tuple[RunSpec, float]:
-        return (min if sense == "min" else max)(self.trials, key=lambda t: t[1])
+        return best_trial(self.trials, sense)
+
+
+def best_trial(trials: list[tuple[RunSpec, float]], sense: str) -> tuple[RunSpec, float]:
+    return (min if sense == "min" else max)(trials, key=lambda t: t[1])
 
 
 def sense_of(study: Study, objective: str) -> str:
@@ -200,7 +204,7 @@ def run_study(study: Study, search: Optuna, store, data, engines: dict,
             value = trial_value(spec, record.runs, search.objective)
             opt.tell(trial, value)
             trials.append((spec, value))
-        best_spec, best = StudyResult(study, trials, trained, 0.0).best(sense)
+        best_spec, best = best_trial(trials, sense)
         log(f"  trials {len(trials)}/{n}: best {best:.4g} ({best_spec.method}"
             f"{f', lr {best_spec.lrs[0]:.4g}' if study.lr else ''})")
     return StudyResult(study, trials, trained, time.perf_counter() - t0)
