@@ -10,8 +10,9 @@ first's cells and takes over those whose holder died. `run_sweep` skips cells al
 
 On a CPU host one process leaves cores idle at these model sizes (DESIGN section 3), so the local
 executor runs one worker process per core, each pinned to its core before JAX starts (XLA then
-sizes its thread pool to that core). Workers are long-lived: each keeps its loaded dataset and
-JAX's in-memory caches across cells and uses the persistent compilation cache.
+sizes its thread pool to that core, and the engine trains the cell's runs in groups that fit the
+core's L2 cache). Workers are long-lived: each keeps its loaded dataset and JAX's in-memory caches
+across cells and uses the persistent compilation cache.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from pathlib import Path
 from typing import Iterator, Protocol, Sequence
 
 from .config import RunSpec, task_of
+from .hardware import usable_cores
 from .registry import UserError
 from .store import Store, check_writable
 
@@ -65,12 +67,6 @@ class Executor(Protocol):
 
     def run(self, cells: Sequence[RunSpec], out: str,
             listener: Listener | None = None) -> Iterator[Outcome]: ...
-
-
-def usable_cores() -> list[int]:
-    if hasattr(os, "sched_getaffinity"):
-        return sorted(os.sched_getaffinity(0))
-    return list(range(os.cpu_count() or 1))
 
 
 def default_workers() -> int:

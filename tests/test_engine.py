@@ -3,7 +3,9 @@
 import numpy as np
 import pytest
 
-from stabench.train import compiled_names
+from stabench import hardware
+from stabench.config import build_cell, data_source, task_of
+from stabench.train import Engine, compiled_names
 
 from conftest import engine_for, tiny_spec
 
@@ -84,3 +86,46 @@ def test_same_seed_same_data_order_across_learning_rates(digits_data):
     per_epoch = len(digits_data.x_train) // engine.cell.batch_size
     first_epoch = idx[0][:per_epoch].ravel()
     assert len(np.unique(first_epoch)) == first_epoch.size
+
+
+def test_runs_trained_in_groups_equal_runs_vmapped_together(digits_data):
+    # moderate rates: at chaotic ones the rounding differences of batched and single matmuls grow
+    spec = tiny_spec("clip_norm(max_norm=1.0)", steps=30, seeds=2, lrs=(0.01, 0.05, 0.2))
+    cell = build_cell(spec, data_source(task_of(spec)))
+    seeds, lrs = (np.array(x) for x in zip(*spec.runs))
+    together = Engine(cell, digits_data, group=6).run(seeds, lrs)
+    assert together.timing["run_group"] == 6
+    for group in (1, 2, 4):  # 4 leaves a remainder of 2 runs
+        grouped = Engine(cell, digits_data, group=group).run(seeds, lrs)
+        assert grouped.timing["run_group"] == group
+        for name in ("loss", "grad_norm", "grad_norm_post", "changed", "layer_grad_norm"):
+            np.testing.assert_allclose(grouped.telemetry[name], together.telemetry[name],
+                                       rtol=1e-5, atol=1e-6, err_msg=f"{name}, group {group}")
+        np.testing.assert_allclose(grouped.evals["test_accuracy"],
+                                   together.evals["test_accuracy"], atol=1e-6)
+        np.testing.assert_array_equal(grouped.diverged_at, together.diverged_at)
+
+
+def test_run_group_is_the_largest_divisor_of_the_runs_fitting_half_the_l2(digits_data,
+                                                                           monkeypatch):
+    engine = engine_for(tiny_spec(), digits_data)
+    per_run = engine.run_bytes
+    monkeypatch.setattr(hardware, "l2_cache_bytes", lambda: 2 * 3 * per_run + 1)  # 3 runs fit
+    assert [engine.run_group(r) for r in (12, 10, 7, 2, 1)] == [3, 2, 1, 2, 1]
+    monkeypatch.setattr(hardware, "l2_cache_bytes", lambda: 1)  # nothing fits: one run at a time
+    assert engine.run_group(12) == 1
+
+
+def test_run_bytes_counts_parameters_state_and_activations_linear_in_the_batch(digits_data):
+    def run_bytes(batch):
+        return engine_for(tiny_spec(overrides={"train.batch_size": batch}), digits_data).run_bytes
+
+    params = 4 * (64 * 128 + 128 + 128 * 128 + 128 + 128 * 10 + 10)  # digits MLP 64-128-128-10
+    per_example = (run_bytes(64) - run_bytes(32)) / 32
+    assert run_bytes(128) - run_bytes(64) == 64 * per_example  # activations: linear in the batch
+    # at least the input and the three layers' outputs are kept per example
+    assert per_example >= 4 * (64 + 128 + 128 + 10)
+    # momentum SGD: the parameters four times over and one momentum buffer, plus the weights the
+    # backward pass keeps (at most one more copy) and a few scalars
+    fixed = run_bytes(32) - 32 * per_example
+    assert 5 * params <= fixed <= 6 * params + 64

@@ -24,6 +24,7 @@ SCRIPT = textwrap.dedent("""
     single = Engine(cell, data, devices=jax.devices()[:1]).run(seeds, lrs)
     assert sharded.telemetry["loss"].shape == (6, 40), sharded.telemetry["loss"].shape
     assert sharded.diverged_at.shape == (6,)
+    assert sharded.timing["run_group"] == 8  # over several devices: every run in one batch
     for name in ("loss", "grad_norm", "layer_grad_norm"):
         np.testing.assert_allclose(sharded.telemetry[name], single.telemetry[name], rtol=1e-5,
                                    atol=1e-6, err_msg=name)

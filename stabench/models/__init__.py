@@ -69,8 +69,9 @@ class LayerLayout:
         out = []
         for key, idx in self._groups:
             if key[0] in self._stacked:
-                out.append(sum(jnp.sum(jnp.square(_value(leaves[i])).reshape(
-                    _shape(leaves[i])[0], -1), axis=1) for i in idx))
+                # summed over the trailing axes in place: a reshape would copy the leaf
+                out.append(sum(jnp.sum(jnp.square(_value(leaves[i])),
+                                       axis=tuple(range(1, len(_shape(leaves[i]))))) for i in idx))
             else:
                 out.append(jnp.reshape(sum(jnp.sum(jnp.square(_value(leaves[i]))) for i in idx), (1,)))
         return jnp.concatenate(out)
