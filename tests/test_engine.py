@@ -1,4 +1,5 @@
-"""The compiled engine: vmapped = one at a time, lane isolation, one compile, clipping bounds."""
+"""The compiled engine: vmapped = one at a time = in cache-sized groups, lane isolation, one compile,
+clipping bounds."""
 
 import numpy as np
 import pytest
