@@ -3,6 +3,7 @@ them before a worker starts JAX."""
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -14,8 +15,10 @@ def usable_cores() -> list[int]:
     return list(range(os.cpu_count() or 1))
 
 
+@functools.cache
 def l2_cache_bytes() -> int:
-    """The L2 cache of one core (Linux sysfs); 1 MiB where the system does not say."""
+    """The L2 cache of one core (Linux sysfs, read once per process); 1 MiB where the system does
+    not say."""
     caches = Path("/sys/devices/system/cpu/cpu0/cache")
     for index in sorted(caches.glob("index*")):
         try:
