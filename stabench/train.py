@@ -299,15 +299,17 @@ class Engine:
     def run_group(self, runs: int) -> int:
         """How many runs the chunk program trains together (vmapped): all of them on
         accelerators and over several devices; on one CPU device, the largest divisor of `runs`
-        whose working set fits in half a core's L2 cache (at least 1; the other half holds the
-        training data and the step's temporaries), since memory traffic bounds training there.
+        whose working set fits in a core's L2 cache (at least 1), since memory traffic bounds
+        training there. Larger groups share each operation's fixed cost between more runs, so the
+        largest that fits wins: for the digits MLP (0.93 MB a run, a 2 MiB L2) groups of 2 train
+        faster than 1 or 4.
         It depends on the cell and the host's cache only, not on the process's cores, so every
         executor trains a cell with the same numerics (groups and one batch differ by rounding)."""
         if self.group is not None:
             return min(self.group, runs)
         if len(self.devices) > 1 or self.devices[0].platform != "cpu":
             return runs
-        fit = max(1, hardware.l2_cache_bytes() // 2 // self.run_bytes)
+        fit = max(1, hardware.l2_cache_bytes() // self.run_bytes)
         return max(g for g in range(1, min(fit, runs) + 1) if runs % g == 0)
 
     @staticmethod

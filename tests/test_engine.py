@@ -107,11 +107,10 @@ def test_runs_trained_in_groups_equal_runs_vmapped_together(digits_data):
         np.testing.assert_array_equal(grouped.diverged_at, together.diverged_at)
 
 
-def test_run_group_is_the_largest_divisor_of_the_runs_fitting_half_the_l2(digits_data,
-                                                                           monkeypatch):
+def test_run_group_is_the_largest_divisor_of_the_runs_fitting_the_l2(digits_data, monkeypatch):
     engine = engine_for(tiny_spec(), digits_data)
     per_run = engine.run_bytes
-    monkeypatch.setattr(hardware, "l2_cache_bytes", lambda: 2 * 3 * per_run + 1)  # 3 runs fit
+    monkeypatch.setattr(hardware, "l2_cache_bytes", lambda: 3 * per_run + 1)  # 3 runs fit
     assert [engine.run_group(r) for r in (12, 10, 7, 2, 1)] == [3, 2, 1, 2, 1]
     monkeypatch.setattr(hardware, "l2_cache_bytes", lambda: 1)  # nothing fits: one run at a time
     assert engine.run_group(12) == 1

@@ -62,6 +62,18 @@ def assert_tree_equal(a, b):
         np.testing.assert_array_equal(x, y)
 
 
+def test_any_changed_is_true_iff_some_element_differs_nan_in_both_counting_as_equal():
+    base = {"w": jnp.array([[1.0, jnp.nan], [jnp.inf, -2.0]]), "b": jnp.array([0.0, 3.0])}
+    same = jax.tree.map(jnp.copy, base)
+    assert not methods.any_changed(base, same)  # NaN in both places, inf equal to inf
+    assert not methods.any_changed(base, {**same, "b": jnp.array([-0.0, 3.0])})  # -0 == 0
+    one = {**same, "b": jnp.array([0.0, np.nextafter(np.float32(3.0), np.float32(4.0))])}
+    assert methods.any_changed(base, one)  # a single element, by one ulp
+    assert methods.any_changed(base, {**same, "w": same["w"].at[0, 1].set(5.0)})  # NaN -> number
+    assert methods.any_changed(base, {**same, "w": same["w"].at[0, 0].set(jnp.nan)})  # number -> NaN
+    assert methods.any_changed(base, {**same, "w": same["w"].at[1, 0].set(-jnp.inf)})
+
+
 # ---- gradient methods ------------------------------------------------------------------------
 @covers("method", "none")
 def test_none_hands_the_raw_gradient_to_the_optimizer():
