@@ -7,6 +7,8 @@ learning rates, batch 32, 10 steps):
   (b) the stabench engine in one process: jit(vmap(lax.scan)) over every run;
   (c) the stabench sweep executor using every core (the runs split into one cell per worker);
   (d) a PyTorch eager loop with the same model, data order, optimizer and clipping.
+(a) and (d) evaluate test loss and accuracy at the engine's evaluation steps (every eval_every
+steps and the last), as the engine's steady time includes its evaluations.
 Reports compile and steady seconds (best of --repeats), runs/s, samples/s, GFLOP/s from XLA's cost
 analysis, MFU against a float32 matmul peak measured in the same run, and compile time of a
 residual MLP at depth 10, 100 and 1000. Writes results/bench/throughput.md; the last line printed
@@ -37,7 +39,7 @@ from stabench.config import build_cell, data_source, make_spec, task_of
 from stabench.executor import LocalExecutor, default_workers
 from stabench.runner import load_data
 from stabench.store import read_record
-from stabench.train import Engine, epoch_order
+from stabench.train import EVAL_BATCH, Carry, Engine, epoch_order
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -64,6 +66,12 @@ def matmul_peak(n: int = 1024, repeats: int = 20) -> float:
     return 2 * n**3 / t / 1e9
 
 
+def eval_steps(spec) -> set[int]:
+    """The steps after which the engine evaluates: every eval_every steps and the last."""
+    steps, every = spec.train["steps"], spec.train["eval_every"]
+    return set(range(every, steps + 1, every)) | {steps}
+
+
 def batch_index(seed: int, t: int, n: int, b: int) -> np.ndarray:
     """The engine's data order: batch t of seed's per-epoch permutation."""
     per_epoch = n // b * b
@@ -73,8 +81,8 @@ def batch_index(seed: int, t: int, n: int, b: int) -> np.ndarray:
 
 # ---- (a) naive JAX loop ------------------------------------------------------------------------
 def naive_jax(spec, data, repeats: int) -> dict:
-    """Same model, forward and transform as the engine, trained run by run with a jitted step and
-    no telemetry: what a user writes without vmap or scan."""
+    """Same model, forward, transform and evaluation as the engine, trained run by run with a
+    jitted step and no telemetry: what a user writes without vmap or scan."""
     engine = Engine(build_cell(spec, data_source(task_of(spec))), data)
     cell = engine.cell
 
@@ -90,8 +98,14 @@ def naive_jax(spec, data, repeats: int) -> dict:
         updates, state = cell.transform.build(lr, key).update(grads, state, params)
         return optax.apply_updates(params, updates), rest, state, loss
 
+    @jax.jit
+    def evaluate(params, rest, arrays):
+        alive, never = jnp.array(True), jnp.array(-1, jnp.int32)
+        return engine._evaluate(Carry(params, rest, None, None, alive, never), arrays)
+
     init_jit = jax.jit(init)
     n, b, steps = len(data.x_train), cell.batch_size, cell.steps
+    evals = eval_steps(spec)
     order = {(s, t): batch_index(s, t, n, b) for s in spec.seeds for t in range(steps)}
     arrays = engine.arrays
 
@@ -103,10 +117,13 @@ def naive_jax(spec, data, repeats: int) -> dict:
                 params, rest, state, loss = step(params, rest, state, key, order[(seed, t)], lr,
                                                  arrays)
                 float(loss)
+                if t + 1 in evals:
+                    jax.device_get(evaluate(params, rest, arrays))
 
     t0 = time.perf_counter()
     params, rest, state, key = init_jit(0, np.float32(0.1), order[(0, 0)], arrays)
     jax.block_until_ready(step(params, rest, state, key, order[(0, 0)], np.float32(0.1), arrays))
+    jax.device_get(evaluate(params, rest, arrays))
     compile_s = time.perf_counter() - t0
     return {"compile_s": compile_s, "steady_s": best_of(sweep, repeats)}
 
@@ -117,22 +134,27 @@ def engine_once(spec, data, repeats: int) -> dict:
     seeds, lrs = (np.array(x) for x in zip(*spec.runs))
     results = [engine.run(seeds, lrs) for _ in range(repeats)]
     steady = min(r.timing["steady_s"] for r in results)
-    flops_step = step_flops(engine, seeds, lrs)
+    step, evaluation = sweep_flops(engine, seeds, lrs)
     return {"compile_s": results[0].timing["compile_s"], "steady_s": steady,
-            "flops": flops_step * engine.cell.steps}
+            "flops": step * engine.cell.steps + evaluation * len(eval_steps(spec))}
 
 
-def step_flops(engine: Engine, seeds, lrs) -> float:
-    """XLA's cost analysis of one vmapped training step (all runs); loops count once in XLA's
-    analysis, so the step is lowered on its own and multiplied by the step count."""
+def sweep_flops(engine: Engine, seeds, lrs) -> tuple[float, float]:
+    """XLA's cost analysis of one vmapped training step and of one evaluation (all runs); loops
+    count once in XLA's analysis, so each is lowered on its own, to be multiplied by its count."""
     seeds_d, lrs_d = jax.device_put((np.asarray(seeds, np.int32), np.asarray(lrs, np.float32)))
     idx = jax.ShapeDtypeStruct((len(lrs), engine.cell.batch_size), jnp.int32)
     carry = jax.eval_shape(jax.vmap(engine._init_run, in_axes=(0, 0, 0, None)), seeds_d, lrs_d,
                            idx, engine.arrays)
-    step = jax.jit(jax.vmap(engine._step, in_axes=(0, None, 0, 0, None)))
-    cost = step.lower(carry, jax.ShapeDtypeStruct((), jnp.int32), idx, lrs_d, engine.arrays).compile().cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    return float(cost["flops"])
+
+    def flops(fn, *args) -> float:
+        cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+        return float((cost[0] if isinstance(cost, list) else cost)["flops"])
+
+    step = jax.vmap(engine._step, in_axes=(0, None, 0, 0, None))
+    evaluate = jax.vmap(engine._evaluate, in_axes=(0, None))
+    return (flops(step, carry, jax.ShapeDtypeStruct((), jnp.int32), idx, lrs_d, engine.arrays),
+            flops(evaluate, carry, engine.arrays))
 
 
 # ---- (c) the sweep executor on every core -------------------------------------------------------
@@ -203,14 +225,33 @@ def torch_loop(spec, data, repeats: int, max_norm: float) -> dict | None:
     except ImportError:
         return None
     torch.set_num_threads(os.cpu_count() or 1)
-    x = data.x_train.astype(np.float32)
-    if data.mean is not None:
-        x = (x - data.mean) / data.std
-    x_train = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2) if x.ndim == 4 else x))
+
+    def inputs(x):
+        x = x.astype(np.float32)
+        if data.mean is not None:
+            x = (x - data.mean) / data.std
+        return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2) if x.ndim == 4 else x))
+
+    x_train, x_test = inputs(data.x_train), inputs(data.x_test)
     y_train = torch.from_numpy(data.y_train.astype(np.int64))
+    y_test = torch.from_numpy(data.y_test.astype(np.int64))
     n, b, steps = len(data.x_train), spec.train["batch_size"], spec.train["steps"]
     order = {(s, t): torch.from_numpy(batch_index(s, t, n, b)) for s in spec.seeds
              for t in range(steps)}
+    evals = eval_steps(spec)
+
+    def evaluate(net):
+        """Test loss and accuracy in the engine's evaluation batches."""
+        net.eval()
+        loss = correct = 0.0
+        with torch.no_grad():
+            for start in range(0, len(x_test), EVAL_BATCH):
+                out = net(x_test[start:start + EVAL_BATCH])
+                y = y_test[start:start + EVAL_BATCH]
+                loss += torch.nn.functional.cross_entropy(out, y, reduction="sum").item()
+                correct += (out.argmax(-1) == y).sum().item()
+        net.train()
+        return loss / len(x_test), correct / len(x_test)
 
     def sweep():
         for seed, lr in spec.runs:
@@ -225,6 +266,8 @@ def torch_loop(spec, data, repeats: int, max_norm: float) -> dict | None:
                 torch.nn.utils.clip_grad_norm_(net.parameters(), max_norm)
                 opt.step()
                 loss.item()
+                if t + 1 in evals:
+                    evaluate(net)
 
     return {"compile_s": 0.0, "steady_s": best_of(sweep, repeats), "torch": torch.__version__}
 
@@ -271,8 +314,8 @@ def compare(title: str, make, lrs, repeats: int, workers: int, peak: float) -> t
         lines.append(f"| {name} | {r['compile_s']:.2f} | {r['steady_s']:.3f} | {wall} | "
                      f"{len(spec.runs) / r['steady_s']:.2f} | {samples / r['steady_s']:,.0f} | "
                      f"{gflops:.1f} | {gflops / peak:.0%} | {naive_s / r['steady_s']:.2f}x |")
-    lines += ["", f"Training FLOPs of the sweep (XLA cost analysis of one vmapped step x steps): "
-              f"{engine['flops'] / 1e9:.1f} GFLOP.", ""]
+    lines += ["", f"FLOPs of the sweep (XLA cost analysis of one vmapped training step x steps "
+              f"+ one vmapped evaluation x evaluations): {engine['flops'] / 1e9:.1f} GFLOP.", ""]
     best = rows[f"stabench sweep executor, {workers} workers"]["steady_s"]
     summary = {"vs_naive": naive_s / best, "mfu": engine["flops"] / best / 1e9 / peak,
                "vs_torch": (torch_row["steady_s"] / best) if torch_row else float("nan")}
