@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import difflib
 import inspect
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -72,7 +73,9 @@ def parse_call(spec: str, kind: str = "entry") -> tuple[str, dict[str, Any]]:
     """Parse `name` or `name(k=v, ...)` into its name and raw literal keyword arguments."""
     text = spec.strip()
     try:
-        node = ast.parse(text, mode="eval").body
+        with warnings.catch_warnings():  # Python only warns of some typos, e.g. 1or: refuse them
+            warnings.simplefilter("error", SyntaxWarning)
+            node = ast.parse(text, mode="eval").body
     except SyntaxError:
         raise UserError(f"cannot parse {kind} '{spec}': write name or name(key=value, ...)") from None
     if isinstance(node, ast.Name):

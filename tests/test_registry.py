@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 
 from stabench.methods import METHODS, canonical, resolve
@@ -58,6 +60,14 @@ def test_wrong_argument_lists_accepted_ones():
 def test_malformed_specs_are_user_errors(spec, message):
     with pytest.raises(UserError, match=message):
         make_registry().get(spec)
+
+
+def test_a_typo_python_only_warns_about_is_a_user_error_without_a_warning():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(UserError, match="cannot parse"):
+            make_registry().get("scale(factor=1or)")
+    assert not caught
 
 
 def test_split_plus_respects_brackets_and_exponents():
