@@ -39,7 +39,7 @@ from stabench.config import build_cell, data_source, make_spec, task_of
 from stabench.executor import LocalExecutor, default_workers
 from stabench.runner import load_data
 from stabench.store import read_record
-from stabench.train import EVAL_BATCH, Carry, Engine, epoch_order
+from stabench.train import EVAL_BATCH, Carry, Engine
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -66,24 +66,17 @@ def matmul_peak(n: int = 1024, repeats: int = 20) -> float:
     return 2 * n**3 / t / 1e9
 
 
-def eval_steps(spec) -> set[int]:
-    """The steps after which the engine evaluates: every eval_every steps and the last."""
-    steps, every = spec.train["steps"], spec.train["eval_every"]
-    return set(range(every, steps + 1, every)) | {steps}
-
-
-def batch_index(seed: int, t: int, n: int, b: int) -> np.ndarray:
-    """The engine's data order: batch t of seed's per-epoch permutation."""
-    per_epoch = n // b * b
-    pos = t * b
-    return epoch_order(seed, pos // per_epoch, n)[pos % per_epoch:][:b]
+def data_order(engine: Engine, seeds) -> dict[int, np.ndarray]:
+    """Each seed's training-example indices [steps, batch]: the engine's own data order."""
+    starts = range(0, engine.cell.steps, engine.chunk)
+    return {seed: np.concatenate([engine.batch_indices(np.array([seed]), t)[0] for t in starts])
+            for seed in set(seeds)}
 
 
 # ---- (a) naive JAX loop ------------------------------------------------------------------------
-def naive_jax(spec, data, repeats: int) -> dict:
+def naive_jax(spec, engine: Engine, repeats: int) -> dict:
     """Same model, forward, transform and evaluation as the engine, trained run by run with a
     jitted step and no telemetry: what a user writes without vmap or scan."""
-    engine = Engine(build_cell(spec, data_source(task_of(spec))), data)
     cell = engine.cell
 
     def init(seed, lr, idx, arrays):
@@ -104,39 +97,37 @@ def naive_jax(spec, data, repeats: int) -> dict:
         return engine._evaluate(Carry(params, rest, None, None, alive, never), arrays)
 
     init_jit = jax.jit(init)
-    n, b, steps = len(data.x_train), cell.batch_size, cell.steps
-    evals = eval_steps(spec)
-    order = {(s, t): batch_index(s, t, n, b) for s in spec.seeds for t in range(steps)}
+    evals, order = set(engine.eval_steps), data_order(engine, spec.seeds)
     arrays = engine.arrays
 
     def sweep():
         for seed, lr in spec.runs:
             lr = np.float32(lr)
-            params, rest, state, key = init_jit(seed, lr, order[(seed, 0)], arrays)
-            for t in range(steps):
-                params, rest, state, loss = step(params, rest, state, key, order[(seed, t)], lr,
+            params, rest, state, key = init_jit(seed, lr, order[seed][0], arrays)
+            for t in range(cell.steps):
+                params, rest, state, loss = step(params, rest, state, key, order[seed][t], lr,
                                                  arrays)
                 float(loss)
                 if t + 1 in evals:
                     jax.device_get(evaluate(params, rest, arrays))
 
     t0 = time.perf_counter()
-    params, rest, state, key = init_jit(0, np.float32(0.1), order[(0, 0)], arrays)
-    jax.block_until_ready(step(params, rest, state, key, order[(0, 0)], np.float32(0.1), arrays))
+    first = order[spec.seeds[0]][0]
+    params, rest, state, key = init_jit(spec.seeds[0], np.float32(0.1), first, arrays)
+    jax.block_until_ready(step(params, rest, state, key, first, np.float32(0.1), arrays))
     jax.device_get(evaluate(params, rest, arrays))
     compile_s = time.perf_counter() - t0
     return {"compile_s": compile_s, "steady_s": best_of(sweep, repeats)}
 
 
 # ---- (b) the engine in one process --------------------------------------------------------------
-def engine_once(spec, data, repeats: int) -> dict:
-    engine = Engine(build_cell(spec, data_source(task_of(spec))), data)
+def engine_once(spec, engine: Engine, repeats: int) -> dict:
     seeds, lrs = (np.array(x) for x in zip(*spec.runs))
     results = [engine.run(seeds, lrs) for _ in range(repeats)]
     steady = min(r.timing["steady_s"] for r in results)
     step, evaluation = sweep_flops(engine, seeds, lrs)
     return {"compile_s": results[0].timing["compile_s"], "steady_s": steady,
-            "flops": step * engine.cell.steps + evaluation * len(eval_steps(spec))}
+            "flops": step * engine.cell.steps + evaluation * len(engine.eval_steps)}
 
 
 def sweep_flops(engine: Engine, seeds, lrs) -> tuple[float, float]:
@@ -219,12 +210,13 @@ def torch_model(torch, spec, data):
                          nn.Flatten(), nn.Linear(4 * w, classes))
 
 
-def torch_loop(spec, data, repeats: int, max_norm: float) -> dict | None:
+def torch_loop(spec, engine: Engine, repeats: int, max_norm: float) -> dict | None:
     try:
         import torch
     except ImportError:
         return None
     torch.set_num_threads(os.cpu_count() or 1)
+    data = engine.data
 
     def inputs(x):
         x = x.astype(np.float32)
@@ -235,10 +227,9 @@ def torch_loop(spec, data, repeats: int, max_norm: float) -> dict | None:
     x_train, x_test = inputs(data.x_train), inputs(data.x_test)
     y_train = torch.from_numpy(data.y_train.astype(np.int64))
     y_test = torch.from_numpy(data.y_test.astype(np.int64))
-    n, b, steps = len(data.x_train), spec.train["batch_size"], spec.train["steps"]
-    order = {(s, t): torch.from_numpy(batch_index(s, t, n, b)) for s in spec.seeds
-             for t in range(steps)}
-    evals = eval_steps(spec)
+    evals = set(engine.eval_steps)
+    order = {seed: torch.from_numpy(o.astype(np.int64))
+             for seed, o in data_order(engine, spec.seeds).items()}
 
     def evaluate(net):
         """Test loss and accuracy in the engine's evaluation batches."""
@@ -258,8 +249,8 @@ def torch_loop(spec, data, repeats: int, max_norm: float) -> dict | None:
             torch.manual_seed(seed)
             net = torch_model(torch, spec, data)
             opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
-            for t in range(steps):
-                idx = order[(seed, t)]
+            for t in range(engine.cell.steps):
+                idx = order[seed][t]
                 loss = torch.nn.functional.cross_entropy(net(x_train[idx]), y_train[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -292,16 +283,17 @@ def compare(title: str, make, lrs, repeats: int, workers: int, peak: float) -> t
     spec = make(lrs)
     data = load_data(spec)
     steps, samples = spec.train["steps"], len(spec.runs) * spec.train["steps"] * spec.train["batch_size"]
+    cell_engine = Engine(build_cell(spec, data_source(task_of(spec))), data)
     log(f"{title}: stabench engine")
-    engine = engine_once(spec, data, repeats)
+    engine = engine_once(spec, cell_engine, repeats)
     log(f"{title}: naive JAX loop")
-    rows = {"naive JAX loop": naive_jax(spec, data, repeats),
+    rows = {"naive JAX loop": naive_jax(spec, cell_engine, repeats),
             "stabench engine, 1 process": engine}
     log(f"{title}: sweep executor, {workers} workers")
     rows[f"stabench sweep executor, {workers} workers"] = executor_every_core(make, lrs, repeats,
                                                                               workers)
     log(f"{title}: PyTorch loop")
-    torch_row = torch_loop(spec, data, repeats, 1.0)
+    torch_row = torch_loop(spec, cell_engine, repeats, 1.0)
     if torch_row:
         rows[f"PyTorch {torch_row['torch']} eager loop"] = torch_row
     naive_s = rows["naive JAX loop"]["steady_s"]

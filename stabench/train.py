@@ -164,6 +164,8 @@ class Engine:
                                   getattr(abstract, "stacked_layers", ()))
         self.chunk = min(cell.eval_every, cell.steps)
         self.n_chunks = math.ceil(cell.steps / self.chunk)
+        # after each chunk: every eval_every steps and the last
+        self.eval_steps = [min((i + 1) * self.chunk, cell.steps) for i in range(self.n_chunks)]
         self.arrays = self._device_data()
         self.programs: dict[tuple[int, bool], tuple] = {}  # (runs, traced values) -> compiled
 
@@ -401,7 +403,7 @@ class Engine:
         carry = jax.block_until_ready(init(seeds, lrs, first, self.arrays, *traced))
         init_s = time.perf_counter() - t0
 
-        records, evals, eval_steps = [], [], []
+        records, evals = [], []
         compiles_before = backend_compiles()
         t0 = time.perf_counter()
         for i in range(self.n_chunks):
@@ -411,9 +413,8 @@ class Engine:
             rec, ev, alive = jax.device_get((rec, ev, carry.alive))
             records.append(rec)
             evals.append(ev)
-            eval_steps.append(min((i + 1) * self.chunk, self.cell.steps))
             if on_chunk:
-                on_chunk(eval_steps[-1])
+                on_chunk(self.eval_steps[i])
             if not alive.any():
                 break
         diverged_at = np.asarray(jax.device_get(carry.diverged_at))
@@ -427,10 +428,10 @@ class Engine:
             full = np.full((runs, steps, *done.shape[2:]), np.nan, np.float32)
             full[:, : done.shape[1]] = done
             telemetry[name] = full
-        steps_done = min(len(records) * self.chunk, steps)
+        steps_done = self.eval_steps[len(evals) - 1]
         return CellResult(
             telemetry=telemetry,
-            eval_steps=np.asarray(eval_steps),
+            eval_steps=np.asarray(self.eval_steps[:len(evals)]),
             evals={k: np.stack([e[k] for e in evals], axis=1)[:runs] for k in evals[0]},
             diverged_at=diverged_at[:runs],
             layer_names=list(self.layout.names),
