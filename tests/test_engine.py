@@ -55,6 +55,22 @@ def test_cell_compiles_once_whatever_the_number_of_runs(digits_data):
         assert result.timing["steady_compiles"] == 0
 
 
+def test_a_cell_evaluates_every_eval_every_steps_and_after_the_last_until_every_run_diverged(
+        digits_data):
+    spec = tiny_spec("none", steps=25, overrides={"train.eval_every": 10})
+    engine = engine_for(spec, digits_data)
+    assert engine.eval_steps == [10, 20, 25]
+    result = engine.run(np.array([0]), np.array([0.1]))
+    assert list(result.eval_steps) == [10, 20, 25] and result.evals["test_loss"].shape == (1, 3)
+    assert result.timing["steps_done"] == 25 and np.isfinite(result.telemetry["loss"]).all()
+    # the only run breaks at step 3: training stops after the first chunk, evaluated once
+    broken = engine_for(tiny_spec("inject_spike(step=3, factor=1e38)", steps=25,
+                                  overrides={"train.eval_every": 10}), digits_data)
+    result = broken.run(np.array([0]), np.array([0.1]))
+    assert list(result.diverged_at) == [3] and list(result.eval_steps) == [10]
+    assert result.timing["steps_done"] == 10 and np.isnan(result.evals["test_loss"]).all()
+
+
 @pytest.mark.parametrize("max_norm, clipped", [(0.01, True), (1e6, False)])
 def test_clip_norm_bounds_post_transform_norm(digits_data, max_norm, clipped):
     spec = tiny_spec(f"clip_norm(max_norm={max_norm})", steps=40, lrs=(0.1, 0.5))
