@@ -39,7 +39,7 @@ from stabench.config import build_cell, data_source, make_spec, task_of
 from stabench.executor import LocalExecutor, default_workers
 from stabench.runner import load_data
 from stabench.store import read_record
-from stabench.train import EVAL_BATCH, Carry, Engine
+from stabench.train import EVAL_BATCH, RUNS, Carry, Engine
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -142,7 +142,7 @@ def sweep_flops(engine: Engine, seeds, lrs) -> tuple[float, float]:
         cost = jax.jit(fn).lower(*args).compile().cost_analysis()
         return float((cost[0] if isinstance(cost, list) else cost)["flops"])
 
-    step = jax.vmap(engine._step, in_axes=(0, None, 0, 0, None))
+    step = jax.vmap(engine._step, in_axes=(0, None, 0, 0, None), axis_name=RUNS)
     evaluate = jax.vmap(engine._evaluate, in_axes=(0, None))
     return (flops(step, carry, jax.ShapeDtypeStruct((), jnp.int32), idx, lrs_d, engine.arrays),
             flops(evaluate, carry, engine.arrays))

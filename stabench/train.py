@@ -33,6 +33,7 @@ from .data import Dataset
 from .methods import CellTransform
 from .models import MUTABLE, LayerLayout, activation_stds
 
+RUNS = "runs"  # the vmapped axis of runs, named so that a group of runs can branch together
 TELEMETRY = ("loss", "grad_norm", "grad_norm_post", "update_norm", "param_norm", "nonfinite",
              "changed", "layer_grad_norm")
 EVAL_BATCH = 1024
@@ -89,12 +90,23 @@ def loss_and_metrics(kind: str, out: jax.Array, y: jax.Array) -> tuple[jax.Array
     return err, err
 
 
-def _all_finite(tree) -> jax.Array:
+def _all_finite(tree, group: str | None = None) -> jax.Array:
     """Whether every floating-point leaf is finite (counters and random keys are skipped).
-    x * 0 is 0 for finite x and NaN otherwise: one float sum per leaf, which XLA on CPU
-    vectorizes, instead of a boolean reduction, which it does not."""
-    return jnp.isfinite(sum((jnp.sum(x * 0) for x in jax.tree.leaves(tree)
-                             if jnp.issubdtype(x.dtype, jnp.inexact)), jnp.float32(0)))
+    Exact: x * 0 is 0 for finite x and NaN otherwise, summed as floats, which XLA on CPU
+    vectorizes (a boolean reduction it does not). Within a group of runs vmapped under the axis
+    name `group`, a plain sum per leaf decides first: it is finite whenever every element is,
+    unless it overflows, and it costs less than the exact check on CPU, which then runs only in the
+    rare step where some run of the group has a sum that is not finite."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+
+    def exact():
+        return jnp.isfinite(sum((jnp.sum(x * 0) for x in leaves), jnp.float32(0)))
+
+    if group is None or not leaves:
+        return exact()
+    sums_finite = jnp.all(jnp.isfinite(jnp.stack([jnp.sum(x) for x in leaves])))
+    unsure = jax.lax.psum((~sums_finite).astype(jnp.int32), group) > 0
+    return jax.lax.cond(unsure, exact, lambda: sums_finite)
 
 
 _COMPILES = {"count": 0, "names": [], "cache_hits": 0}
@@ -240,8 +252,10 @@ class Engine:
         in_range = t < cell.steps
         # A non-finite loss or gradient ends the run unless a method skipped the step; so does
         # any non-finite parameter or state.
+        # over several devices, a branch taken together would synchronize them every step
+        together = RUNS if len(self.devices) == 1 else None
         finite = ((jnp.isfinite(loss) & jnp.isfinite(grad_norm)) | seen.skipped) & _all_finite(
-            (params, rest, opt_state))
+            (params, rest, opt_state), together)
         keep = carry.alive & in_range
         accept = keep & finite
         new = Carry(params, rest, opt_state, carry.key, carry.alive, carry.diverged_at)
@@ -316,19 +330,28 @@ class Engine:
 
     @staticmethod
     def _over_runs(fn, in_axes: tuple, runs: int, group: int):
-        """`fn` over the runs axis of the arguments whose in_axes is 0 (the others are shared):
-        vmapped over every run, or over consecutive groups of `group` runs, one after another."""
+        """`fn` vmapped (axis name RUNS) over the runs axis of the arguments whose in_axes is 0
+        (the others are shared): over every run, or over consecutive groups of `group` runs, one
+        after another (the last group takes the remainder)."""
+        batched = jax.vmap(fn, in_axes=in_axes, axis_name=RUNS)
         if group >= runs:
-            return jax.vmap(fn, in_axes=in_axes)
+            return batched
 
         @functools.wraps(fn)
         def grouped(*args):
-            def one_run(per_run):
+            def one_group(per_run):
                 it = iter(per_run)
-                return fn(*(next(it) if axis == 0 else a for a, axis in zip(args, in_axes)))
+                return batched(*(next(it) if axis == 0 else a for a, axis in zip(args, in_axes)))
 
-            return jax.lax.map(one_run, [a for a, axis in zip(args, in_axes) if axis == 0],
-                               batch_size=group)
+            per_run = [a for a, axis in zip(args, in_axes) if axis == 0]
+            full = runs // group * group
+            groups = jax.tree.map(lambda a: a[:full].reshape(-1, group, *a.shape[1:]), per_run)
+            out = jax.tree.map(lambda a: a.reshape(full, *a.shape[2:]),
+                               jax.lax.map(one_group, groups))
+            if full == runs:
+                return out
+            rest = one_group(jax.tree.map(lambda a: a[full:], per_run))
+            return jax.tree.map(lambda a, b: jnp.concatenate([a, b]), out, rest)
 
         return grouped
 
@@ -399,17 +422,18 @@ class Engine:
         compile_cache_hits = cache_hits() - hits_before
 
         t0 = time.perf_counter()
-        first = self.batch_indices(host_seeds, 0)[:, 0]  # the runs' first batches
-        carry = jax.block_until_ready(init(seeds, lrs, first, self.arrays, *traced))
+        idx = self.batch_indices(host_seeds, 0)
+        carry = jax.block_until_ready(init(seeds, lrs, idx[:, 0], self.arrays, *traced))
         init_s = time.perf_counter() - t0
 
         records, evals = [], []
         compiles_before = backend_compiles()
         t0 = time.perf_counter()
         for i in range(self.n_chunks):
-            idx = self.batch_indices(host_seeds, i * self.chunk)
             carry, rec, ev = chunk(carry, idx, lrs, np.int32(i * self.chunk), self.arrays,
                                    *traced)
+            if i + 1 < self.n_chunks:  # the next chunk's batches, while this one trains
+                idx = self.batch_indices(host_seeds, (i + 1) * self.chunk)
             rec, ev, alive = jax.device_get((rec, ev, carry.alive))
             records.append(rec)
             evals.append(ev)

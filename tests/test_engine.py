@@ -1,12 +1,14 @@
 """The compiled engine: vmapped = one at a time = in cache-sized groups, lane isolation, one compile,
 clipping bounds."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from stabench import hardware
 from stabench.config import build_cell, data_source, task_of
-from stabench.train import Engine, compiled_names
+from stabench.train import RUNS, Engine, _all_finite, compiled_names
 
 from conftest import engine_for, tiny_spec
 
@@ -42,6 +44,28 @@ def test_divergent_lane_leaves_other_lanes_bit_identical(digits_data):
                        digits_data).run(seeds, np.array([0.05, 0.1, 1e5])) if d > 0 else None
     if short is not None:
         assert short.diverged_at[2] == -1
+
+
+def test_finite_check_is_exact_when_a_sum_overflows_and_for_a_group_of_runs():
+    big = np.float32(3e38)  # finite, but two of them sum to inf
+    cases = {"small": [1.0, -2.0, 3.0, 0.5], "cancelling": [big, -big, 1.0, 1.0],
+             "overflowing sum": [big, big, -1.0, 1.0], "nan": [1.0, np.nan, 0.0, 0.0],
+             "inf": [1.0, np.inf, 0.0, 0.0], "-inf": [-np.inf, 1.0, 0.0, 0.0],
+             "inf and -inf": [np.inf, -np.inf, 0.0, 0.0], "zeros": [0.0, 0.0, 0.0, 0.0]}
+    expected = [True, True, True, False, False, False, False, True]
+    values = np.array(list(cases.values()), np.float32)
+    # a tree per run: a float leaf of the values, a float state leaf, and a counter that is skipped
+    trees = {"w": values.reshape(-1, 2, 2), "m": np.ones((len(cases), 3), np.float32),
+             "count": np.full(len(cases), 2**31 - 1, np.int32)}
+    assert jax.jit(jax.vmap(_all_finite))(trees).tolist() == expected
+    # runs checked together, all at once and in pairs: the first pair's sums are all finite and
+    # decide; in the others only the elementwise check tells an overflowing sum from a non-finite
+    together = jax.jit(jax.vmap(lambda t: _all_finite(t, RUNS), axis_name=RUNS))
+    assert together(trees).tolist() == expected
+    for start in range(0, len(cases), 2):
+        pair = jax.tree.map(lambda a: a[start:start + 2], trees)
+        assert together(pair).tolist() == expected[start:start + 2], list(cases)[start:start + 2]
+    assert together({"w": jnp.zeros((2, 3)).at[1, 0].set(jnp.nan)}).tolist() == [True, False]
 
 
 def test_cell_compiles_once_whatever_the_number_of_runs(digits_data):
