@@ -251,8 +251,8 @@ class Engine:
         grad_norm = optax.tree.norm(grads)
         in_range = t < cell.steps
         # A non-finite loss or gradient ends the run unless a method skipped the step; so does
-        # any non-finite parameter or state.
-        # over several devices, a branch taken together would synchronize them every step
+        # any non-finite parameter or state. The runs of a group check their state together, but
+        # not over several devices, where that branch would synchronize them every step.
         together = RUNS if len(self.devices) == 1 else None
         finite = ((jnp.isfinite(loss) & jnp.isfinite(grad_norm)) | seen.skipped) & _all_finite(
             (params, rest, opt_state), together)
