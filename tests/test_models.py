@@ -9,6 +9,7 @@ from flax import nnx
 from stabench.config import build_cell, data_source, make_spec, task_of
 from stabench.data import Meta
 from stabench.models import MODELS, LayerLayout, activation_stds
+from stabench.models import dense
 from stabench.models.conv import NHWC, conv_general_dilated
 from stabench.tasks import get_task
 from stabench.train import Engine
@@ -232,6 +233,37 @@ def test_conv_values_and_gradients_match_lax_under_vmap(stride, padding, axes):
     for g_ref, g_ours in zip(jax.grad(loss(ref), (0, 1))(x, k),
                              jax.jit(jax.grad(loss(ours), (0, 1)))(x, k)):
         np.testing.assert_allclose(g_ours, g_ref, atol=1e-4, rtol=1e-5)
+
+
+# ---- the dense product with a transposed kernel gradient ----------------------------------------
+@pytest.mark.parametrize("outputs", [1, 10, dense.FEW_OUTPUTS, dense.FEW_OUTPUTS + 1])
+@pytest.mark.parametrize("x_shape", [(6, 5), (3, 4, 5)])
+@pytest.mark.parametrize("axes", [(0, 0), (0, None), (None, 0)])
+def test_dense_product_and_gradients_match_their_definition_under_vmap(outputs, x_shape, axes):
+    """y = x @ k over the last axis of x; with loss sum(y * w): dx = w k^T, dk = sum x^T w over
+    every leading axis, computed here in float64."""
+    rng = np.random.default_rng(0)
+    runs = 2
+    x = rng.standard_normal((runs, *x_shape)).astype(np.float32)
+    k = rng.standard_normal((runs, x_shape[-1], outputs)).astype(np.float32)
+    w = rng.standard_normal((runs, *x_shape[:-1], outputs)).astype(np.float32)
+    x, k = (x if axes[0] == 0 else x[:1]), (k if axes[1] == 0 else k[:1])
+    dims = (((len(x_shape) - 1,), (0,)), ((), ()))
+
+    def loss(a, b):
+        product = lambda a, b: dense.dot_general(a, b, dims)  # noqa: E731
+        return (jax.vmap(product, in_axes=axes)(a, b) * w).sum()
+
+    args = (x if axes[0] == 0 else x[0], k if axes[1] == 0 else k[0])
+    value, (dx, dk) = jax.jit(jax.value_and_grad(loss, (0, 1)))(*args)
+    x64, k64, w64 = (np.broadcast_to(a, (runs, *a.shape[1:])).astype(np.float64) for a in (x, k, w))
+    np.testing.assert_allclose(value, (np.einsum("r...i,rio->r...o", x64, k64) * w64).sum(),
+                               rtol=1e-5)
+    dx_ref = np.einsum("r...o,rio->r...i", w64, k64)
+    dk_ref = np.einsum("rbi,rbo->rio", x64.reshape(runs, -1, x_shape[-1]),
+                       w64.reshape(runs, -1, outputs))  # summed over every leading axis
+    np.testing.assert_allclose(dx, dx_ref if axes[0] == 0 else dx_ref.sum(0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dk, dk_ref if axes[1] == 0 else dk_ref.sum(0), rtol=1e-5, atol=1e-5)
 
 
 # ---- batch norm in the engine -----------------------------------------------------------------

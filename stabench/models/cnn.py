@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from flax import nnx
 
-from . import MODELS, NORMS, make_norm, observe
+from . import MODELS, NORMS, dense, make_norm, observe
 from .mlp import ACTIVATIONS, kernel_init_kwargs
 from .resnet import IMAGE_AXES, conv3x3
 
@@ -35,7 +35,8 @@ class CNN(nnx.Module):
         self.convs = nnx.List(layers)
         init = kernel_init_kwargs(kernel_init)
         self.dense = nnx.Linear(height * width * cin, hidden, **init, rngs=rngs)
-        self.head = nnx.Linear(hidden, num_outputs, **init, rngs=rngs)
+        self.head = nnx.Linear(hidden, num_outputs, **init, dot_general=dense.dot_general,
+                               rngs=rngs)
         self.activation = activation
 
     def __call__(self, x):

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from . import MODELS, NORMS, make_norm, observe, scan_layers
+from . import MODELS, NORMS, dense, make_norm, observe, scan_layers
 
 ACTIVATIONS = {"relu": jax.nn.relu, "tanh": jax.nn.tanh, "sigmoid": jax.nn.sigmoid,
                "gelu": jax.nn.gelu, "linear": lambda x: x}
@@ -60,7 +60,8 @@ class MLP(nnx.Module):
 
         self.blocks = make_blocks(rngs)
         self.final_norm = make_norm(norm, width, rngs)
-        self.head = nnx.Linear(width, num_outputs, **init, rngs=rngs)
+        self.head = nnx.Linear(width, num_outputs, **init, dot_general=dense.dot_general,
+                               rngs=rngs)
         self.activation = activation
 
     def __call__(self, x):

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from . import MODELS, NORMS, make_norm, observe, scan_layers
+from . import MODELS, NORMS, dense, make_norm, observe, scan_layers
 from .conv import conv_general_dilated
 from .mlp import kernel_init_kwargs
 
@@ -91,7 +91,8 @@ class ResNet(nnx.Module):
         self.stage2 = _stack(n - 1, 2 * w, **block)
         self.down3 = BasicBlock(2 * w, 4 * w, 2, **block)
         self.stage3 = _stack(n - 1, 4 * w, **block)
-        self.head = nnx.Linear(4 * w, num_outputs, **kernel_init_kwargs(kernel_init), rngs=rngs)
+        self.head = nnx.Linear(4 * w, num_outputs, **kernel_init_kwargs(kernel_init),
+                               dot_general=dense.dot_general, rngs=rngs)
 
     def __call__(self, x):
         h = observe("stem", self.stem(x))

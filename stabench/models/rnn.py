@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from . import MODELS, observe
+from . import MODELS, dense, observe
 from .mlp import kernel_init_kwargs
 
 
@@ -27,7 +27,8 @@ class Recurrent(nnx.Module):
         else:
             self.input = nnx.Linear(meta.x_shape[-1], gates * hidden, **init, rngs=rngs)
         self.recurrent = nnx.Linear(hidden, gates * hidden, use_bias=False, **init, rngs=rngs)
-        self.head = nnx.Linear(hidden, meta.num_outputs, **init, rngs=rngs)
+        self.head = nnx.Linear(hidden, meta.num_outputs, **init, dot_general=dense.dot_general,
+                               rngs=rngs)
         self.cell, self.hidden, self.forget_bias = cell, hidden, forget_bias
 
     def __call__(self, x):

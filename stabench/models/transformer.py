@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from . import MODELS, observe, scan_layers
+from . import MODELS, dense, observe, scan_layers
 from .mlp import kernel_init_kwargs
 
 MASKED = -1e9  # attention logit of a padding key: softmax weight exactly 0 in float32
@@ -81,7 +81,7 @@ class Transformer(nnx.Module):
         self.blocks = make_blocks(rngs)
         self.final_norm = nnx.LayerNorm(dim, rngs=rngs)
         self.head = nnx.Linear(dim, meta.num_outputs, **kernel_init_kwargs(kernel_init),
-                               rngs=rngs)
+                               dot_general=dense.dot_general, rngs=rngs)
         self.tokens = bool(meta.vocab_size)
 
     def __call__(self, x):
