@@ -8,8 +8,7 @@ from flax import nnx
 
 from stabench.config import build_cell, data_source, make_spec, task_of
 from stabench.data import Meta
-from stabench.models import MODELS, LayerLayout, activation_stds
-from stabench.models import dense
+from stabench.models import MODELS, LayerLayout, activation_stds, dense
 from stabench.models.conv import NHWC, conv_general_dilated
 from stabench.tasks import get_task
 from stabench.train import Engine

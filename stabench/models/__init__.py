@@ -187,4 +187,4 @@ def _shape(leaf) -> tuple[int, ...]:
     return tuple(_value(leaf).shape)
 
 
-from . import cnn, dense, mlp, resnet, rnn, transformer  # noqa: E402,F401  (registers the models)
+from . import cnn, mlp, resnet, rnn, transformer  # noqa: E402,F401  (registers the models)
