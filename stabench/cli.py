@@ -31,7 +31,7 @@ def _parse_set(items: list[str]) -> dict:
 
 
 def _overrides(args) -> dict:
-    """--set items plus --steps and --batch-size; checks --seeds."""
+    """--set items plus --steps and --batch-size; checks --seeds where the command has it."""
     overrides = _parse_set(args.set)
     for flag, key in (("steps", "train.steps"), ("batch_size", "train.batch_size")):
         value = getattr(args, flag)
@@ -39,8 +39,9 @@ def _overrides(args) -> dict:
             if value <= 0:
                 raise UserError(f"--{flag.replace('_', '-')} must be positive, got {value}")
             overrides[key] = value
-    if args.seeds is not None and args.seeds <= 0:
-        raise UserError(f"--seeds must be positive, got {args.seeds}")
+    seeds = getattr(args, "seeds", None)  # diagnose takes one --seed instead
+    if seeds is not None and seeds <= 0:
+        raise UserError(f"--seeds must be positive, got {seeds}")
     return overrides
 
 
@@ -248,13 +249,7 @@ def _diagnose_spec(args):
 
     if args.seed < 0:
         raise UserError(f"--seed must be >= 0, got {args.seed}")
-    overrides = _parse_set(args.set)
-    for flag, key in (("steps", "train.steps"), ("batch_size", "train.batch_size")):
-        value = getattr(args, flag)
-        if value is not None:
-            if value <= 0:
-                raise UserError(f"--{flag.replace('_', '-')} must be positive, got {value}")
-            overrides[key] = value
+    overrides = _overrides(args)
     if args.at_init:  # one step records the step-0 gradients; nothing after it is looked at
         overrides.update({"train.steps": 1, "train.eval_every": 1})
     lrs = parse_lrs(args.lr, "--lr") if args.lr is not None else None
