@@ -39,7 +39,7 @@ from flax import nnx
 from stabench.config import build_cell, data_source, make_spec, task_of
 from stabench.executor import LocalExecutor, default_workers
 from stabench.runner import load_data
-from stabench.store import read_record
+from stabench.store import provenance, read_record
 from stabench.train import EVAL_BATCH, RUNS, Carry, Engine
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -370,6 +370,7 @@ def main() -> None:
     # A busy machine only lowers a measured rate, so the peak is the best of both measurements.
     peaks.append(matmul_peak())
     peak = max(peaks)
+    prov = provenance()
     for sweep in sweeps:
         lines += table(sweep, peak)
     lines += ["## Compile time of a residual MLP by depth (seconds)", "",
@@ -381,8 +382,10 @@ def main() -> None:
               f"Matmul peak (float32 1024x1024, jit, all cores, best of {PEAK_REPEATS} before and "
               f"after the sweeps): {peak:.1f} GFLOP/s ({peaks[0]:.1f} before, {peaks[1]:.1f} "
               "after). "
-              f"Hardware: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-              f"{jax.devices()[0].device_kind}; jax {jax.__version__}; "
+              f"Hardware: {prov['cpu_model']} ({platform.machine()}), {prov['cpu_count']} cores, "
+              f"{prov['device_kind']}; "
+              + ", ".join(f"{k} {v}" for k, v in prov["versions"].items() if k != "stabench")
+              + f"; stabench git {str(prov['git_commit'])[:10]}; "
               f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d}; benchmark wall time "
               f"{time.perf_counter() - t0:.0f} s.",
               "", "Regenerate: `python scripts/bench_throughput.py` (PyTorch rows need "

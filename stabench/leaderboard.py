@@ -56,7 +56,8 @@ def lr_table(runs: list[dict]) -> pd.DataFrame:
 ALPHA = 0.05
 MARK = "\u2020"  # dagger: not significantly different from the column's best
 ENTRY = ["method", "init", "optimizer"]
-PROVENANCE = ("git_commit", "device_kind", "backend", "device_count", "cpu_count", "date")
+PROVENANCE = ("git_commit", "device_kind", "backend", "device_count", "cpu_count", "cpu_model",
+              "date")
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -503,8 +504,10 @@ def build_report(records: list) -> Report:
 
 def _provenance(runs: pd.DataFrame, directory: Path) -> list[str]:
     cells = runs.drop_duplicates("spec_hash")
-    devices = sorted({f"{n}x {k} ({b}), {c} CPU cores" for n, k, b, c in zip(
-        cells["device_count"], cells["device_kind"], cells["backend"], cells["cpu_count"])})
+    # records written before provenance had cpu_model read None (NaN in the frame)
+    model = [f" ({m})" if isinstance(m, str) else "" for m in cells["cpu_model"]]
+    devices = sorted({f"{n}x {k} ({b}), {c} CPU cores{m}" for n, k, b, c, m in zip(
+        cells["device_count"], cells["device_kind"], cells["backend"], cells["cpu_count"], model)})
     versions = sorted({f"jax {j}, flax {f}, optax {o}" for j, f, o in zip(
         cells["version.jax"], cells["version.flax"], cells["version.optax"])})
     commits = sorted({str(c)[:10] for c in cells["git_commit"]})

@@ -29,6 +29,7 @@ from typing import Iterator
 import numpy as np
 
 from .config import FORMAT_VERSION, RunSpec
+from .hardware import cpu_model
 from .registry import UserError
 
 
@@ -274,6 +275,7 @@ def provenance() -> dict:
         "device_kind": devices[0].device_kind,
         "device_count": len(devices),
         "cpu_count": os.cpu_count(),
+        "cpu_model": cpu_model(),
         "compilation_cache": jax.config.jax_compilation_cache_dir,
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }

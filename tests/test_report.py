@@ -4,6 +4,7 @@ the store with hand-made metrics, so every expected number is known without trai
 
 import json
 import math
+import os
 import re
 
 import numpy as np
@@ -13,6 +14,7 @@ import pytest
 from stabench import leaderboard as lb
 from stabench import metrics
 from stabench.config import make_spec
+from stabench.hardware import cpu_model
 from stabench.store import Store, provenance
 
 RUN_DEFAULTS = {"initial_loss": 2.0, "diverged": 0.0, "divergence_step": 29.0, "final_train_loss": 1.0,
@@ -277,7 +279,11 @@ def test_report_on_partial_and_mixed_version_records(tmp_path, task_dir, capsys)
     shutil.copytree(task_dir, root)
     store = Store(root)
     other = fake_record(store, "clip_norm(max_norm=2.0)", metrics_fn=table_metrics("clip_norm"),
-                        prov={"git_commit": "0123456789abcdef"})
+                        prov={"git_commit": "0123456789abcdef", "cpu_model": "Test CPU 9000"})
+    before_cpu_model = store.records()[0][0].path  # a record from before provenance named the CPU
+    data = json.loads(before_cpu_model.read_text())
+    del data["provenance"]["cpu_model"]
+    before_cpu_model.write_text(json.dumps(data))
     torn = fake_record(store, "clip_norm(max_norm=3.0)")
     torn.path.write_text(torn.path.read_text()[:100])  # killed mid-write by something else
     lost = fake_record(store, "clip_norm(max_norm=4.0)")
@@ -298,7 +304,12 @@ def test_report_on_partial_and_mixed_version_records(tmp_path, task_dir, capsys)
     csv = pd.read_csv(root / "leaderboard.csv")
     expected = [r.spec.method for r in Store(task_dir).records()[0]] + [other.spec.method]
     assert sorted(csv["method"]) == sorted(expected)
-    assert "records come from 2 code versions" in (root / "report.md").read_text()
+    report = (root / "report.md").read_text()
+    assert "records come from 2 code versions" in report
+    hardware = next(line for line in report.splitlines() if line.startswith("- hardware: "))
+    cores = f"1x cpu (cpu), {os.cpu_count()} CPU cores"
+    assert sorted(hardware.removeprefix("- hardware: ").split("; ")) == sorted(
+        [cores, f"{cores} ({cpu_model()})", f"{cores} (Test CPU 9000)"])
     runs = pd.read_parquet(root / "runs.parquet")
     assert len(runs) == 4 * 9 and {"config.model.width", "config.train.steps", "seed", "lr",
                                    "test_accuracy", "git_commit", "version.jax"} <= set(runs.columns)
