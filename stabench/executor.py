@@ -485,9 +485,12 @@ class _Relay:
 def _sticky_interrupt() -> Iterator[list]:
     """Ctrl-C raises KeyboardInterrupt as usual and is also noted: raised inside a callback whose
     exceptions Python ignores (a garbage-collector callback of JAX's), it would be lost and the
-    sweep would go on; the relay raises it again at the next chunk."""
+    sweep would go on; the relay raises it again at the next chunk. A process started with
+    SIGINT ignored (a background job of a shell without job control) keeps ignoring it, as
+    `stabench run` does."""
     interrupted: list = []
-    if threading.current_thread() is not threading.main_thread():
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is signal.SIG_IGN):
         yield interrupted
         return
 

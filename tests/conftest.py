@@ -1,4 +1,5 @@
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -13,6 +14,10 @@ os.environ.setdefault("STABENCH_CACHE_DIR", tempfile.mkdtemp(prefix="stabench-te
 # Tests compile many tiny programs and run them a few steps: XLA's backend optimizations cost more
 # than they save (a digits cell compiled in 2.5 s instead of 6 s on a 2-core CPU).
 os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
+# Tests send SIGINT to the processes they start, as Ctrl-C in a terminal would. A test runner
+# started as a background job of a shell without job control inherits SIGINT ignored, and so would
+# every process it starts; Ctrl-C semantics are those of a foreground session.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def run_cli(*args, cwd=None, timeout=600):

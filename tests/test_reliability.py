@@ -663,8 +663,37 @@ def test_ctrl_c_that_python_drops_in_a_gc_callback_still_stops_the_sweep(tmp_pat
 
     monkeypatch.setattr(runner, "run_cell", fake_run_cell)
     monkeypatch.setattr(runner, "load_data", lambda spec, data_dir=None: None)
+    before = signal.getsignal(signal.SIGINT)
     with pytest.raises(executor.SweepInterrupted) as stop:
         executor.run_sweep(cells, str(tmp_path), executor.SerialExecutor())
     assert trained == ["none"] and stop.value.summary.trained == 0
     assert not list(tmp_path.rglob("*.json"))
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    assert signal.getsignal(signal.SIGINT) is before  # restored
+
+
+def test_a_sweep_started_with_sigint_ignored_keeps_ignoring_it(tmp_path, monkeypatch):
+    """A background job of a shell without job control starts with SIGINT ignored, so that Ctrl-C
+    in the terminal leaves it running; the sweep does not install its Ctrl-C handler over that."""
+    from stabench import executor, runner
+
+    from conftest import tiny_spec
+
+    cells = [tiny_spec(method) for method in ("none", "clip_norm")]
+    handlers = []
+
+    def fake_run_cell(spec, store, data_dir, on_chunk, data):
+        handlers.append(signal.getsignal(signal.SIGINT))
+        signal.raise_signal(signal.SIGINT)  # ignored: the cell goes on
+        on_chunk(spec.train["steps"])
+        return save_stub(store, spec)
+
+    monkeypatch.setattr(runner, "run_cell", fake_run_cell)
+    monkeypatch.setattr(runner, "load_data", lambda spec, data_dir=None: None)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        summary = executor.run_sweep(cells, str(tmp_path), executor.SerialExecutor())
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert handlers == [signal.SIG_IGN, signal.SIG_IGN]
+    assert summary.trained == 2 and len(list(tmp_path.rglob("*.json"))) == 2
