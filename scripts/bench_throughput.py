@@ -317,7 +317,7 @@ def table(sweep: dict, peak: float) -> list[str]:
         wall = f"{r['wall_s']:.2f}" if "wall_s" in r else ""
         lines.append(f"| {name} | {r['compile_s']:.2f} | {r['steady_s']:.3f} | {wall} | "
                      f"{runs / r['steady_s']:.2f} | {samples / r['steady_s']:,.0f} | "
-                     f"{gflops:.1f} | {gflops / peak:.0%} | {naive_s / r['steady_s']:.2f}x |")
+                     f"{gflops:.1f} | {gflops / peak:.1%} | {naive_s / r['steady_s']:.2f}x |")
     return lines + ["", f"FLOPs of the sweep (XLA cost analysis of one vmapped training step x "
                     f"steps + one vmapped evaluation x evaluations): {flops / 1e9:.1f} GFLOP.", ""]
 
@@ -396,7 +396,7 @@ def main() -> None:
     Path(args.out).write_text(text)
     headline = summary(sweeps[0], peak)
     print(f"speedup_vs_naive={headline['vs_naive']:.2f} "
-          f"speedup_vs_torch={headline['vs_torch']:.2f} mfu={headline['mfu']:.2f}")
+          f"speedup_vs_torch={headline['vs_torch']:.2f} mfu={headline['mfu']:.3f}")
 
 
 if __name__ == "__main__":
