@@ -1,5 +1,5 @@
-"""Facts about the host's CPU that sizing decisions need; no JAX here, so the executor can ask
-them before a worker starts JAX."""
+"""Facts about the host's CPU: what sizing decisions need and what records name; no JAX here, so
+the executor can ask them before a worker starts JAX."""
 
 from __future__ import annotations
 
