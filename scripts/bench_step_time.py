@@ -33,14 +33,8 @@ def steady_seconds(task: str, runs: int, steps: int, overrides: dict) -> tuple[f
     return timing["compile_s"], timing["steady_s"]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--task", default="cifar")
-    parser.add_argument("--runs", default="1", help="comma-separated numbers of runs per cell")
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=None)
-    args = parser.parse_args()
-    jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="bench-cache-"))
+def report(args) -> None:
+    """Print compile and per-step times for each number of runs."""
     overrides = {"train.batch_size": args.batch_size} if args.batch_size else {}
     print(f"{args.task} on fake data | {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores, {jax.devices()[0].device_kind} | jax {jax.__version__}")
@@ -51,6 +45,17 @@ def main() -> None:
         print(f"runs {runs:3d}: compile {compile_s:6.1f} s | {per_step * 1000:8.0f} ms per step "
               f"| {per_step / runs * 1000:7.0f} ms per run-step")
 
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--task", default="cifar")
+    parser.add_argument("--runs", default="1", help="comma-separated numbers of runs per cell")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=None)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-step-time-") as cache:  # compiles are timed
+        jax.config.update("jax_compilation_cache_dir", cache)
+        report(args)
 
 if __name__ == "__main__":
     main()

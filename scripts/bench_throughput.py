@@ -154,16 +154,16 @@ def sweep_flops(engine: Engine, seeds, lrs) -> tuple[float, float]:
 
 
 # ---- (c) the sweep executor on every core -------------------------------------------------------
-def executor_every_core(make, lrs, repeats: int, workers: int) -> dict:
+def executor_every_core(make, lrs, repeats: int, workers: int, scratch: Path) -> dict:
     """The runs split by learning rate into one cell per worker, trained by LocalExecutor (one
     pinned process per core). Compile: the slowest worker with an empty persistent cache. Steady:
     best over `repeats` warm sweeps of the slowest worker's steady seconds; wall: best sweep from
     spawning the workers to the last record written."""
     cells = [make(tuple(part)) for part in np.array_split(np.array(lrs), workers)]
-    os.environ["STABENCH_CACHE_DIR"] = tempfile.mkdtemp(prefix="bench-cache-workers-")
+    os.environ["STABENCH_CACHE_DIR"] = tempfile.mkdtemp(prefix="cache-workers-", dir=scratch)
     compile_s, steady, wall = 0.0, [], []
     for repeat in range(repeats + 1):
-        out = tempfile.mkdtemp(prefix="bench-sweep-")
+        out = tempfile.mkdtemp(prefix="sweep-", dir=scratch)
         t0 = time.perf_counter()
         outcomes = list(LocalExecutor(workers).run(cells, out))
         elapsed = time.perf_counter() - t0
@@ -283,7 +283,7 @@ def depth_compile(depths, steps: int) -> dict[int, float]:
     return out
 
 
-def compare(title: str, make, lrs, repeats: int, workers: int) -> dict:
+def compare(title: str, make, lrs, repeats: int, workers: int, scratch: Path) -> dict:
     """Rows (a)-(d) for one sweep, with what `table` needs to render them."""
     spec = make(lrs)
     data = load_data(spec)
@@ -294,7 +294,7 @@ def compare(title: str, make, lrs, repeats: int, workers: int) -> dict:
     rows = {"naive JAX loop": naive_jax(spec, cell_engine, repeats),
             "stabench engine, 1 process": engine}
     log(f"{title}: sweep executor, {workers} workers")
-    rows[EVERY_CORE.format(workers)] = executor_every_core(make, lrs, repeats, workers)
+    rows[EVERY_CORE.format(workers)] = executor_every_core(make, lrs, repeats, workers, scratch)
     log(f"{title}: PyTorch loop")
     torch_row = torch_loop(spec, cell_engine, repeats, 1.0)
     if torch_row:
@@ -332,16 +332,12 @@ def summary(sweep: dict, peak: float) -> dict:
             "mfu": sweep["flops"] / best / 1e9 / peak}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer steps and repeats")
-    parser.add_argument("--workers", type=int, default=default_workers())
-    parser.add_argument("--out", default=str(ROOT / "results" / "bench" / "throughput.md"))
-    args = parser.parse_args()
+def measure(args, scratch: Path) -> tuple[str, dict]:
+    """The markdown of results/bench/throughput.md and the digits sweep's headline numbers."""
     repeats = 1 if args.quick else 3
     steps = 100 if args.quick else 500
     # compile times are measured, so nothing may come from a persistent cache
-    jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="bench-cache-"))
+    jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="cache-", dir=scratch))
     peaks = [matmul_peak()]
 
     def digits(lrs):
@@ -362,9 +358,9 @@ def main() -> None:
     t0 = time.perf_counter()
     lines = ["# Throughput: stabench against a naive JAX loop and PyTorch", ""]
     sweeps = [compare("digits MLP 64-128-128-10, SGD momentum + clip_norm, batch 128", digits,
-                      (0.01, 0.03, 0.1, 0.3), repeats, args.workers),
+                      (0.01, 0.03, 0.1, 0.3), repeats, args.workers, scratch),
               compare(f"CIFAR-10 ResNet-{resnet_depth} on fake data, SGD momentum + clip_norm, "
-                      "batch 32", resnet, (0.01, 0.1), repeats, args.workers)]
+                      "batch 32", resnet, (0.01, 0.1), repeats, args.workers, scratch)]
     log("compile time by depth")
     depths = depth_compile((10, 100, 1000), 20)
     # A busy machine only lowers a measured rate, so the peak is the best of both measurements.
@@ -390,14 +386,23 @@ def main() -> None:
               f"{time.perf_counter() - t0:.0f} s.",
               "", "Regenerate: `python scripts/bench_throughput.py` (PyTorch rows need "
               "`pip install -e .[bench]`)."]
-    text = "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n", summary(sweeps[0], peak)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer steps and repeats")
+    parser.add_argument("--workers", type=int, default=default_workers())
+    parser.add_argument("--out", default=str(ROOT / "results" / "bench" / "throughput.md"))
+    args = parser.parse_args()
+    # caches and sweep outputs live only as long as the run
+    with tempfile.TemporaryDirectory(prefix="bench-throughput-") as scratch:
+        text, headline = measure(args, Path(scratch))
     print(text)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)
-    headline = summary(sweeps[0], peak)
     print(f"speedup_vs_naive={headline['vs_naive']:.2f} "
           f"speedup_vs_torch={headline['vs_torch']:.2f} mfu={headline['mfu']:.3f}")
-
 
 if __name__ == "__main__":
     main()

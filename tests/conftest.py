@@ -1,4 +1,6 @@
+import atexit
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -9,8 +11,11 @@ from types import SimpleNamespace
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-# Compiled programs are cached per test session, not in the user's cache.
-os.environ.setdefault("STABENCH_CACHE_DIR", tempfile.mkdtemp(prefix="stabench-test-cache-"))
+# Compiled programs are cached per test session, not in the user's cache; the process that made
+# the directory removes it (test workers and the CLI processes they start inherit it).
+if "STABENCH_CACHE_DIR" not in os.environ:
+    os.environ["STABENCH_CACHE_DIR"] = tempfile.mkdtemp(prefix="stabench-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["STABENCH_CACHE_DIR"], ignore_errors=True)
 # Tests compile many tiny programs and run them a few steps: XLA's backend optimizations cost more
 # than they save (a digits cell compiled in 2.5 s instead of 6 s on a 2-core CPU).
 os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
