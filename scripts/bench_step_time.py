@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import tempfile
 
 import jax
@@ -19,6 +18,7 @@ import numpy as np
 
 from stabench.config import build_cell, data_source, make_spec, task_of
 from stabench.data import fake
+from stabench.hardware import cpu_model
 from stabench.train import Engine
 
 
@@ -36,7 +36,7 @@ def steady_seconds(task: str, runs: int, steps: int, overrides: dict) -> tuple[f
 def report(args) -> None:
     """Print compile and per-step times for each number of runs."""
     overrides = {"train.batch_size": args.batch_size} if args.batch_size else {}
-    print(f"{args.task} on fake data | {platform.processor() or platform.machine()}, "
+    print(f"{args.task} on fake data | {cpu_model()}, "
           f"{os.cpu_count()} cores, {jax.devices()[0].device_kind} | jax {jax.__version__}")
     for runs in (int(r) for r in args.runs.split(",")):
         compile_s, short = steady_seconds(args.task, runs, args.steps, overrides)
@@ -56,6 +56,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-step-time-") as cache:  # compiles are timed
         jax.config.update("jax_compilation_cache_dir", cache)
         report(args)
+
 
 if __name__ == "__main__":
     main()

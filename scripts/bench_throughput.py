@@ -408,5 +408,6 @@ def main() -> None:
     print(f"speedup_vs_naive={headline['vs_naive']:.2f} "
           f"speedup_vs_torch={headline['vs_torch']:.2f} mfu={headline['mfu']:.3f}")
 
+
 if __name__ == "__main__":
     main()
