@@ -1,7 +1,7 @@
 """Wall time of one tiny sweep with the local executor and with Ray on this machine.
 
-The suite is the tests' tiny one (digits, 4 cells of 2 seeds x 2 learning rates x 30 steps). Each
-repeat runs `python -m stabench sweep` once per executor, alternating, into fresh result
+The suite is `smoke` (tasks/suites/smoke.toml: 4 digits cells of 2 seeds x 2 learning rates x 30
+steps). Each repeat runs `python -m stabench sweep` once per executor, alternating, into fresh result
 directories: "cold" with an empty compilation cache, "warm" with the cache the cold run filled.
 Ray's time includes starting and stopping its local instance. Writes results/bench/executors.md.
 
@@ -22,20 +22,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SUITE = '''
-description = "four tiny digits cells"
-methods = ["none", "clip_norm(max_norm=0.5)"]
-inits = ["default", "he_normal"]
-seeds = 2
-lrs = [0.1, 3.0]
-tasks = [{name = "digits", set = {"train.steps" = 30, "train.eval_every" = 15}}]
-'''
+SUITE = "smoke"
 
 
-def sweep(suite: Path, out: Path, cache: Path, executor: str, workers: int) -> float:
+def sweep(suite: str, out: Path, cache: Path, executor: str, workers: int) -> float:
     env = {**os.environ, "STABENCH_CACHE_DIR": str(cache), "RAY_AUTH_MODE": "disabled"}
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "stabench", "sweep", "--suite", str(suite),
+    proc = subprocess.run([sys.executable, "-m", "stabench", "sweep", "--suite", suite,
                            "--executor", executor, "--workers", str(workers), "--out", str(out)],
                           cwd=ROOT, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - t0
@@ -51,21 +44,19 @@ def main() -> None:
     args = parser.parse_args()
     times: dict[tuple[str, str], list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        suite = Path(tmp) / "tiny.toml"
-        suite.write_text(SUITE)
         for r in range(args.repeats):
             for executor in ("local", "ray") if r % 2 == 0 else ("ray", "local"):
                 cache = Path(tmp) / f"cache-{executor}-{r}"
                 for state in ("cold", "warm"):
                     out = Path(tmp) / f"out-{executor}-{r}-{state}"
-                    seconds = sweep(suite, out, cache, executor, args.workers)
+                    seconds = sweep(SUITE, out, cache, executor, args.workers)
                     times.setdefault((executor, state), []).append(seconds)
                     print(f"repeat {r + 1} {executor:5s} {state}: {seconds:.1f} s", flush=True)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     lines = [
         "# Sweep wall time: local executor vs Ray",
         "",
-        f"Tiny suite (4 digits cells, 2 seeds x 2 lrs x 30 steps), `--workers {args.workers}`, "
+        f"Suite `{SUITE}` (4 digits cells, 2 seeds x 2 lrs x 30 steps), `--workers {args.workers}`, "
         f"{args.repeats} repeats alternating the order; {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} cores, 1-min load average {load:.1f} at the end (the cores are shared, "
         f"so times are noisy). Wall time of the whole command: Python start, Ray's local instance "

@@ -45,22 +45,11 @@ def tiny_spec(method="none", steps=40, seeds=2, lrs=(0.05, 0.2), **kw):
     return make_spec("digits", method, seeds=seeds, lrs=lrs, overrides=overrides, **kw)
 
 
-TINY_SUITE = '''
-description = "four tiny digits cells"
-methods = ["none", "clip_norm(max_norm=0.5)"]
-inits = ["default", "he_normal"]
-seeds = 2
-lrs = [0.1, 3.0]
-tasks = [{name = "digits", set = {"train.steps" = 30, "train.eval_every" = 15}}]
-'''
-
-
 @pytest.fixture(scope="session")
 def tiny_suite(tmp_path_factory):
-    """The tiny suite's file and its records from an uninterrupted local sweep (two workers)."""
-    root = tmp_path_factory.mktemp("tiny-suite")
-    suite, whole = root / "tiny.toml", root / "whole"
-    suite.write_text(TINY_SUITE)
+    """The smoke suite (tasks/suites/smoke.toml: four tiny digits cells) and its records from an
+    uninterrupted local sweep (two workers)."""
+    suite, whole = "smoke", tmp_path_factory.mktemp("tiny-suite") / "whole"
     proc = run_cli("sweep", "--suite", suite, "--workers", "2", "--out", whole)
     assert proc.returncode == 0, proc.stderr
     assert "4 cells: 4 trained, 0 skipped" in proc.stdout
