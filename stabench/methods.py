@@ -359,12 +359,17 @@ def zclip(z: float = 2.5, alpha: float = 0.97, warmup: int = 25,
     return optax.GradientTransformation(init, update)
 
 
+def _trust_ratio(trust: float):
+    """Each layer's input rescaled to norm trust * ||W||: LARS before the optimizer, LAMB after."""
+    _positive(trust=trust)
+    return lambda ctx: _per_layer(optax.scale_by_trust_ratio(trust_coefficient=trust), ctx.stacked)
+
+
 @METHODS.register("lars", help="layer-wise trust ratio on the gradient before the optimizer: "
                   "each layer's gradient rescaled to norm trust * ||W|| (LARS with sgd+momentum)",
                   ref="You et al. 2017", stage="pre", traced=("trust",))
 def lars(trust: float = 0.001):
-    _positive(trust=trust)
-    return lambda ctx: _per_layer(optax.scale_by_trust_ratio(trust_coefficient=trust), ctx.stacked)
+    return _trust_ratio(trust)
 
 
 def _centralize(updates, state, params=None):
@@ -398,8 +403,7 @@ def grad_noise(eta: float = 0.01, gamma: float = 0.55):
                   "learning rate: each layer's step rescaled to norm trust * ||W|| (LAMB with adam)",
                   ref="You et al. 2020", stage="direction", traced=("trust",))
 def lamb(trust: float = 1.0):
-    _positive(trust=trust)
-    return lambda ctx: _per_layer(optax.scale_by_trust_ratio(trust_coefficient=trust), ctx.stacked)
+    return _trust_ratio(trust)
 
 
 @METHODS.register("weight_decay", help="decoupled weight decay: add wd * W to the optimizer's "
