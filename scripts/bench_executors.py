@@ -1,9 +1,10 @@
 """Wall time of one tiny sweep with the local executor and with Ray on this machine.
 
 The suite is `smoke` (tasks/suites/smoke.toml: 4 digits cells of 2 seeds x 2 learning rates x 30
-steps). Each repeat runs `python -m stabench sweep` once per executor, alternating, into fresh result
-directories: "cold" with an empty compilation cache, "warm" with the cache the cold run filled.
-Ray's time includes starting and stopping its local instance. Writes results/bench/executors.md.
+steps). Each repeat runs `python -m stabench sweep` once per executor, alternating, into fresh
+result directories: "cold" with an empty compilation cache, "warm" with the cache the cold run
+filled. Ray's time includes starting and stopping its local instance. Writes
+results/bench/executors.md.
 
     python scripts/bench_executors.py [--repeats 3] [--workers 2]
 """
@@ -13,13 +14,14 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from stabench.hardware import cpu_model
 
 ROOT = Path(__file__).resolve().parent.parent
 SUITE = "smoke"
@@ -56,8 +58,8 @@ def main() -> None:
     lines = [
         "# Sweep wall time: local executor vs Ray",
         "",
-        f"Suite `{SUITE}` (4 digits cells, 2 seeds x 2 lrs x 30 steps), `--workers {args.workers}`, "
-        f"{args.repeats} repeats alternating the order; {platform.processor() or platform.machine()}, "
+        f"Suite `{SUITE}` (4 digits cells, 2 seeds x 2 lrs x 30 steps), "
+        f"`--workers {args.workers}`, {args.repeats} repeats alternating the order; {cpu_model()}, "
         f"{os.cpu_count()} cores, 1-min load average {load:.1f} at the end (the cores are shared, "
         f"so times are noisy). Wall time of the whole command: Python start, Ray's local instance "
         f"start and stop, compiles (cold: empty cache; warm: the cache the cold run filled).",

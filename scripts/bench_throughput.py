@@ -10,10 +10,10 @@ learning rates, batch 32, 10 steps):
 (a) and (d) evaluate test loss and accuracy at the engine's evaluation steps (every eval_every
 steps and the last), as the engine's steady time includes its evaluations.
 Reports compile and steady seconds (best of --repeats), runs/s, samples/s, GFLOP/s from XLA's cost
-analysis, MFU against a float32 matmul peak measured in the same run (the better of its
-measurements before and after the sweeps), and compile time of a residual MLP at depth 10, 100
-and 1000. Writes results/bench/throughput.md; the last line printed
-is `speedup_vs_naive=X speedup_vs_torch=Y mfu=Z` for the digits sweep using every core.
+analysis, MFU against a float32 matmul peak measured in the same run (the best of its four
+measurements: before, between and after the sweeps), and compile time of a residual MLP at depth
+10, 100 and 1000. Writes results/bench/throughput.md; the last line printed is
+`speedup_vs_naive=X speedup_vs_torch=Y mfu=Z` for the digits sweep using every core.
 
     python scripts/bench_throughput.py            # full run (minutes)
     python scripts/bench_throughput.py --quick    # smoke run: fewer steps and repeats
