@@ -10,10 +10,11 @@ learning rates, batch 32, 10 steps):
 (a) and (d) evaluate test loss and accuracy at the engine's evaluation steps (every eval_every
 steps and the last), as the engine's steady time includes its evaluations.
 Reports compile and steady seconds (best of --repeats), runs/s, samples/s, GFLOP/s from XLA's cost
-analysis, MFU against a float32 matmul peak measured in the same run (the best of its four
-measurements: before, between and after the sweeps), and compile time of a residual MLP at depth
-10, 100 and 1000. Writes results/bench/throughput.md; the last line printed is
-`speedup_vs_naive=X speedup_vs_torch=Y mfu=Z` for the digits sweep using every core.
+analysis (of the programs with their loops unrolled: XLA counts a loop's body once), MFU against a
+float32 matmul peak measured in the same run (the best of its four measurements: before, between
+and after the sweeps), and compile time of a residual MLP at depth 10, 100 and 1000. Writes
+results/bench/throughput.md; the last line printed is `speedup_vs_naive=X speedup_vs_torch=Y mfu=Z`
+for the digits sweep using every core.
 
     python scripts/bench_throughput.py            # full run (minutes)
     python scripts/bench_throughput.py --quick    # smoke run: fewer steps and repeats
@@ -35,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.extend.core import ClosedJaxpr, Jaxpr, jaxpr_as_fun
 
 from stabench.config import build_cell, data_source, make_spec, task_of
 from stabench.executor import LocalExecutor, default_workers
@@ -135,16 +137,43 @@ def engine_once(spec, engine: Engine, repeats: int) -> dict:
             "flops": step * engine.cell.steps + evaluation * len(engine.eval_steps)}
 
 
+def unrolled(jaxpr):
+    """The (closed) jaxpr with every scan unrolled, recursively: XLA's cost analysis counts a
+    loop's body once, whatever its trip count, and scans are everywhere in a cell's step (the
+    layer stack, the vmapped convolutions' map over runs, the evaluation's map over batches)."""
+    if isinstance(jaxpr, ClosedJaxpr):
+        return jaxpr.replace(jaxpr=unrolled(jaxpr.jaxpr))
+    eqns = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "while":
+            raise ValueError("a while loop's trip count is unknown: its FLOPs cannot be counted")
+        params = {k: _unrolled_param(v) for k, v in eqn.params.items()}
+        if eqn.primitive.name == "scan":
+            params["unroll"] = params["length"]
+        eqns.append(eqn.replace(params=params))
+    return jaxpr.replace(eqns=eqns)
+
+
+def _unrolled_param(value):
+    if isinstance(value, (ClosedJaxpr, Jaxpr)):
+        return unrolled(value)
+    if isinstance(value, tuple) and value and all(isinstance(v, (ClosedJaxpr, Jaxpr))
+                                                  for v in value):  # a cond's branches
+        return tuple(map(unrolled, value))
+    return value
+
+
 def sweep_flops(engine: Engine, seeds, lrs) -> tuple[float, float]:
-    """XLA's cost analysis of one vmapped training step and of one evaluation (all runs); loops
-    count once in XLA's analysis, so each is lowered on its own, to be multiplied by its count."""
+    """XLA's cost analysis of one vmapped training step and of one evaluation (all runs), with
+    their loops unrolled; the steps' and evaluations' own loops are multiplied out by the caller."""
     seeds_d, lrs_d = jax.device_put((np.asarray(seeds, np.int32), np.asarray(lrs, np.float32)))
     idx = jax.ShapeDtypeStruct((len(lrs), engine.cell.batch_size), jnp.int32)
     carry = jax.eval_shape(jax.vmap(engine._init_run, in_axes=(0, 0, 0, None)), seeds_d, lrs_d,
                            idx, engine.arrays)
 
     def flops(fn, *args) -> float:
-        cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+        program = jax.jit(jaxpr_as_fun(unrolled(jax.make_jaxpr(fn)(*args))))
+        cost = program.lower(*jax.tree.leaves(args)).compile().cost_analysis()
         return float((cost[0] if isinstance(cost, list) else cost)["flops"])
 
     step = jax.vmap(engine._step, in_axes=(0, None, 0, 0, None), axis_name=RUNS)
@@ -318,8 +347,9 @@ def table(sweep: dict, peak: float) -> list[str]:
         lines.append(f"| {name} | {r['compile_s']:.2f} | {r['steady_s']:.3f} | {wall} | "
                      f"{runs / r['steady_s']:.2f} | {samples / r['steady_s']:,.0f} | "
                      f"{gflops:.1f} | {gflops / peak:.1%} | {naive_s / r['steady_s']:.2f}x |")
-    return lines + ["", f"FLOPs of the sweep (XLA cost analysis of one vmapped training step x "
-                    f"steps + one vmapped evaluation x evaluations): {flops / 1e9:.1f} GFLOP.", ""]
+    return lines + ["", "FLOPs of the sweep (XLA cost analysis, loops unrolled, of one vmapped "
+                    "training step x steps + one vmapped evaluation x evaluations): "
+                    f"{flops / 1e9:.1f} GFLOP.", ""]
 
 
 def summary(sweep: dict, peak: float) -> dict:

@@ -1,0 +1,58 @@
+"""The throughput benchmark's FLOP count: XLA's cost analysis of a program, loops unrolled."""
+
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+from bench_throughput import unrolled  # noqa: E402
+
+N = 128  # elementwise work (N^2 per op) is under 1% of a matmul's 2 N^3
+MATMUL = 2 * N**3
+
+
+def xla_flops(fn, *args) -> float:
+    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+    return float((cost[0] if isinstance(cost, list) else cost)["flops"])
+
+
+def unrolled_flops(fn, *args) -> float:
+    return xla_flops(jax.extend.core.jaxpr_as_fun(unrolled(jax.make_jaxpr(fn)(*args))),
+                     *jax.tree.leaves(args))
+
+
+def chain(x, w):  # len(w) matmuls in a scan
+    return jax.lax.scan(lambda h, wi: (jnp.tanh(h @ wi), None), x, w)[0]
+
+
+X = jax.ShapeDtypeStruct((N, N), jnp.float32)
+W = jax.ShapeDtypeStruct((8, N, N), jnp.float32)
+
+
+def test_xla_counts_a_scan_body_once_and_unrolled_counts_every_trip():
+    assert xla_flops(chain, X, W) == pytest.approx(MATMUL, rel=0.01)
+    assert unrolled_flops(chain, X, W) == pytest.approx(8 * MATMUL, rel=0.01)
+
+
+def test_nested_loops_under_vmap_grad_and_cond_multiply_out():
+    def loss(x, w):  # 3 maps x 8 scanned matmuls
+        return jax.lax.map(lambda s: chain(x * s, w).sum(), jnp.arange(3.0)).sum()
+
+    def program(x, w):
+        g = jax.vmap(jax.grad(loss, argnums=1), in_axes=(None, 0))(x, w)
+        return jax.lax.cond(g.sum() > 0, lambda: g, lambda: -g)
+
+    ws = jax.ShapeDtypeStruct((2, 8, N, N), jnp.float32)
+    # per map: 8 forward, 8 kernel gradients, 7 input gradients (the first input is constant)
+    assert unrolled_flops(program, X, ws) == pytest.approx(2 * 3 * 23 * MATMUL, rel=0.01)
+
+
+def test_a_while_loop_cannot_be_counted():
+    def loop(x):
+        return jax.lax.while_loop(lambda h: h.sum() < 1e6, lambda h: h @ h, x)
+
+    with pytest.raises(ValueError, match="while loop"):
+        unrolled(jax.make_jaxpr(loop)(X))
