@@ -16,8 +16,8 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from .metrics import (fisher_p, improvement, lr_sensitivity, mean_ci, performance_ratios,
-                      profile_score, stable_width, welch_p, wilson)
+from .metrics import (METRIC_RANGES, fisher_p, improvement, lr_sensitivity, mean_ci,
+                      performance_ratios, profile_score, stable_width, welch_p, wilson)
 
 
 def _fmt(x: float, digits: int = 3) -> str:
@@ -43,9 +43,11 @@ def lr_table(runs: list[dict]) -> pd.DataFrame:
         row = {"lr": _fmt(lr), "diverged": f"{int(g['diverged'].sum())}/{len(g)}",
                "final loss": _fmt(float(np.median(g["final_train_loss"])))}
         if "test_accuracy" in g:
-            row["test acc (95% CI)"] = _ci(*mean_ci(g["test_accuracy"]))
+            row["test acc (95% CI)"] = _ci(*mean_ci(g["test_accuracy"],
+                                                     bounds=METRIC_RANGES["test_accuracy"]))
         else:
-            row["test loss (95% CI)"] = _ci(*mean_ci(g["test_loss"]))
+            row["test loss (95% CI)"] = _ci(*mean_ci(g["test_loss"],
+                                                     bounds=METRIC_RANGES["test_loss"]))
         row["steps to target"] = _fmt(float(np.median(g["steps_to_target"])))
         row["clipped share"] = _fmt(float(g["clipped_share"].mean()), 2)
         rows.append(row)
@@ -179,7 +181,7 @@ def task_board(runs: pd.DataFrame) -> pd.DataFrame:
     for key, g in groups:
         row = dict(zip(ENTRY, key))
         row.update(_entry_stats(g, metric, mode))
-        m, lo, hi = mean_ci(row["quality_seeds"])
+        m, lo, hi = mean_ci(row["quality_seeds"], bounds=METRIC_RANGES[metric])
         row.update(quality_metric=metric, quality_mode=mode, quality_mean=m, quality_lo=lo,
                    quality_hi=hi)
         if best_gain > 0:

@@ -11,6 +11,10 @@ from scipy import stats
 INITIAL_STEPS = 10  # initial loss L0: mean of the first 10 steps
 MA_WINDOW = 20  # divergence: 20-step moving average of the loss ...
 MA_START = 20  # ... above max(2 L0, L0 + 1) after step 20
+# the values a metric can take; its intervals are cut to them
+METRIC_RANGES = {"test_accuracy": (0.0, 1.0), "test_loss": (0.0, math.inf),
+                 "final_train_loss": (0.0, math.inf)}
+UNBOUNDED = (-math.inf, math.inf)
 SPIKE_FACTOR, SPIKE_WINDOW = 1.5, 50  # loss spike: loss > 1.5x its 50-step mean; once per 50 steps
 
 
@@ -115,9 +119,12 @@ def run_metrics(tel: dict[str, np.ndarray], evals: dict[str, np.ndarray], eval_s
     return out
 
 
-def mean_ci(x, level: float = 0.95) -> tuple[float, float, float]:
-    """Mean and Student-t interval over seeds; NaN bounds where no interval exists (one seed, or a
-    non-finite value)."""
+def mean_ci(x, level: float = 0.95,
+            bounds: tuple[float, float] = UNBOUNDED) -> tuple[float, float, float]:
+    """Mean and Student-t interval over seeds, cut to `bounds`, the values the quantity can take
+    (the mean lies among them, so the cut keeps the interval's coverage, and an accuracy's interval
+    never reaches below 0); NaN bounds where no interval exists (one seed, or a non-finite
+    value)."""
     x = np.asarray(x, np.float64)
     x = x[~np.isnan(x)]
     if x.size == 0:
@@ -126,7 +133,7 @@ def mean_ci(x, level: float = 0.95) -> tuple[float, float, float]:
     if x.size == 1 or not np.isfinite(x).all():
         return m, math.nan, math.nan
     half = float(stats.t.ppf(0.5 + level / 2, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size))
-    return m, m - half, m + half
+    return m, max(bounds[0], m - half), min(bounds[1], m + half)
 
 
 def wilson(k: int, n: int, level: float = 0.95) -> tuple[float, float, float]:

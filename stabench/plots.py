@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 from matplotlib.ticker import NullLocator, ScalarFormatter
 
-from .metrics import mean_ci, performance_profile
+from .metrics import METRIC_RANGES, mean_ci, performance_profile
 
 WIDTH = 7.0  # inches
 PROFILE_ENTRIES = 12  # more lines than this are unreadable in print
@@ -53,8 +53,9 @@ def _legend(fig: Figure, handles, labels) -> None:
                fontsize="small", frameon=False)
 
 
-def _band(ax, x, groups: pd.core.groupby.DataFrameGroupBy, column: str, color, label) -> None:
-    stats = np.array([mean_ci(g[column].to_numpy()) for _, g in groups])
+def _band(ax, x, groups: pd.core.groupby.DataFrameGroupBy, column: str, bounds, color,
+          label) -> None:
+    stats = np.array([mean_ci(g[column].to_numpy(), bounds=bounds) for _, g in groups])
     m, lo, hi = stats.T
     keep = np.isfinite(m)
     ax.plot(np.asarray(x)[keep], m[keep], marker="o", ms=3, color=color, label=label)
@@ -84,8 +85,9 @@ def lr_curves(runs: pd.DataFrame, title: str) -> Figure:
             sub = runs[runs["init"] == init]
             for entry, g in sub.groupby("entry", sort=True):
                 by_lr = g.groupby("lr", sort=True)
-                for ax, column in zip(axes[:, j], ("capped_loss", metric)):
-                    _band(ax, list(by_lr.groups), by_lr, column, colors[entry], entry)
+                for ax, column, bounds in zip(axes[:, j], ("capped_loss", metric), (
+                        METRIC_RANGES["final_train_loss"], METRIC_RANGES[metric])):
+                    _band(ax, list(by_lr.groups), by_lr, column, bounds, colors[entry], entry)
             axes[0, j].set_title(f"init {init}" if len(inits) > 1 else "")
             for ax in axes[:, j]:
                 ax.set_xscale("log")

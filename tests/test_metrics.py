@@ -68,6 +68,17 @@ def test_mean_ci_student_t():
     assert math.isnan(metrics.mean_ci([1.0])[1])
 
 
+def test_mean_ci_is_cut_to_the_values_the_metric_can_take():
+    accuracies = [0.0, 0.0, 0.4]  # two seeds diverged early: the t-interval reaches below 0
+    m, lo, hi = metrics.mean_ci(accuracies)
+    assert lo < 0 < m < hi < 1
+    accuracy = metrics.METRIC_RANGES["test_accuracy"]
+    assert metrics.mean_ci(accuracies, bounds=accuracy) == (m, 0.0, hi)
+    m, lo, hi = metrics.mean_ci([0.6, 1.0, 1.0])
+    assert hi > 1
+    assert metrics.mean_ci([0.6, 1.0, 1.0], bounds=(0.0, 1.0)) == (m, lo, 1.0)
+
+
 def test_first_reaching_target():
     steps = np.array([100, 200, 300])
     assert metrics.first_reaching(np.array([0.5, 0.96, 0.97]), steps, 0.95, "max") == 200

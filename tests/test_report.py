@@ -92,6 +92,12 @@ def short(methods):
 
 
 # ---- statistics, each against a hand computation ------------------------------------------------
+def test_lr_table_accuracy_interval_stays_within_0_and_1():
+    runs = [{"lr": 1.0, "diverged": True, "final_train_loss": 2.3, "test_accuracy": acc,
+             "steps_to_target": math.inf, "clipped_share": 1.0} for acc in (0.0, 0.0, 0.4)]
+    assert lb.lr_table(runs)["test acc (95% CI)"].iloc[0] == "0.133 [0, 0.707]"
+
+
 def test_lr_sensitivity_known_answer():
     # per-LR means of the final loss capped at L0 = 2: 0.5, 0.2, 2 (inf capped) -> mean gap 0.7
     lrs = np.repeat(LRS, 3)
