@@ -35,7 +35,8 @@ def save(fig: Figure, stem: Path) -> Path:
     """Write stem.png and stem.pdf; returns the stem."""
     stem.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(stem.with_suffix(".png"), dpi=150, bbox_inches="tight")
-    fig.savefig(stem.with_suffix(".pdf"), bbox_inches="tight")
+    # no creation date: the same figure gives the same bytes, so regenerated results diff cleanly
+    fig.savefig(stem.with_suffix(".pdf"), bbox_inches="tight", metadata={"CreationDate": None})
     return stem
 
 

@@ -342,6 +342,23 @@ def test_report_draws_every_figure_as_png_and_pdf(tmp_path):
         assert f"(plots/{stem}.png)" in markdown
 
 
+def test_saved_figures_do_not_depend_on_when_they_were_drawn(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from stabench.plots import save
+
+    def draw(stem, epoch):  # matplotlib dates a PDF by SOURCE_DATE_EPOCH when it is set
+        monkeypatch.setenv("SOURCE_DATE_EPOCH", epoch)
+        fig = Figure()
+        fig.subplots().plot([0, 1], [1, 0])
+        return save(fig, tmp_path / stem)
+
+    first, second = draw("first", "0"), draw("second", "1000000000")
+    for suffix in (".png", ".pdf"):
+        assert (first.with_suffix(suffix).read_bytes()
+                == second.with_suffix(suffix).read_bytes())
+
+
 def test_grad_norm_traces_draw_the_median_and_quartiles():
     from stabench.plots import grad_norm_traces
 
