@@ -41,7 +41,7 @@ from jax.extend.core import ClosedJaxpr, Jaxpr, jaxpr_as_fun
 from stabench.config import build_cell, data_source, make_spec, task_of
 from stabench.executor import LocalExecutor, default_workers
 from stabench.runner import load_data
-from stabench.store import provenance, read_record
+from stabench.store import commit_label, provenance, read_record
 from stabench.train import EVAL_BATCH, RUNS, Carry, Engine
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -415,7 +415,7 @@ def measure(args, scratch: Path) -> tuple[str, dict]:
               f"Hardware: {prov['cpu_model']} ({platform.machine()}), {prov['cpu_count']} cores, "
               f"{prov['device_kind']}; "
               + ", ".join(f"{k} {v}" for k, v in prov["versions"].items() if k != "stabench")
-              + f"; stabench git {str(prov['git_commit'])[:10]}; "
+              + f"; stabench git {commit_label(prov['git_commit'], prov['git_dirty'])}; "
               f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d}; benchmark wall time "
               f"{time.perf_counter() - t0:.0f} s.",
               "", "Regenerate: `python scripts/bench_throughput.py` (PyTorch rows need "

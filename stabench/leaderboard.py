@@ -18,6 +18,7 @@ import pandas as pd
 
 from .metrics import (METRIC_RANGES, fisher_p, improvement, lr_sensitivity, mean_ci,
                       performance_ratios, profile_score, stable_width, welch_p, wilson)
+from .store import Store, check_writable, commit_label
 
 
 def _fmt(x: float, digits: int = 3) -> str:
@@ -58,8 +59,8 @@ def lr_table(runs: list[dict]) -> pd.DataFrame:
 ALPHA = 0.05
 MARK = "\u2020"  # dagger: not significantly different from the column's best
 ENTRY = ["method", "init", "optimizer"]
-PROVENANCE = ("git_commit", "device_kind", "backend", "device_count", "cpu_count", "cpu_model",
-              "date")
+PROVENANCE = ("git_commit", "git_dirty", "device_kind", "backend", "device_count", "cpu_count",
+              "cpu_model", "date")
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -493,8 +494,8 @@ def build_report(records: list) -> Report:
     if duplicates:
         notes.append(f"{duplicates} runs were trained more than once (same task, entry, seed and "
                      f"learning rate); the newest of each counts.")
-    versions = sorted({f"stabench {v} (git {str(c)[:10]})" for v, c in
-                       zip(runs["version.stabench"], runs["git_commit"])})
+    versions = sorted({f"stabench {v} (git {commit_label(c, d)})" for v, c, d in
+                       zip(runs["version.stabench"], runs["git_commit"], runs["git_dirty"])})
     if len(versions) > 1:
         notes.append(f"records come from {len(versions)} code versions ({'; '.join(versions)}): "
                      f"compare entries trained by different versions with care.")
@@ -512,7 +513,8 @@ def _provenance(runs: pd.DataFrame, directory: Path) -> list[str]:
         cells["device_count"], cells["device_kind"], cells["backend"], cells["cpu_count"], model)})
     versions = sorted({f"jax {j}, flax {f}, optax {o}" for j, f, o in zip(
         cells["version.jax"], cells["version.flax"], cells["version.optax"])})
-    commits = sorted({str(c)[:10] for c in cells["git_commit"]})
+    commits = sorted({commit_label(c, d)
+                      for c, d in zip(cells["git_commit"], cells["git_dirty"])})
     return [
         f"- records: {len(cells)} cells, {len(runs)} runs, read from `{directory}`",
         f"- hardware: {'; '.join(devices)}",
@@ -532,7 +534,6 @@ def write_report(directory: str | Path, out: str | Path | None = None, plots: bo
     directory) and return the Markdown. Untrustworthy records are reported through `warn` and
     left out; a directory with none that can be used is a UserError."""
     from .registry import UserError
-    from .store import Store, check_writable
 
     directory = Path(directory)
     if not directory.is_dir():

@@ -245,13 +245,28 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _git_commit() -> str | None:
+def git_state(directory: Path = Path(__file__).parent) -> tuple[str | None, bool | None]:
+    """The commit checked out at `directory` and whether the files below it differ from it (changed
+    or new files that git does not ignore; by default the package's own code, so results written
+    into a checkout do not count); (None, None) outside a git checkout."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=directory, capture_output=True, text=True,
+                              timeout=5)
+
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
-                             capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or None if out.returncode == 0 else None
+        head = git("rev-parse", "HEAD")
+        if head.returncode != 0 or not head.stdout.strip():
+            return None, None
+        status = git("status", "--porcelain", "--", ".")
+        return head.stdout.strip(), bool(status.stdout.strip()) if status.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
-        return None
+        return None, None
+
+
+def commit_label(commit, dirty) -> str:
+    """A short commit, marked when the code that ran had changes not in it."""
+    label = str(commit)[:10]
+    return f"{label} with uncommitted changes" if dirty is True or dirty is np.True_ else label
 
 
 def provenance() -> dict:
@@ -266,11 +281,13 @@ def provenance() -> dict:
         except md.PackageNotFoundError:
             versions[pkg] = None
     devices = jax.devices()
+    commit, dirty = git_state()
     return {
         "versions": versions,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "git_commit": _git_commit(),
+        "git_commit": commit,
+        "git_dirty": dirty,
         "backend": jax.default_backend(),
         "device_kind": devices[0].device_kind,
         "device_count": len(devices),

@@ -278,6 +278,34 @@ def test_report_on_an_empty_directory_is_a_clear_error(tmp_path, capsys):
     assert not list(tmp_path.iterdir())  # nothing written
 
 
+def test_git_state_names_the_commit_and_whether_the_code_differs_from_it(tmp_path):
+    import subprocess
+
+    from stabench.store import git_state
+
+    assert git_state(tmp_path) == (None, None)  # not a checkout
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "code.py").write_text("x = 1\n")
+
+    def git(*args):
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                              cwd=tmp_path, check=True, capture_output=True, text=True).stdout
+
+    git("init", "-q")
+    git("add", "pkg")
+    git("commit", "-qm", "code")
+    head = git("rev-parse", "HEAD").strip()
+    assert git_state(package) == (head, False)
+    (tmp_path / "results.md").write_text("outside the package: not its code\n")
+    assert git_state(package) == (head, False)
+    (package / "new.py").write_text("y = 2\n")
+    assert git_state(package) == (head, True)
+    (package / "new.py").unlink()
+    (package / "code.py").write_text("x = 2\n")
+    assert git_state(package) == (head, True)
+
+
 def test_report_on_partial_and_mixed_version_records(tmp_path, task_dir, capsys):
     import shutil
 
@@ -285,7 +313,8 @@ def test_report_on_partial_and_mixed_version_records(tmp_path, task_dir, capsys)
     shutil.copytree(task_dir, root)
     store = Store(root)
     other = fake_record(store, "clip_norm(max_norm=2.0)", metrics_fn=table_metrics("clip_norm"),
-                        prov={"git_commit": "0123456789abcdef", "cpu_model": "Test CPU 9000"})
+                        prov={"git_commit": "0123456789abcdef", "git_dirty": True,
+                              "cpu_model": "Test CPU 9000"})
     before_cpu_model = store.records()[0][0].path  # a record from before provenance named the CPU
     data = json.loads(before_cpu_model.read_text())
     del data["provenance"]["cpu_model"]
@@ -305,7 +334,8 @@ def test_report_on_partial_and_mixed_version_records(tmp_path, task_dir, capsys)
     assert f"skipped {torn.path}: unreadable record" in err
     assert f"skipped {lost.path}: telemetry file {lost.path.stem}.npz is missing" in err
     assert f"skipped {old.path}: format version 0 is not 1" in err
-    assert "note: records come from 2 code versions" in err and "0123456789" in err
+    assert "note: records come from 2 code versions" in err
+    assert "(git 0123456789 with uncommitted changes)" in err
     assert "Traceback" not in err
     csv = pd.read_csv(root / "leaderboard.csv")
     expected = [r.spec.method for r in Store(task_dir).records()[0]] + [other.spec.method]
@@ -318,7 +348,8 @@ def test_report_on_partial_and_mixed_version_records(tmp_path, task_dir, capsys)
         [cores, f"{cores} ({cpu_model()})", f"{cores} (Test CPU 9000)"])
     runs = pd.read_parquet(root / "runs.parquet")
     assert len(runs) == 4 * 9 and {"config.model.width", "config.train.steps", "seed", "lr",
-                                   "test_accuracy", "git_commit", "version.jax"} <= set(runs.columns)
+                                   "test_accuracy", "git_commit", "git_dirty",
+                                   "version.jax"} <= set(runs.columns)
     assert (root / "leaderboards.tex").read_text().count(r"\begin{table}") == 2
 
 
