@@ -163,6 +163,13 @@ def _unrolled_param(value):
     return value
 
 
+def counted_flops(fn, *args) -> float:
+    """XLA's cost analysis of jit(fn) on args (arrays or ShapeDtypeStructs), loops unrolled."""
+    program = jax.jit(jaxpr_as_fun(unrolled(jax.make_jaxpr(fn)(*args))))
+    cost = program.lower(*jax.tree.leaves(args)).compile().cost_analysis()
+    return float((cost[0] if isinstance(cost, list) else cost)["flops"])
+
+
 def sweep_flops(engine: Engine, seeds, lrs) -> tuple[float, float]:
     """XLA's cost analysis of one vmapped training step and of one evaluation (all runs), with
     their loops unrolled; the steps' and evaluations' own loops are multiplied out by the caller."""
@@ -170,16 +177,11 @@ def sweep_flops(engine: Engine, seeds, lrs) -> tuple[float, float]:
     idx = jax.ShapeDtypeStruct((len(lrs), engine.cell.batch_size), jnp.int32)
     carry = jax.eval_shape(jax.vmap(engine._init_run, in_axes=(0, 0, 0, None)), seeds_d, lrs_d,
                            idx, engine.arrays)
-
-    def flops(fn, *args) -> float:
-        program = jax.jit(jaxpr_as_fun(unrolled(jax.make_jaxpr(fn)(*args))))
-        cost = program.lower(*jax.tree.leaves(args)).compile().cost_analysis()
-        return float((cost[0] if isinstance(cost, list) else cost)["flops"])
-
     step = jax.vmap(engine._step, in_axes=(0, None, 0, 0, None), axis_name=RUNS)
     evaluate = jax.vmap(engine._evaluate, in_axes=(0, None))
-    return (flops(step, carry, jax.ShapeDtypeStruct((), jnp.int32), idx, lrs_d, engine.arrays),
-            flops(evaluate, carry, engine.arrays))
+    return (counted_flops(step, carry, jax.ShapeDtypeStruct((), jnp.int32), idx, lrs_d,
+                          engine.arrays),
+            counted_flops(evaluate, carry, engine.arrays))
 
 
 # ---- (c) the sweep executor on every core -------------------------------------------------------

@@ -43,12 +43,9 @@ def lr_table(runs: list[dict]) -> pd.DataFrame:
     for lr, g in df.groupby("lr", sort=True):
         row = {"lr": _fmt(lr), "diverged": f"{int(g['diverged'].sum())}/{len(g)}",
                "final loss": _fmt(float(np.median(g["final_train_loss"])))}
-        if "test_accuracy" in g:
-            row["test acc (95% CI)"] = _ci(*mean_ci(g["test_accuracy"],
-                                                     bounds=METRIC_RANGES["test_accuracy"]))
-        else:
-            row["test loss (95% CI)"] = _ci(*mean_ci(g["test_loss"],
-                                                     bounds=METRIC_RANGES["test_loss"]))
+        metric, label = (("test_accuracy", "test acc") if "test_accuracy" in g
+                         else ("test_loss", "test loss"))
+        row[f"{label} (95% CI)"] = _ci(*mean_ci(g[metric], bounds=METRIC_RANGES[metric]))
         row["steps to target"] = _fmt(float(np.median(g["steps_to_target"])))
         row["clipped share"] = _fmt(float(g["clipped_share"].mean()), 2)
         rows.append(row)
