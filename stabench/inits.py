@@ -111,27 +111,37 @@ def uniform(scale: float = 0.05) -> Init:
 
 
 # ---- inits that need the model's residual structure ------------------------------------------
-def _needs_residual(name: str, norms: bool = False, gain: bool = False):
+def _needs_residual(name: str, gain: bool = False, fixup: bool = False):
     def check(model: nnx.Module) -> None:
         blocks = [block for block, _ in residual_blocks(model)]
         kind = type(model).__name__
         if not blocks:
             raise UserError(f"init '{name}' needs residual blocks; this {kind} has none "
                             "(e.g. set model.residual=true)")
-        if norms and any(_last_norm(block) is None for block in blocks):
-            raise UserError(f"init '{name}' needs a norm layer in each residual block; this "
-                            f"{kind} has none (e.g. set model.norm=layer)")
         if gain and any(getattr(block, "branch_gain", None) is None for block in blocks):
             raise UserError(f"init '{name}' needs a learnable gain on each residual branch; "
                             f"this {kind} has none")
+        if fixup and any(len(block.branches) != 1 for block in blocks):
+            raise UserError(f"init 'fixup' is defined for blocks of one residual branch; this "
+                            f"{kind}'s blocks have {len(blocks[0].branches)} (its transformer "
+                            "variant, T-Fixup, is a different init)")
+        if fixup and any(_is_norm(_branch(block, 0)[-1]) for block in blocks):
+            raise UserError(f"init 'fixup' zeroes the last layer of each residual branch, and "
+                            f"this {kind}'s branches end in a norm layer, which would multiply "
+                            "that layer's gradient by 1/sqrt(eps); Fixup trains without "
+                            "normalization (set model.norm=none)")
 
     return check
 
 
-def _last_norm(block: nnx.Module):
-    norms = [getattr(block, n) for n in getattr(block, "branch_norms", ())]
-    norms = [n for n in norms if n is not None and hasattr(n, "scale")]
-    return norms[-1] if norms else None
+def _branch(block: nnx.Module, i: int) -> list[nnx.Module]:
+    """The layers of the block's i-th residual branch in the order they apply."""
+    layers = [getattr(block, name) for name in block.branches[i]]
+    return [layer for layer in layers if layer is not None]
+
+
+def _is_norm(layer: nnx.Module) -> bool:
+    return hasattr(layer, "scale") and not hasattr(layer, "kernel")
 
 
 def _zero(layer: nnx.Module) -> None:
@@ -145,7 +155,7 @@ def _fixup(model: nnx.Module, x: jax.Array) -> None:
     blocks = residual_blocks(model)
     depth = sum(n for _, n in blocks)  # L: residual branches in the network
     for block, _ in blocks:
-        layers = [getattr(block, n) for n in block.branch_layers]
+        layers = [layer for layer in _branch(block, 0) if hasattr(layer, "kernel")]
         m = len(layers)
         for layer in layers[:-1]:  # m = 1: the branch is its last layer, nothing to scale
             layer.kernel[...] = layer.kernel[...] * depth ** (-1.0 / (2 * m - 2))
@@ -157,7 +167,8 @@ def _fixup(model: nnx.Module, x: jax.Array) -> None:
                 "scale by L^(-1/(2m-2)) and zero the last layer; zero the classifier",
                 ref="Zhang et al. 2019 (Fixup)")
 def fixup() -> Init:
-    return Init(jax.nn.initializers.he_normal(), check=_needs_residual("fixup"), after=_fixup)
+    return Init(jax.nn.initializers.he_normal(), check=_needs_residual("fixup", fixup=True),
+                after=_fixup)
 
 
 @INITS.register("skipinit", help="a learnable scalar gain on each residual branch, initialized "
@@ -173,24 +184,39 @@ def rezero() -> Init:
     return Init(model_args=(("branch_gain", 0.0),), check=_needs_residual("rezero", gain=True))
 
 
-def _zero_last_norm(model: nnx.Module, x: jax.Array) -> None:
+def _zero_branch_ends(model: nnx.Module, x: jax.Array) -> None:
+    # A pre-activation branch ends in a kernel layer: zeroing the norm before its ReLU instead
+    # would zero the gradient of every layer in the branch, for good.
     for block, _ in residual_blocks(model):
-        norm = _last_norm(block)
-        norm.scale[...] = jnp.zeros_like(norm.scale[...])
+        for i in range(len(block.branches)):
+            end = _branch(block, i)[-1]
+            if _is_norm(end):
+                end.scale[...] = jnp.zeros_like(end.scale[...])
+            else:
+                _zero(end)
 
 
-@INITS.register("zero_init_residual", help="zero the scale of the last norm layer in each "
-                "residual block", ref="Goyal et al. 2017")
+@INITS.register("zero_init_residual", help="every residual branch starts at zero: the scale of "
+                "the norm layer that ends it is zeroed, or, where it ends in a kernel layer "
+                "(pre-activation blocks), that layer",
+                ref="Goyal et al. 2017; pre-activation form as in timm's ResNetV2")
 def zero_init_residual() -> Init:
-    return Init(check=_needs_residual("zero_init_residual", norms=True), after=_zero_last_norm)
+    return Init(check=_needs_residual("zero_init_residual"), after=_zero_branch_ends)
 
 
 # ---- data-dependent ------------------------------------------------------------------------
 def _plain_only(model: nnx.Module) -> None:
+    kind = type(model).__name__
     if residual_blocks(model):
         raise UserError("init 'lsuv' scales each layer to unit output variance, which a residual "
-                        f"block's output cannot reach; this {type(model).__name__} has residual "
-                        "blocks (set model.residual=false)")
+                        f"block's output cannot reach; this {kind} has residual blocks (set "
+                        "model.residual=false)")
+    bounded = getattr(model, "bounded_parts", ())
+    if bounded:
+        raise UserError("init 'lsuv' scales each layer to unit output variance, which a "
+                        "saturating output cannot reach (rescaling its kernel only saturates it); "
+                        f"this {kind}'s {', '.join(bounded)} output is bounded: use lsuv on a "
+                        "plain feed-forward model (mlp, cnn, resnet with residual=false)")
 
 
 def _lsuv(tol: float, max_iters: int):

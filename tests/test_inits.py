@@ -8,8 +8,9 @@ import pytest
 from flax import nnx
 
 from stabench.config import build_cell, data_source, task_of
+from stabench.data import Meta
 from stabench.inits import INITS
-from stabench.models import activation_stds
+from stabench.models import MODELS, activation_stds
 from stabench.registry import UserError
 
 from conftest import RESIDUAL, catalog_spec, covers, engine_for
@@ -97,8 +98,7 @@ def test_fixup_starts_every_block_as_the_identity_with_a_zero_classifier():
 
 
 class TwoLayerBlock(nnx.Module):
-    branch_layers = ("fc1", "fc2")
-    branch_norms = ()
+    branches = (("fc1", "fc2"),)
 
     def __init__(self, width, kernel_init, rngs):
         self.fc1 = nnx.Linear(width, width, kernel_init=kernel_init, rngs=rngs)
@@ -144,21 +144,124 @@ def test_zero_branch_gain_makes_blocks_the_identity_and_is_learnable(name, digit
     depth = RESIDUAL["model.depth"]
     np.testing.assert_array_equal(model.blocks.branch_gain[...], np.zeros(depth))
     assert_blocks_are_identity(model, depth)
-    graphdef, params = nnx.split(model, nnx.Param)
-
-    def loss(p):
-        logits = nnx.merge(graphdef, p)(jnp.asarray(digits_data.x_train[:64]))
-        return jax.nn.logsumexp(logits, -1).mean() - logits[:, 0].mean()
-
-    grads = jax.grad(loss)(params)
+    grads = init_grads(model, digits_data.x_train[:64])
     assert np.abs(np.asarray(grads["blocks"]["branch_gain"][...])).min() > 0
 
 
+def init_grads(model, x):
+    """The gradient of a cross-entropy loss (every label 0) at the model's initial parameters."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss(p):
+        logits = nnx.merge(graphdef, p, rest)(jnp.asarray(x))
+        return jax.nn.logsumexp(logits, -1).mean() - logits[:, 0].mean()
+
+    return jax.grad(loss)(params)
+
+
 @covers("init", "zero_init_residual")
-def test_zero_init_residual_zeroes_the_last_norm_scale_of_each_block():
-    model = model_with(catalog_spec(init="zero_init_residual", residual=True))
-    assert not np.asarray(model.blocks.norm.scale[...]).any()
-    assert_blocks_are_identity(model, RESIDUAL["model.depth"])
+@pytest.mark.parametrize("norm", ["layer", "none"])
+def test_zero_init_residual_zeroes_the_last_layer_of_a_pre_activation_branch(norm, digits_data):
+    """The MLP's blocks are h + linear(relu(norm(h))): zeroing the norm's scale there would give
+    relu(0) = 0 and no gradient to any layer of the branch, ever; zeroing `linear` starts the block
+    as the identity and the branch still learns."""
+    depth = RESIDUAL["model.depth"]
+    model = model_with(catalog_spec(init="zero_init_residual", residual=True,
+                                    **{"model.norm": norm}))
+    assert not np.asarray(model.blocks.linear.kernel[...]).any()
+    if norm == "layer":
+        np.testing.assert_array_equal(model.blocks.norm.scale[...], 1.0)
+    assert_blocks_are_identity(model, depth)
+    kernel_grads = np.asarray(init_grads(model, digits_data.x_train[:64])["blocks"]["linear"]
+                              ["kernel"][...])
+    assert (np.abs(kernel_grads).reshape(depth, -1).max(axis=1) > 0).all()
+
+
+IMAGE = Meta(x_shape=(8, 8, 3), x_dtype="uint8", num_outputs=10, n_train=64, n_test=16)
+TOKENS = Meta((8,), "int32", 3, 8, 8, vocab_size=12)
+RESNET = "resnet(depth=14, width=4"  # n = 2: 6 residual blocks (two of them downsample)
+
+
+def built(model_spec, init_name, meta=IMAGE):
+    """The model as a cell builds it: the init's kernels, its structure check and its hook."""
+    init = INITS.get(init_name)
+    model = MODELS.get(model_spec)(meta, init.kernel_init, nnx.Rngs(0))
+    init.check(model)
+    if init.after is not None:
+        init.after(model, None)
+    return model
+
+
+def resnet_blocks(model):
+    """(block, input) for every residual block of a ResNet, each fed a non-negative input (the
+    output of a ReLU) of its width."""
+    out = []
+    for part in ("stage1", "down2", "stage2", "down3", "stage3"):
+        module = getattr(model, part)
+        graphdef, state = nnx.split(module)
+        stacked = part in model.stacked_layers
+        for i in range(jax.tree.leaves(state)[0].shape[0] if stacked else 1):
+            block = nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state)) if stacked else module
+            width = block.conv1.in_features
+            h = jax.nn.relu(jax.random.normal(jax.random.key(i), (2, 8, 8, width)))
+            out.append((block, h))
+    return out
+
+
+@covers("init", "zero_init_residual")
+def test_zero_init_residual_zeroes_the_last_norm_scale_of_a_resnet_block():
+    """Goyal et al.: each post-activation block relu(x + norm2(conv2(...))) starts as its
+    shortcut, with conv2 intact so that the scale learns."""
+    model = built(RESNET + ")", "zero_init_residual")
+    blocks = resnet_blocks(model)
+    assert len(blocks) == 6
+    for block, h in blocks:
+        assert not np.asarray(block.norm2.scale[...]).any()
+        assert np.asarray(block.conv2.kernel[...]).any()
+        np.testing.assert_array_equal(block(h), block.shortcut(h))
+
+
+@covers("init", "fixup")
+def test_fixup_on_a_resnet_scales_conv1_by_the_inverse_square_root_of_its_blocks():
+    """Zhang et al.'s own setting: a ResNet without normalization, m = 2 layers per branch, L = 6
+    branches: conv1 x 6^(-1/2), conv2 and the classifier zeroed."""
+    spec = RESNET + ", norm='none')"
+    plain = MODELS.get(spec)(IMAGE, INITS.get("fixup").kernel_init, nnx.Rngs(0))
+    before = [np.asarray(block.conv1.kernel[...]) for block, _ in resnet_blocks(plain)]
+    model = built(spec, "fixup")
+    for (block, h), kernel in zip(resnet_blocks(model), before, strict=True):
+        np.testing.assert_allclose(block.conv1.kernel[...], kernel * 6 ** -0.5, rtol=1e-6)
+        assert not np.asarray(block.conv2.kernel[...]).any()
+        np.testing.assert_array_equal(block(h), block.shortcut(h))
+    assert not np.asarray(model.head.kernel[...]).any()
+    with pytest.raises(UserError, match="fixup.*end in a norm layer.*model.norm=none"):
+        built(RESNET + ")", "fixup")
+
+
+@covers("init", "skipinit", "rezero", "zero_init_residual")
+@pytest.mark.parametrize("name", ["skipinit", "rezero", "zero_init_residual"])
+def test_transformer_blocks_start_as_the_identity(name):
+    gain = ", branch_gain=0.0" if name != "zero_init_residual" else ""
+    model = built(f"transformer(dim=8, depth=2, heads=2{gain})", name, TOKENS)
+    graphdef, state = nnx.split(model.blocks)
+    h = jax.random.normal(jax.random.key(0), (2, 8, 8))
+    mask = jnp.ones((2, 8), bool)
+    for i in range(2):
+        block = nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
+        np.testing.assert_array_equal(block(h, mask), h)
+        if name == "zero_init_residual":
+            assert not np.asarray(block.out.kernel[...]).any()
+            assert not np.asarray(block.mlp_out.kernel[...]).any()
+    with pytest.raises(UserError, match="fixup.*one residual branch.*have 2"):
+        built("transformer(dim=8, depth=2, heads=2)", "fixup", TOKENS)
+
+
+@covers("init", "skipinit", "rezero")
+def test_resnet_branch_gain_at_zero_makes_its_blocks_their_shortcuts():
+    model = built(RESNET + ", branch_gain=0.0)", "skipinit")
+    for block, h in resnet_blocks(model):
+        assert block.branch_gain[...].shape == ()
+        np.testing.assert_array_equal(block(h), block.shortcut(h))
 
 
 @pytest.mark.parametrize("name, fix", [("fixup", "model.residual=true"),
@@ -168,8 +271,8 @@ def test_zero_init_residual_zeroes_the_last_norm_scale_of_each_block():
 def test_residual_inits_need_residual_blocks(name, fix):
     with pytest.raises(UserError, match=f"init '{name}.*{fix}"):
         catalog_spec(init=name)
-    with pytest.raises(UserError, match="needs a norm layer in each residual block"):
-        catalog_spec(init="zero_init_residual", residual=True, **{"model.norm": "none"})
+    with pytest.raises(UserError, match=f"init '{name}' needs residual blocks; this ResNet"):
+        built(RESNET + ", residual=False)", name)
 
 
 @covers("init", "lsuv")
@@ -190,3 +293,8 @@ def test_lsuv_gives_unit_output_variance_on_its_calibration_batch(digits_data):
         np.testing.assert_allclose(stds ** 2, 1.0, atol=0.05)
     with pytest.raises(UserError, match="lsuv.*residual blocks"):
         catalog_spec(init="lsuv", residual=True)
+    for model in ("rnn", "lstm"):  # a tanh-bounded hidden state never reaches unit variance
+        with pytest.raises(UserError, match="lsuv.*Recurrent's recurrent output is bounded"):
+            built(model, "lsuv", TOKENS)
+    with pytest.raises(UserError, match="lsuv.*residual blocks"):
+        built("transformer(dim=8, depth=2, heads=2)", "lsuv", TOKENS)

@@ -12,10 +12,12 @@ records nothing.
 
 Residual structure, for the inits that need it (fixup, skipinit, rezero, zero_init_residual): a
 model lists in `residual_parts` the parts holding residual blocks (empty for a plain model). A
-block names the kernel layers of its residual branch in order (`branch_layers`) and its norm layers
-in order (`branch_norms`, attributes that may be None), and multiplies its branch by a learnable
-scalar `branch_gain` (a Param, or None) when its model is built with a `branch_gain` argument.
-A block inside a stacked part holds all the part's blocks along each parameter's leading axis.
+block names its residual branches (`branches`: for each, the attributes of its kernel layers and
+norm layers in the order they apply, any of which may be None), and multiplies every branch by a
+learnable scalar `branch_gain` (a Param, or None) when its model is built with a `branch_gain`
+argument. A block inside a stacked part holds all the part's blocks along each parameter's leading
+axis. A model lists in `bounded_parts` the parts whose reported output a saturating nonlinearity
+bounds (an RNN's hidden state), which no rescaling of their kernel brings to unit variance.
 """
 
 from __future__ import annotations
@@ -121,6 +123,8 @@ def residual_blocks(model: nnx.Module) -> list[tuple[nnx.Module, int]]:
     out = []
     for part in getattr(model, "residual_parts", ()):
         module = getattr(model, part)
+        if module is None:  # an empty stack
+            continue
         stacked = part in getattr(model, "stacked_layers", ())
         out.append((module, jax.tree.leaves(nnx.state(module, nnx.Param))[0].shape[0]
                     if stacked else 1))

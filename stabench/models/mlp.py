@@ -21,8 +21,7 @@ class Block(nnx.Module):
     """One hidden layer: h -> [h +] scale * [gain *] linear(act(norm(h))) (pre-activation, He et
     al. 2016b); `gain` is a learnable scalar on a residual branch when branch_gain is given."""
 
-    branch_layers = ("linear",)
-    branch_norms = ("norm",)
+    branches = (("norm", "linear"),)
 
     def __init__(self, width, activation, norm, residual, branch_scale, branch_gain, kernel_init,
                  rngs):

@@ -30,11 +30,14 @@ class Stem(nnx.Module):
 
 
 class BasicBlock(nnx.Module):
-    """relu(shortcut(x) + branch_scale * norm2(conv2(relu(norm1(conv1(x)))))), post-activation as
-    in He et al. 2016; the plain block drops `shortcut(x)`. The branch layers are conv1, norm1,
-    conv2, norm2, in that order."""
+    """relu(shortcut(x) + branch_scale * [gain *] norm2(conv2(relu(norm1(conv1(x)))))),
+    post-activation as in He et al. 2016; the plain block drops `shortcut(x)`; `gain` is a
+    learnable scalar on the residual branch when branch_gain is given."""
 
-    def __init__(self, cin, cout, stride, norm, residual, branch_scale, kernel_init, rngs):
+    branches = (("conv1", "norm1", "conv2", "norm2"),)
+
+    def __init__(self, cin, cout, stride, norm, residual, branch_scale, branch_gain, kernel_init,
+                 rngs):
         bias = norm == "none"
         self.conv1 = conv3x3(cin, cout, stride, bias, kernel_init, rngs)
         self.norm1 = make_norm(norm, cout, rngs, IMAGE_AXES)
@@ -43,6 +46,8 @@ class BasicBlock(nnx.Module):
         self.stride, self.pad = stride, cout - cin
         self.residual = residual
         self.branch_scale = branch_scale
+        self.branch_gain = None if branch_gain is None else nnx.Param(jnp.asarray(branch_gain,
+                                                                                  jnp.float32))
 
     def shortcut(self, x):
         x = x[:, ::self.stride, ::self.stride, :]
@@ -53,6 +58,8 @@ class BasicBlock(nnx.Module):
         h = jax.nn.relu(self.norm1(h) if self.norm1 is not None else h)
         h = self.conv2(h)
         h = self.branch_scale * (self.norm2(h) if self.norm2 is not None else h)
+        if self.branch_gain is not None:
+            h = self.branch_gain[...] * h
         return jax.nn.relu(h + self.shortcut(x) if self.residual else h)
 
 
@@ -62,7 +69,7 @@ def conv3x3(cin, cout, stride, bias, kernel_init, rngs) -> nnx.Conv:
                     rngs=rngs)
 
 
-def _stack(n, c, norm, residual, branch_scale, kernel_init, rngs):
+def _stack(n, c, rngs, **block):
     """n identical blocks with a leading layer axis, or None when n is 0."""
     if n == 0:
         return None
@@ -70,7 +77,7 @@ def _stack(n, c, norm, residual, branch_scale, kernel_init, rngs):
     @nnx.split_rngs(splits=n)
     @nnx.vmap(in_axes=(0,), out_axes=0)
     def make(rngs):
-        return BasicBlock(c, c, 1, norm, residual, branch_scale, kernel_init, rngs)
+        return BasicBlock(c, c, 1, rngs=rngs, **block)
 
     return make(rngs)
 
@@ -80,11 +87,11 @@ class ResNet(nnx.Module):
     stacked_layers = ("stage1", "stage2", "stage3")
 
     def __init__(self, in_channels, num_outputs, *, depth, width, norm, residual, branch_scale,
-                 kernel_init, rngs):
+                 branch_gain, kernel_init, rngs):
         n = (depth - 2) // 6
         w = width
         block = dict(norm=norm, residual=residual, branch_scale=branch_scale,
-                     kernel_init=kernel_init, rngs=rngs)
+                     branch_gain=branch_gain, kernel_init=kernel_init, rngs=rngs)
         self.stem = Stem(in_channels, w, norm, kernel_init, rngs)
         self.stage1 = _stack(n, w, **block)
         self.down2 = BasicBlock(w, 2 * w, 2, **block)
@@ -93,6 +100,8 @@ class ResNet(nnx.Module):
         self.stage3 = _stack(n - 1, 4 * w, **block)
         self.head = nnx.Linear(4 * w, num_outputs, **kernel_init_kwargs(kernel_init),
                                dot_general=dense.dot_general, rngs=rngs)
+        self.residual_parts = tuple(part for part in self.layer_order[1:-1]
+                                    if residual and getattr(self, part) is not None)
 
     def __call__(self, x):
         h = observe("stem", self.stem(x))
@@ -109,7 +118,9 @@ class ResNet(nnx.Module):
     "resnet", help="CIFAR ResNet, depth 6n+2 (20, 32, 44, 56, 110); residual=false: plain twin",
     ref="He et al. 2016 (Deep Residual Learning, CIFAR-10 section)")
 def resnet(depth: int = 20, width: int = 16, norm: str = "batch", residual: bool = True,
-           branch_scale: float = 1.0):
+           branch_scale: float = 1.0, branch_gain: float | None = None):
+    if branch_gain is not None and not residual:
+        raise ValueError("branch_gain multiplies residual branches: set residual=true")
     if depth < 8 or (depth - 2) % 6:
         raise ValueError("depth must be 6n+2 with n >= 1: 8, 14, 20, 32, 44, 56, 110, ...")
     if width <= 0:
@@ -121,7 +132,7 @@ def resnet(depth: int = 20, width: int = 16, norm: str = "batch", residual: bool
         if len(meta.x_shape) != 3:
             raise ValueError(f"resnet needs image inputs [height, width, channels], got {meta.x_shape}")
         return ResNet(meta.x_shape[-1], meta.num_outputs, depth=depth, width=width, norm=norm,
-                      residual=residual, branch_scale=branch_scale, kernel_init=kernel_init,
-                      rngs=rngs)
+                      residual=residual, branch_scale=branch_scale, branch_gain=branch_gain,
+                      kernel_init=kernel_init, rngs=rngs)
 
     return build

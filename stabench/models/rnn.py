@@ -18,6 +18,7 @@ from .mlp import kernel_init_kwargs
 
 class Recurrent(nnx.Module):
     layer_order = ("input", "recurrent", "head")
+    bounded_parts = ("recurrent",)  # the hidden state: tanh-bounded in both cells
 
     def __init__(self, meta, hidden, cell, forget_bias, kernel_init, rngs):
         gates = 4 if cell == "lstm" else 1

@@ -1,7 +1,8 @@
 """Small pre-LN Transformer encoder for sequence classification (text, ListOps).
 
 Token (or feature) embedding plus learned positions; `depth` identical blocks
-h += attn(LN(h)); h += mlp(LN(h)); a final LayerNorm; mean pooling over non-padding positions
+h += [gain *] attn(LN(h)); h += [gain *] mlp(LN(h)) (`gain`: a learnable scalar per block when
+branch_gain is given); a final LayerNorm; mean pooling over non-padding positions
 (token 0 pads); a linear head. `qk_norm=true` applies LayerNorm to queries and keys per head, the
 logit-growth fix studied by Dehghani et al. 2023 and Wortsman et al. 2023.
 """
@@ -35,10 +36,11 @@ class Embedding(nnx.Module):
 
 
 class Block(nnx.Module):
-    """Pre-LN encoder block; branch layers in order: norm1, qkv, (q_norm, k_norm), out, norm2,
-    mlp_in, mlp_out."""
+    """Pre-LN encoder block: an attention branch (q_norm and k_norm inside it) and an MLP branch."""
 
-    def __init__(self, dim, heads, mlp_ratio, qk_norm, kernel_init, rngs):
+    branches = (("norm1", "qkv", "out"), ("norm2", "mlp_in", "mlp_out"))
+
+    def __init__(self, dim, heads, mlp_ratio, qk_norm, branch_gain, kernel_init, rngs):
         init = kernel_init_kwargs(kernel_init)
         self.heads = heads
         head_dim = dim // heads
@@ -50,6 +52,8 @@ class Block(nnx.Module):
         self.norm2 = nnx.LayerNorm(dim, rngs=rngs)
         self.mlp_in = nnx.Linear(dim, mlp_ratio * dim, **init, rngs=rngs)
         self.mlp_out = nnx.Linear(mlp_ratio * dim, dim, **init, rngs=rngs)
+        self.branch_gain = None if branch_gain is None else nnx.Param(jnp.asarray(branch_gain,
+                                                                                  jnp.float32))
 
     def attention(self, z, mask):
         batch, length, dim = z.shape
@@ -61,22 +65,27 @@ class Block(nnx.Module):
         weights = jax.nn.softmax(logits, axis=-1)
         return self.out(jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, length, dim))
 
+    def gained(self, branch):
+        return branch if self.branch_gain is None else self.branch_gain[...] * branch
+
     def __call__(self, h, mask):
-        h = h + self.attention(self.norm1(h), mask)
-        return h + self.mlp_out(jax.nn.gelu(self.mlp_in(self.norm2(h))))
+        h = h + self.gained(self.attention(self.norm1(h), mask))
+        return h + self.gained(self.mlp_out(jax.nn.gelu(self.mlp_in(self.norm2(h)))))
 
 
 class Transformer(nnx.Module):
     layer_order = ("embed", "blocks", "final_norm", "head")
     stacked_layers = ("blocks",)
+    residual_parts = ("blocks",)
 
-    def __init__(self, meta, *, dim, depth, heads, mlp_ratio, qk_norm, kernel_init, rngs):
+    def __init__(self, meta, *, dim, depth, heads, mlp_ratio, qk_norm, branch_gain, kernel_init,
+                 rngs):
         self.embed = Embedding(meta, dim, kernel_init, rngs)
 
         @nnx.split_rngs(splits=depth)
         @nnx.vmap(in_axes=(0,), out_axes=0)
         def make_blocks(rngs):
-            return Block(dim, heads, mlp_ratio, qk_norm, kernel_init, rngs)
+            return Block(dim, heads, mlp_ratio, qk_norm, branch_gain, kernel_init, rngs)
 
         self.blocks = make_blocks(rngs)
         self.final_norm = nnx.LayerNorm(dim, rngs=rngs)
@@ -98,7 +107,7 @@ class Transformer(nnx.Module):
                  help="pre-LN Transformer encoder, mean-pooled; qk_norm=true: LayerNorm on q and k",
                  ref="Vaswani et al. 2017; Xiong et al. 2020 (pre-LN); Wortsman et al. 2023")
 def transformer(dim: int = 64, depth: int = 2, heads: int = 4, mlp_ratio: int = 4,
-                qk_norm: bool = False):
+                qk_norm: bool = False, branch_gain: float | None = None):
     if min(dim, depth, heads, mlp_ratio) <= 0:
         raise ValueError("dim, depth, heads and mlp_ratio must be positive")
     if dim % heads:
@@ -109,6 +118,7 @@ def transformer(dim: int = 64, depth: int = 2, heads: int = 4, mlp_ratio: int = 
             raise ValueError(f"transformer needs token ids [time] or sequences [time, features], "
                              f"got {meta.x_shape}")
         return Transformer(meta, dim=dim, depth=depth, heads=heads, mlp_ratio=mlp_ratio,
-                           qk_norm=qk_norm, kernel_init=kernel_init, rngs=rngs)
+                           qk_norm=qk_norm, branch_gain=branch_gain, kernel_init=kernel_init,
+                           rngs=rngs)
 
     return build
