@@ -50,7 +50,7 @@ def _spec_from_args(args):
 
     overrides = _overrides(args)
     return make_spec(args.task, args.method, args.init, args.optimizer, args.seeds,
-                     parse_lrs(args.lrs) if args.lrs else None, overrides, args.fake_data)
+                     parse_lrs(args.lrs) if args.lrs is not None else None, overrides, args.fake_data)
 
 
 def print_record(record, reused: bool) -> None:
@@ -137,7 +137,7 @@ def _sweep_from_args(args):
     from .sweep import SweepSpec, TaskEntry, load_suite, suite_spec
 
     overrides = _overrides(args)
-    lrs = parse_lrs(args.lrs) if args.lrs else None
+    lrs = parse_lrs(args.lrs) if args.lrs is not None else None
     if args.suite:
         given = [f"--{f}" for f in ("task", "method", "init", "optimizer") if getattr(args, f)]
         if given:
@@ -183,6 +183,8 @@ def cmd_sweep(args) -> int:
                   f" | {cell.train['steps']} steps")
         print(f"{len(cells)} cells; results in {out}")
         return 0
+    if args.executor == "local":  # Ray's workers read data directories of their own
+        _check_data(cells, out, args.data_dir)
     try:
         summary = run_sweep(cells, out, executor, Progress(),
                             warn=lambda message: print(message, file=sys.stderr))
@@ -195,6 +197,18 @@ def cmd_sweep(args) -> int:
         return 130
     print("\n".join(summary.lines(out)))
     return 1 if summary.failed else 0
+
+
+def _check_data(cells, out: str, data_dir: str | None) -> None:
+    """Fail before any training when a cell still to train needs data that is not here."""
+    from .config import data_source, task_of
+    from .store import Store
+
+    store = Store(out)
+    for cell in cells:
+        source = data_source(task_of(cell))
+        if not cell.fake_data and not source.available(data_dir) and store.load(cell) is None:
+            source.load(data_dir)  # raises DataMissing, which says how to get the data
 
 
 def _optuna_sweep(args, spec, search, out: str) -> int:
@@ -264,7 +278,7 @@ def cmd_diagnose(args) -> int:
     from .data import DataMissing
     from .plots import diagnosis_figure, save_png
     from .runner import diagnose_run, enable_compilation_cache, load_data, train_spec
-    from .store import BadRecord, Store, read_record
+    from .store import BadRecord, Store, check_writable, read_record
 
     training = [f"--{k.replace('_', '-')}" for k in ("task", "method", "init", "optimizer", "lr",
                                                      "steps", "batch_size") if getattr(args, k)]
@@ -273,6 +287,8 @@ def cmd_diagnose(args) -> int:
         raise UserError(f"give a record or training options, not both ({', '.join(training)})")
     if not args.record and not args.task:
         raise UserError("give a record path (diagnose RECORD) or a task to train (--task NAME)")
+    if args.report:
+        check_writable(args.report)
     if args.record:
         try:
             record = read_record(Path(args.record))

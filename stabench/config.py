@@ -95,8 +95,10 @@ def make_spec(task: str, method: str = "none", init: str = "default", optimizer:
     train = spec_task.train
     seeds = _positive_int("seeds", train["seeds"] if seeds is None else seeds)
     lrs = tuple(float(x) for x in (train["lrs"] if lrs is None else lrs))
-    if not all(math.isfinite(x) and x > 0 for x in lrs):
+    if not lrs or not all(math.isfinite(x) and x > 0 for x in lrs):
         raise UserError(f"learning rates must be positive and finite, got {list(lrs)}")
+    if len(set(lrs)) < len(lrs):  # a repeated one would train the same runs and count them twice
+        raise UserError(f"learning rates must be distinct, got {list(lrs)}")
     try:  # a wrong dataset or model argument is an error in the task file (or in --set)
         source = data_source(spec_task)
         MODELS.get(spec_task.component("model"))
@@ -146,7 +148,8 @@ def source_named(name: str) -> Source:
     except UserError:
         choices = DATASETS.names() + sorted(all_tasks())
         raise UserError(f"no dataset or task named '{name}'.{closest(name, choices)} Datasets: "
-                        f"{', '.join(DATASETS.names())}") from None
+                        f"{', '.join(DATASETS.names())}; tasks: {', '.join(sorted(all_tasks()))}"
+                        ) from None
 
 
 def task_of(spec: RunSpec) -> TaskSpec:
@@ -167,11 +170,15 @@ def build_cell(spec: RunSpec, source: Source):
     if init.model_args:
         needs = ", ".join(f"{k}={v!r}" for k, v in init.model_args)
         try:
-            model_spec = with_overrides(task, {f"model.{k}": v for k, v in init.model_args}
-                                        ).component("model")
-            build_model = MODELS.get(model_spec)
+            with_args = with_overrides(task, {f"model.{k}": v for k, v in init.model_args}
+                                       ).component("model")
+            build_model = MODELS.get(with_args)
         except UserError as err:
+            if init.check is not None:  # the structure the model lacks says it more plainly
+                init.check(nnx.eval_shape(
+                    lambda: MODELS.get(model_spec)(source.meta, None, nnx.Rngs(0))))
             raise UserError(f"init '{spec.init}' needs a model built with {needs}: {err}") from None
+        model_spec = with_args
     else:
         build_model = MODELS.get(model_spec)
     meta = source.meta

@@ -426,7 +426,8 @@ def _explosion_lines(diag: Diagnosis) -> list[str]:
         lines += [f"Diverged at step {diag.divergence} (a non-finite loss or gradient, or the 20-step "
                   f"mean loss above max(2 L0, L0 + 1)).", ""]
     else:
-        lines += ["Did not diverge (DESIGN section 4 definition).", ""]
+        lines += ["Did not diverge (no non-finite loss or gradient; the 20-step mean loss stayed "
+                  "at most max(2 L0, L0 + 1)).", ""]
     return lines
 
 

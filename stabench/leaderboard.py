@@ -46,7 +46,7 @@ def lr_table(runs: list[dict]) -> pd.DataFrame:
         metric, label = (("test_accuracy", "test acc") if "test_accuracy" in g
                          else ("test_loss", "test loss"))
         row[f"{label} (95% CI)"] = _ci(*mean_ci(g[metric], bounds=METRIC_RANGES[metric]))
-        row["steps to target"] = _fmt(float(np.median(g["steps_to_target"])))
+        row["steps to target"] = _fmt_steps(float(np.median(g["steps_to_target"])))
         row["clipped share"] = _fmt(float(g["clipped_share"].mean()), 2)
         rows.append(row)
     return pd.DataFrame(rows)

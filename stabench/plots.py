@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import textwrap
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -200,9 +201,9 @@ def grad_norm_traces(traces: dict[str, np.ndarray], title: str) -> Figure:
         for label, values in traces.items():
             values = np.where(np.isfinite(values) & (values > 0), values, np.nan)
             steps = np.arange(values.shape[1])
-            with np.errstate(all="ignore"):
-                q25, med, q75 = np.nanpercentile(values, [25, 50, 75], axis=0) \
-                    if np.isfinite(values).any() else (np.full(len(steps), np.nan),) * 3
+            with warnings.catch_warnings():  # a step after every run diverged has no median
+                warnings.simplefilter("ignore", RuntimeWarning)
+                q25, med, q75 = np.nanpercentile(values, [25, 50, 75], axis=0)
             ax.plot(steps, med, color=colors[label], lw=1, label=label)
             ax.fill_between(steps, q25, q75, color=colors[label], alpha=0.2, lw=0)
         ax.set_yscale("log")

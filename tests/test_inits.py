@@ -264,13 +264,12 @@ def test_resnet_branch_gain_at_zero_makes_its_blocks_their_shortcuts():
         np.testing.assert_array_equal(block(h), block.shortcut(h))
 
 
-@pytest.mark.parametrize("name, fix", [("fixup", "model.residual=true"),
-                                       ("skipinit", "residual=true"),
-                                       ("rezero", "residual=true"),
-                                       ("zero_init_residual", "model.residual=true")])
-def test_residual_inits_need_residual_blocks(name, fix):
-    with pytest.raises(UserError, match=f"init '{name}.*{fix}"):
+@pytest.mark.parametrize("name", sorted(["fixup", "skipinit", "rezero", "zero_init_residual"]))
+def test_residual_inits_need_residual_blocks(name):
+    with pytest.raises(UserError) as err:
         catalog_spec(init=name)
+    assert str(err.value) == (f"init '{name}' needs residual blocks; this MLP has none (e.g. set "
+                              "model.residual=true)")
     with pytest.raises(UserError, match=f"init '{name}' needs residual blocks; this ResNet"):
         built(RESNET + ", residual=False)", name)
 

@@ -285,9 +285,12 @@ def test_unwritable_output_fails_before_any_training(tmp_path, monkeypatch, caps
 
     trained = []
     monkeypatch.setattr(runner, "run_cell", lambda *a, **k: trained.append(a))
+    monkeypatch.setattr(runner, "train_spec", lambda *a, **k: trained.append(a))
     monkeypatch.setattr(runner, "load_data", lambda *a, **k: None)  # reading data is not training
     for place in unwritable_places(tmp_path):
         for argv in (["run", *FAST, "--out", place],
+                     ["diagnose", "--task", "digits", "--steps", "40", "--out", tmp_path / "d",
+                      "--report", place],
                      ["sweep", "--task", "digits", *FAST, "--workers", "1", "--out", place],
                      ["report", tiny_records, "--out", place, "--no-plots"],
                      ["merge", place, tiny_records]):

@@ -95,7 +95,9 @@ def short(methods):
 def test_lr_table_accuracy_interval_stays_within_0_and_1():
     runs = [{"lr": 1.0, "diverged": True, "final_train_loss": 2.3, "test_accuracy": acc,
              "steps_to_target": math.inf, "clipped_share": 1.0} for acc in (0.0, 0.0, 0.4)]
-    assert lb.lr_table(runs)["test acc (95% CI)"].iloc[0] == "0.133 [0, 0.707]"
+    table = lb.lr_table(runs)
+    assert table["test acc (95% CI)"].iloc[0] == "0.133 [0, 0.707]"
+    assert table["steps to target"].iloc[0] == "never"  # as the report's boards say it
 
 
 def test_lr_sensitivity_known_answer():

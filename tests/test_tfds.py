@@ -125,6 +125,7 @@ def test_absent_data_says_what_where_how_and_fake_data(name, tmp_path):
     msg = str(err.value)
     assert "\n" not in msg
     assert f"dataset {name} is not prepared" in msg and str(empty / name) in msg
+    assert "(--data-dir)" in msg and "look elsewhere" not in msg  # it was told where to look
     assert 'pip install -e ".[prepare]"' in msg
     assert f"python -m stabench data {name} --prepare --data-dir {empty}" in msg
     assert "--fake-data" in msg
@@ -168,6 +169,17 @@ def test_run_without_data_exits_2_with_one_line_and_writes_nothing(tmp_path):
     assert "dataset cifar10 is not prepared" in lines[0] and str(empty) in lines[0]
     assert "--prepare" in lines[0] and "--fake-data" in lines[0]
     assert not out.exists() and list(empty.iterdir()) == []
+
+
+def test_sweep_without_data_exits_2_before_training_any_cell(tmp_path):
+    out, empty = tmp_path / "out", tmp_path / "empty"
+    empty.mkdir()
+    proc = run_cli("sweep", "--task", "digits", "cifar", "--steps", "10", "--workers", "1",
+                   "--out", out, "--data-dir", empty)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "dataset cifar10 is not prepared" in lines[0], proc.stderr
+    assert not out.exists()  # digits, listed first, did not train either
 
 
 def test_run_with_fake_data_works_offline(tmp_path):

@@ -75,7 +75,9 @@ def status(name: str, data_dir: str | None = None) -> tuple[str | None, str]:
         builder = tfds.builder(name, data_dir=directory)  # the format found there, if any
         path = str(builder.data_path)
         if not builder.is_prepared():
-            return None, f"looked in {path} ({origin}; --data-dir or $TFDS_DATA_DIR look elsewhere)"
+            elsewhere = ("" if origin == "--data-dir"
+                         else "; --data-dir or $TFDS_DATA_DIR look elsewhere")
+            return None, f"looked in {path} ({origin}{elsewhere})"
         found = builder.info.file_format
     if found is None or found.value != FILE_FORMAT:
         return None, (f"found it in {path} in {found.value if found else 'an unknown'} format, but "
