@@ -371,7 +371,8 @@ def cmd_list(args) -> int:
         ref = f"  [{entry.ref}]" if entry.ref else ""
         traced = entry.meta.get("traced")  # program inputs: what --search optuna can search
         traced = f" (traced: {', '.join(traced)})" if traced else ""
-        print(f"{entry.signature_text():40s} {entry.help}{traced}{ref}")
+        stage = f"{entry.meta['stage']}: " if "stage" in entry.meta else ""  # methods only
+        print(f"{entry.signature_text():40s} {stage}{entry.help}{traced}{ref}")
     return 0
 
 

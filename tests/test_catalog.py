@@ -63,6 +63,8 @@ def test_every_entry_has_help_and_reference_and_is_listed(kind, capsys):
         line = next(line for line in out.splitlines()
                     if line.startswith(entry.signature_text() + " "))
         assert entry.help in line and entry.ref in line
+        if kind == "method":  # the stage says where in the step it acts
+            assert f" {entry.meta['stage']}: {entry.help}" in line
 
 
 def test_every_method_has_a_stage():

@@ -117,9 +117,31 @@ def test_generators_are_deterministic_and_match_their_meta(spec):
     ("adding(T=1)", "T must be at least 2"),
     ("temporal_order(T=5)", "T must be at least 10"),
     ("listops(min_length=300)", "min_length <= max_length"),
+    ("listops(min_length=3, max_length=3)", "max_length must be at least 4"),
+    ("listops(max_depth=2)", r"max_depth=2 and max_args=10 has 12 tokens, fewer than "
+                             "min_length=16"),
     ("teacher(noise=-1.0)", "noise must be non-negative"),
     ("adding(n_train=0)", "must be positive"),
 ])
 def test_bad_generator_arguments_are_user_errors(spec, message):
     with pytest.raises(UserError, match=message):
         DATASETS.get(spec)
+
+
+def test_listops_lengths_reach_the_longest_expression_and_no_further():
+    assert synthetic.listops_longest(max_depth=2, max_args=10) == 12  # [OP + 10 values + ]
+    assert synthetic.listops_longest(max_depth=3, max_args=2) == 2 + 2 * 4
+    longest = synthetic.listops_longest(3, 3)
+    exprs = synthetic.listops_expressions(np.random.default_rng(0), 40, max_depth=3, max_args=3,
+                                          min_length=longest, max_length=longest)
+    assert {len(tokens) for tokens, _ in exprs} == {longest}
+
+
+def test_listops_settings_with_too_few_distinct_expressions_fail_instead_of_looping():
+    # two arguments at depth 2: 4 operators x 10 x 10 values = 400 expressions of 4 tokens
+    source = DATASETS.get("listops(max_depth=2, max_args=2, min_length=4, max_length=4, "
+                          "n_train=395, n_test=5)")
+    assert len(source.load(None).x_train) == 395
+    with pytest.raises(ValueError, match="found only 400 of 401 distinct expressions"):
+        DATASETS.get("listops(max_depth=2, max_args=2, min_length=4, max_length=4, n_train=396, "
+                     "n_test=5)").load(None)

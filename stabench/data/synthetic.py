@@ -101,6 +101,7 @@ LISTOPS_END = "]"
 LISTOPS_VOCAB = ("<pad>", *map(str, range(10)), *LISTOPS_OPS, LISTOPS_END)
 LISTOPS_IDS = {tok: i for i, tok in enumerate(LISTOPS_VOCAB)}
 VALUE_P = 0.25  # as in Long Range Arena: below max depth a node is an operator with p = 0.25
+LISTOPS_MAX_MISSES = 100_000  # draws in a row with no new expression that fits: give up
 
 
 def _apply(op: str, args: list[int]) -> int:
@@ -145,14 +146,27 @@ def evaluate_listops(tokens) -> int:
 def listops_expressions(rng: np.random.Generator, n: int, max_depth: int, max_args: int,
                         min_length: int, max_length: int) -> list[tuple[list[str], int]]:
     """n distinct random expressions with min_length <= tokens <= max_length, and their values."""
-    seen, out = set(), []
+    seen, out, misses = set(), [], 0
     while len(out) < n:
         tokens, value = _listops_tree(rng, 1, max_depth, max_args)
         key = " ".join(tokens)
         if min_length <= len(tokens) <= max_length and key not in seen:
             seen.add(key)
             out.append((tokens, value))
+            misses = 0
+        elif (misses := misses + 1) == LISTOPS_MAX_MISSES:  # the settings allow too few
+            raise ValueError(f"listops found only {len(out)} of {n} distinct expressions of "
+                             f"{min_length}-{max_length} tokens (max_depth={max_depth}, "
+                             f"max_args={max_args}): widen the lengths or lower n_train, n_test")
     return out
+
+
+def listops_longest(max_depth: int, max_args: int) -> int:
+    """Tokens of the longest expression: every node below max_depth an operator of max_args."""
+    length = 1
+    for _ in range(max_depth - 1):
+        length = 2 + max_args * length
+    return length
 
 
 @DATASETS.register(
@@ -166,6 +180,13 @@ def listops(max_depth: int = 5, max_args: int = 10, min_length: int = 16, max_le
         raise ValueError("max_depth and max_args must be at least 2")
     if not 3 <= min_length <= max_length:
         raise ValueError("need 3 <= min_length <= max_length")
+    if max_length < 4:
+        raise ValueError("max_length must be at least 4, the shortest expression `[OP a b ]`")
+    longest = listops_longest(max_depth, max_args)
+    if longest < min_length:
+        raise ValueError(f"the longest expression of max_depth={max_depth} and "
+                         f"max_args={max_args} has {longest} tokens, fewer than "
+                         f"min_length={min_length}")
     _check_sizes(n_train, n_test)
     meta = Meta(x_shape=(max_length,), x_dtype="int32", num_outputs=10, n_train=n_train,
                 n_test=n_test, vocab_size=len(LISTOPS_VOCAB))
