@@ -423,3 +423,14 @@ def test_lr_curves_draw_seed_means_per_method(task_dir):
     # loss panel: the final loss capped at the step-0 loss (2.0) for the diverged lr 10
     loss = {line.get_label(): line for line in loss_ax.lines}["none"]
     np.testing.assert_allclose(loss.get_ydata(), [0.5, 0.2, 2.0])
+
+
+def test_readme_leaderboard_is_the_committed_reports():
+    """The README quotes the overall leaderboard of results/default: it must be that report's."""
+    from conftest import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("| rank | method | init | tasks |")
+    quoted = readme[start:readme.index("\n\n", start)]
+    assert quoted.count("\n") >= 3
+    assert quoted in (ROOT / "results" / "default" / "report.md").read_text()
