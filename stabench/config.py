@@ -16,7 +16,7 @@ from .optimizers import OPTIMIZERS
 from .registry import Call, UserError, closest
 from .tasks import TARGET_METRICS, TaskSpec, all_tasks, get_task, with_overrides
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)

@@ -496,10 +496,32 @@ def build_report(records: list) -> Report:
     if len(versions) > 1:
         notes.append(f"records come from {len(versions)} code versions ({'; '.join(versions)}): "
                      f"compare entries trained by different versions with care.")
+    notes += grid_notes(used)
     boards = {v: task_board(g) for v, g in used.groupby("variant", sort=True)}
     task_of_variant = dict(zip(used["variant"], used["task"]))
     overall, ratios, unsolved = overall_board(boards, task_of_variant)
     return Report(runs, used, boards, overall, ratios, unsolved, notes)
+
+
+def grid_notes(used: pd.DataFrame) -> list[str]:
+    """One note per task variant whose entries ran different (seed, learning rate) grids: its
+    divergence shares and stability then average over different runs."""
+    notes = []
+    for variant, g in used.groupby("variant", sort=True):
+        grids: dict[frozenset, list[str]] = {}
+        for entry, runs in g.groupby(ENTRY, sort=True):
+            grid = frozenset(zip(runs["seed"], runs["lr"]))
+            grids.setdefault(grid, []).append(" / ".join(entry))
+        if len(grids) < 2:
+            continue
+        parts = []
+        for grid, entries in sorted(grids.items(), key=lambda kv: -len(kv[1])):
+            seeds, lrs = {s for s, _ in grid}, sorted({lr for _, lr in grid})
+            parts.append(f"{len(grid)} runs ({len(seeds)} seeds, learning rates "
+                         f"{', '.join(_fmt(lr) for lr in lrs)}) for {'; '.join(entries)}")
+        notes.append(f"{variant}: its entries ran different grids of seeds and learning rates, so "
+                     f"its columns compare different runs: {' | '.join(parts)}.")
+    return notes
 
 
 def _provenance(runs: pd.DataFrame, directory: Path) -> list[str]:

@@ -1,8 +1,8 @@
 """Results store: one JSON record per cell plus a compressed telemetry file beside it.
 
 Writes are atomic (temp file, fsync, rename), telemetry first, so a record that exists is complete.
-A record that does not parse, or whose spec hash or telemetry checksum does not match, is reported
-by name and never used.
+A record that does not parse, or whose spec hash, content checksum or telemetry checksum does not
+match (a torn file, or one edited after it was written), is reported by name and never used.
 
 Processes writing into one directory at once (two sweeps, a sweep and a run) take a per-cell lock
 (`Store.claim`, an flock the kernel releases when its holder dies), so no cell is trained or
@@ -87,6 +87,12 @@ def sha256(payload: bytes) -> str:
     return hashlib.sha256(payload).hexdigest()
 
 
+def content_sha256(record: dict) -> str:
+    """The checksum of a record's content: every field but this checksum, as canonical JSON."""
+    content = {k: v for k, v in record.items() if k != "record_sha256"}
+    return sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode())
+
+
 def check_writable(directory: str | os.PathLike) -> None:
     """Fail with one line, before any work, if files cannot be created in `directory`."""
     directory = Path(directory)
@@ -129,6 +135,9 @@ def read_record(path: Path) -> Record:
         raise BadRecord(f"{path}: telemetry file {tel.name} is missing") from None
     if digest != data.get("telemetry_sha256"):
         raise BadRecord(f"{path}: telemetry file {tel.name} does not match its checksum")
+    if data.get("record_sha256") != content_sha256(data):
+        raise BadRecord(f"{path}: its content does not match its checksum (edited after it was "
+                        "written)")
     return Record(path, data)
 
 
@@ -185,7 +194,11 @@ class Store:
         try:
             yield True
         finally:
-            path.unlink(missing_ok=True)  # before releasing, so a waiter re-checks (see above)
+            # Before releasing, so a waiter re-checks (see above). In a directory that turned
+            # read-only the file stays (closing still frees the lock) and the cell's own error,
+            # if any, is what propagates.
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
             os.close(fd)
 
     def is_claimed(self, spec: RunSpec) -> bool:
@@ -215,6 +228,7 @@ class Store:
         tel = buf.getvalue()
         record = {"format_version": FORMAT_VERSION, "spec": spec.to_dict(), "spec_hash": spec.hash,
                   **body, "telemetry_sha256": sha256(tel)}
+        record["record_sha256"] = content_sha256(record)
         payload = json.dumps(record, indent=1, sort_keys=True).encode()
         atomic_write(path.with_suffix(".npz"), tel)
         try:

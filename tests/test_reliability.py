@@ -58,8 +58,14 @@ def test_same_command_twice_is_bit_identical(tmp_path):
     rerun = run_cli("rerun", paths[0])
     assert rerun.returncode == 0 and "reproduced exactly" in rerun.stdout, rerun.stderr
 
+    from stabench.store import content_sha256
+
     record = json.loads(paths[1].read_text())
     record["runs"][0]["test_accuracy"] += 0.5  # a stored metric that no longer matches training
+    paths[1].write_text(json.dumps(record))
+    edited = run_cli("rerun", paths[1])
+    assert edited.returncode == 2 and "edited after it was written" in edited.stderr
+    record["record_sha256"] = content_sha256(record)  # as if training had given that metric
     paths[1].write_text(json.dumps(record))
     tampered = run_cli("rerun", paths[1])
     assert tampered.returncode == 1 and "run 0 test_accuracy" in tampered.stdout
@@ -372,6 +378,31 @@ def test_a_cell_lock_excludes_other_processes_and_dies_with_its_holder(tmp_path)
     assert not list(tmp_path.rglob("*.lock"))
 
 
+def test_a_lock_file_that_cannot_be_removed_does_not_hide_the_cells_own_error(tmp_path,
+                                                                              monkeypatch):
+    """A results directory that turns read-only mid-sweep: the cell's failure (here its record
+    could not be written) is what propagates, and the lock is still released."""
+    from pathlib import Path
+
+    from stabench.config import make_spec
+    from stabench.store import Store
+
+    store, spec = Store(tmp_path), make_spec("digits", seeds=1, lrs=(0.1,))
+    unlink = Path.unlink
+
+    def read_only(path, missing_ok=False):
+        if path.suffix == ".lock":
+            raise PermissionError(13, "Permission denied", str(path))
+        return unlink(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", read_only)
+    with pytest.raises(OSError, match="Read-only file system"):
+        with store.claim(spec) as mine:
+            assert mine is True
+            raise OSError(30, "Read-only file system")
+    assert not store.is_claimed(spec)
+
+
 def save_stub(store, spec):
     """A record of `spec` with stub metrics, written through the store."""
     runs = [{"seed": s, "lr": lr, "diverged": 0.0} for s, lr in spec.runs]
@@ -453,7 +484,7 @@ def test_stale_temp_files_are_removed_only_when_their_writer_is_gone(tmp_path):
 @pytest.mark.parametrize("damage, problem", [
     (lambda p: p.write_bytes(b""), "unreadable record"),
     (lambda p: p.write_bytes(b"\xff\xfe garbage"), "unreadable record"),
-    (lambda p: p.write_text("[1, 2]"), "format version ? is not 1"),
+    (lambda p: p.write_text("[1, 2]"), "format version ? is not 2"),
     (lambda p: p.rename(p.with_name("0" * 16 + ".json")), "file name does not match its spec hash"),
     (lambda p: edit_json(p, lambda d: d["runs"].pop()), "its runs do not match"),
     (lambda p: edit_json(p, lambda d: d["runs"][0].update(lr=99.0)), "its runs do not match"),
@@ -462,6 +493,11 @@ def test_stale_temp_files_are_removed_only_when_their_writer_is_gone(tmp_path):
     (lambda p: edit_json(p, lambda d: d.pop("spec")), "record lacks a valid spec"),
     (lambda p: edit_json(p, lambda d: d["spec"].update(seeds=3)), "record lacks a valid spec"),
     (lambda p: p.with_suffix(".npz").write_bytes(b"PK\x03\x04"), "does not match its checksum"),
+    (lambda p: edit_json(p, lambda d: d["runs"][0].update(test_accuracy=1.0)),
+     "its content does not match its checksum (edited after it was written)"),
+    (lambda p: edit_json(p, lambda d: d["provenance"].update(git_commit="deadbeef")),
+     "its content does not match its checksum"),
+    (lambda p: edit_json(p, lambda d: d.pop("record_sha256")), "its content does not match"),
     (lambda p: (p.unlink(), p.mkdir()), "unreadable record"),
 ])
 def test_damaged_records_are_named_and_skipped(tmp_path, capsys, damage, problem):
@@ -512,7 +548,8 @@ def test_huge_and_infinite_grad_norms_are_stored_reported_and_plotted(tmp_path):
         tel["grad_norm"][0, 10] = np.inf
         tel["grad_norm"][1, 20:] = np.nan
         body = {k: v for k, v in record.data.items()
-                if k not in ("format_version", "spec", "spec_hash", "telemetry_sha256")}
+                if k not in ("format_version", "spec", "spec_hash", "telemetry_sha256",
+                             "record_sha256")}
         huge[method] = store.save(record.spec, body, tel)
     for method, record in huge.items():
         stored = Store(tmp_path / "records").load(record.spec).telemetry()

@@ -15,7 +15,7 @@ from stabench import leaderboard as lb
 from stabench import metrics
 from stabench.config import make_spec
 from stabench.hardware import cpu_model
-from stabench.store import Store, provenance
+from stabench.store import Store, content_sha256, provenance
 
 RUN_DEFAULTS = {"initial_loss": 2.0, "diverged": 0.0, "divergence_step": 29.0, "final_train_loss": 1.0,
                 "test_loss": 1.0, "max_grad_norm": 1.0, "p99_grad_norm": 1.0, "clipped_share": 0.0,
@@ -320,6 +320,7 @@ def test_report_on_partial_and_mixed_version_records(tmp_path, task_dir, capsys)
     before_cpu_model = store.records()[0][0].path  # a record from before provenance named the CPU
     data = json.loads(before_cpu_model.read_text())
     del data["provenance"]["cpu_model"]
+    data["record_sha256"] = content_sha256(data)
     before_cpu_model.write_text(json.dumps(data))
     torn = fake_record(store, "clip_norm(max_norm=3.0)")
     torn.path.write_text(torn.path.read_text()[:100])  # killed mid-write by something else
@@ -335,7 +336,7 @@ def test_report_on_partial_and_mixed_version_records(tmp_path, task_dir, capsys)
     assert out.startswith("# stabench report")
     assert f"skipped {torn.path}: unreadable record" in err
     assert f"skipped {lost.path}: telemetry file {lost.path.stem}.npz is missing" in err
-    assert f"skipped {old.path}: format version 0 is not 1" in err
+    assert f"skipped {old.path}: format version 0 is not 2" in err
     assert "note: records come from 2 code versions" in err
     assert "(git 0123456789 with uncommitted changes)" in err
     assert "Traceback" not in err
@@ -434,3 +435,20 @@ def test_readme_leaderboard_is_the_committed_reports():
     quoted = readme[start:readme.index("\n\n", start)]
     assert quoted.count("\n") >= 3
     assert quoted in (ROOT / "results" / "default" / "report.md").read_text()
+
+
+def test_entries_on_different_grids_are_named_in_a_note(tmp_path):
+    """Divergence shares and stability average over an entry's runs: entries of one task that ran
+    different seeds or learning rates are not compared on the same runs, and the report says so."""
+    store = Store(tmp_path)
+    same = [fake_record(store, m, seeds=2, lrs=(0.1, 1.0)) for m in ("none", "clip_norm")]
+    assert lb.grid_notes(lb.build_report(same).used) == []
+    wider = fake_record(store, "clip_value", seeds=3, lrs=(0.1, 1.0, 10.0))
+    notes = lb.grid_notes(lb.build_report([*same, wider]).used)
+    none, clip_norm, clip_value = (f"{r.spec.method} / default / {r.spec.optimizer}"
+                                   for r in (*same, wider))
+    assert notes == [
+        "digits: its entries ran different grids of seeds and learning rates, so its columns "
+        f"compare different runs: 4 runs (2 seeds, learning rates 0.1, 1) for {clip_norm}; {none}"
+        f" | 9 runs (3 seeds, learning rates 0.1, 1, 10) for {clip_value}."]
+    assert notes[0] in lb.build_report([*same, wider]).notes
