@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from . import methods
-from .data import DATASETS, Source, fake
+from .data import DATASETS, Source, fake_sizes
 from .inits import INITS
 from .models import MODELS
 from .optimizers import OPTIMIZERS
@@ -105,7 +105,7 @@ def make_spec(task: str, method: str = "none", init: str = "default", optimizer:
     except UserError as err:
         by_set = any(k.startswith(("dataset.", "model.")) for k in overrides or {})
         raise UserError(f"{spec_task.source}{' with --set' if by_set else ''}: {err}") from None
-    n_train = fake(source.meta).x_train.shape[0] if fake_data else source.meta.n_train
+    n_train = fake_sizes(source.meta)[0] if fake_data else source.meta.n_train
     if train["batch_size"] > n_train:
         raise UserError(f"batch size {train['batch_size']} exceeds the {n_train} training examples "
                         f"of task {spec_task.name}")

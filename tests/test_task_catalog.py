@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 
 from stabench.config import build_cell, data_source, make_spec, task_of
-from stabench.data import fake
+from stabench.data import fake, fake_sizes
 from stabench.tasks import all_tasks
 from stabench.train import Engine, compiled_names
 
@@ -111,8 +111,9 @@ def test_fake_data_has_the_tasks_exact_shapes_dtypes_and_classes(name):
     meta = source.meta
     if meta.task_type == "classification":
         assert set(np.unique(fk.y_train)) == set(range(meta.num_outputs))
-    if meta.vocab_size:
-        assert fk.x_train.max() == meta.vocab_size - 1 and fk.x_train.min() == 0
+    if meta.vocab_size:  # every token but 0, which pads (the Transformer masks it)
+        assert fk.x_train.max() == meta.vocab_size - 1 and fk.x_train.min() == 1
+    assert len(fk.x_train) == fake_sizes(meta)[0] == min(meta.n_train, 8192)
 
 
 def test_list_tasks_shows_availability():

@@ -74,17 +74,25 @@ class Source:
         return f"{self.name}: {how}; nothing to prepare."
 
 
-def fake(meta: Meta, seed: int = 0, max_train: int = 8192, max_test: int = 1024) -> Dataset:
+FAKE_MAX_TRAIN, FAKE_MAX_TEST = 8192, 1024
+
+
+def fake_sizes(meta: Meta) -> tuple[int, int]:
+    """Training and test examples of the task's --fake-data."""
+    return min(meta.n_train, FAKE_MAX_TRAIN), min(meta.n_test, FAKE_MAX_TEST)
+
+
+def fake(meta: Meta, seed: int = 0) -> Dataset:
     """Random data with the task's per-example shapes, dtypes and class count (--fake-data)."""
     rng = np.random.default_rng(seed)
-    n_train, n_test = min(meta.n_train, max_train), min(meta.n_test, max_test)
+    n_train, n_test = fake_sizes(meta)
 
     def inputs(n):
         shape = (n, *meta.x_shape)
         if meta.x_dtype == "uint8":
             return rng.integers(0, 256, shape, dtype=np.uint8)
-        if meta.vocab_size:
-            return rng.integers(0, meta.vocab_size, shape).astype(meta.x_dtype)
+        if meta.vocab_size:  # token 0 pads: real sequences have it only at their end
+            return rng.integers(1, meta.vocab_size, shape).astype(meta.x_dtype)
         return rng.standard_normal(shape).astype(meta.x_dtype)
 
     def targets(n):
