@@ -172,6 +172,16 @@ def make_norm(kind: str, features: int, rngs: nnx.Rngs, reduction_axes=-1) -> nn
     return None
 
 
+def branch_gain_param(value: float | None) -> nnx.Param | None:
+    """A block's learnable scalar on its residual branches (see the module docstring), or None."""
+    return None if value is None else nnx.Param(jnp.asarray(value, jnp.float32))
+
+
+def gained(gain: nnx.Param | None, branch: jax.Array) -> jax.Array:
+    """The branch multiplied by its block's gain, when the block has one."""
+    return branch if gain is None else gain[...] * branch
+
+
 def activation_stds(model: nnx.Module, x: jax.Array, layout: LayerLayout) -> jax.Array:
     """Per-layer activation std of one forward pass, in the layout's layer order."""
     recorded: dict[str, jax.Array] = {}

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
-from . import MODELS, NORMS, dense, make_norm, observe, scan_layers
+from . import MODELS, NORMS, branch_gain_param, dense, gained, make_norm, observe, scan_layers
 
 ACTIVATIONS = {"relu": jax.nn.relu, "tanh": jax.nn.tanh, "sigmoid": jax.nn.sigmoid,
                "gelu": jax.nn.gelu, "linear": lambda x: x}
@@ -30,14 +29,12 @@ class Block(nnx.Module):
         self.activation = activation
         self.residual = residual
         self.branch_scale = branch_scale
-        self.branch_gain = None if branch_gain is None else nnx.Param(jnp.asarray(branch_gain,
-                                                                                  jnp.float32))
+        self.branch_gain = branch_gain_param(branch_gain)
 
     def __call__(self, h):
         z = self.norm(h) if self.norm is not None else h
-        branch = self.branch_scale * self.linear(ACTIVATIONS[self.activation](z))
-        if self.branch_gain is not None:
-            branch = self.branch_gain[...] * branch
+        branch = gained(self.branch_gain, self.branch_scale * self.linear(
+            ACTIVATIONS[self.activation](z)))
         return h + branch if self.residual else branch
 
 

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from . import MODELS, NORMS, dense, make_norm, observe, scan_layers
+from . import MODELS, NORMS, branch_gain_param, dense, gained, make_norm, observe, scan_layers
 from .conv import conv_general_dilated
 from .mlp import kernel_init_kwargs
 
@@ -46,8 +46,7 @@ class BasicBlock(nnx.Module):
         self.stride, self.pad = stride, cout - cin
         self.residual = residual
         self.branch_scale = branch_scale
-        self.branch_gain = None if branch_gain is None else nnx.Param(jnp.asarray(branch_gain,
-                                                                                  jnp.float32))
+        self.branch_gain = branch_gain_param(branch_gain)
 
     def shortcut(self, x):
         x = x[:, ::self.stride, ::self.stride, :]
@@ -57,9 +56,8 @@ class BasicBlock(nnx.Module):
         h = self.conv1(x)
         h = jax.nn.relu(self.norm1(h) if self.norm1 is not None else h)
         h = self.conv2(h)
-        h = self.branch_scale * (self.norm2(h) if self.norm2 is not None else h)
-        if self.branch_gain is not None:
-            h = self.branch_gain[...] * h
+        h = gained(self.branch_gain,
+                   self.branch_scale * (self.norm2(h) if self.norm2 is not None else h))
         return jax.nn.relu(h + self.shortcut(x) if self.residual else h)
 
 

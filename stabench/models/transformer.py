@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from . import MODELS, dense, observe, scan_layers
+from . import MODELS, branch_gain_param, dense, gained, observe, scan_layers
 from .mlp import kernel_init_kwargs
 
 MASKED = -1e9  # attention logit of a padding key: softmax weight exactly 0 in float32
@@ -52,8 +52,7 @@ class Block(nnx.Module):
         self.norm2 = nnx.LayerNorm(dim, rngs=rngs)
         self.mlp_in = nnx.Linear(dim, mlp_ratio * dim, **init, rngs=rngs)
         self.mlp_out = nnx.Linear(mlp_ratio * dim, dim, **init, rngs=rngs)
-        self.branch_gain = None if branch_gain is None else nnx.Param(jnp.asarray(branch_gain,
-                                                                                  jnp.float32))
+        self.branch_gain = branch_gain_param(branch_gain)
 
     def attention(self, z, mask):
         batch, length, dim = z.shape
@@ -65,12 +64,9 @@ class Block(nnx.Module):
         weights = jax.nn.softmax(logits, axis=-1)
         return self.out(jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, length, dim))
 
-    def gained(self, branch):
-        return branch if self.branch_gain is None else self.branch_gain[...] * branch
-
     def __call__(self, h, mask):
-        h = h + self.gained(self.attention(self.norm1(h), mask))
-        return h + self.gained(self.mlp_out(jax.nn.gelu(self.mlp_in(self.norm2(h)))))
+        h = h + gained(self.branch_gain, self.attention(self.norm1(h), mask))
+        return h + gained(self.branch_gain, self.mlp_out(jax.nn.gelu(self.mlp_in(self.norm2(h)))))
 
 
 class Transformer(nnx.Module):
