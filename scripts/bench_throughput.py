@@ -6,7 +6,10 @@ learning rates, batch 32, 10 steps):
   (a) a naive JAX loop: Python loop over runs and steps, a jitted step, float(loss) each step;
   (b) the stabench engine in one process: jit(vmap(lax.scan)) over every run;
   (c) the stabench sweep executor using every core (the runs split into one cell per worker);
-  (d) a PyTorch eager loop with the same model, data order, optimizer and clipping.
+  (d) a PyTorch eager loop with the same model, data order, optimizer and clipping;
+  (e) the training math alone: (c)'s programs, processes and timing with the engine's step cut to
+      forward, backward, transform and update (no telemetry or divergence handling), the cost of
+      what stabench records and checks.
 (a) and (d) evaluate test loss and accuracy at the engine's evaluation steps (every eval_every
 steps and the last), as the engine's steady time includes its evaluations.
 Reports compile and steady seconds (best of --repeats), runs/s, samples/s, GFLOP/s from XLA's cost
@@ -23,6 +26,7 @@ for the digits sweep using every core.
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
 import datetime as dt
 import os
 import platform
@@ -40,12 +44,13 @@ from jax.extend.core import ClosedJaxpr, Jaxpr, jaxpr_as_fun
 
 from stabench.config import build_cell, data_source, make_spec, task_of
 from stabench.executor import LocalExecutor, default_workers
-from stabench.runner import load_data
+from stabench.runner import enable_compilation_cache, load_data
 from stabench.store import commit_label, provenance, read_record
 from stabench.train import EVAL_BATCH, RUNS, Carry, Engine
 
 ROOT = Path(__file__).resolve().parent.parent
 EVERY_CORE = "stabench sweep executor, {} workers"
+BARE = "training math alone (no telemetry), {} workers"
 
 
 def log(message: str) -> None:
@@ -210,6 +215,83 @@ def executor_every_core(make, lrs, repeats: int, workers: int, scratch: Path) ->
     return {"compile_s": compile_s, "steady_s": min(steady), "wall_s": min(wall)}
 
 
+# ---- (e) the training math alone, in the executor's layout -------------------------------------
+def bare_step(engine: Engine):
+    """The engine's step cut to the training math: forward, backward, the cell's transform and
+    the update; no telemetry, no divergence check, no freezing of diverged runs."""
+    def step(carry: Carry, t, idx, lr, arrays, values=None):
+        x, y = engine._inputs(arrays["x_train"][idx], arrays), arrays["y_train"][idx]
+        (loss, rest), grads = jax.value_and_grad(engine._forward_loss, has_aux=True)(
+            carry.params, carry.rest, x, y)
+        updates, opt_state = engine.cell.transform.build(lr, carry.key, values).update(
+            grads, carry.opt_state, carry.params)
+        return carry._replace(params=optax.apply_updates(carry.params, updates), rest=rest,
+                              opt_state=opt_state), {"loss": loss}
+
+    return step
+
+
+def bare_run(engine: Engine, seeds: np.ndarray,
+             lrs: np.ndarray) -> tuple[float, float, np.ndarray]:
+    """(compile s, steady s, losses [runs, steps]) of the engine's chunk program with `bare_step`
+    as its step, trained and evaluated chunk by chunk as Engine.run does (the same run groups,
+    data order and host loop)."""
+    engine._step = bare_step(engine)  # the instance's programs only: _chunk_run calls it
+    seeds_d, lrs_d = jax.device_put((seeds.astype(np.int32), lrs.astype(np.float32)))
+    init, chunk, compile_s = engine.compile(seeds_d, lrs_d)
+    idx = engine.batch_indices(seeds, 0)
+    carry = jax.block_until_ready(init(seeds_d, lrs_d, idx[:, 0], engine.arrays))
+    losses = []
+    t0 = time.perf_counter()
+    for i in range(engine.n_chunks):
+        carry, rec, ev = chunk(carry, idx, lrs_d, np.int32(i * engine.chunk), engine.arrays)
+        if i + 1 < engine.n_chunks:
+            idx = engine.batch_indices(seeds, (i + 1) * engine.chunk)
+        losses.append(jax.device_get((rec, ev))[0]["loss"])
+    steady_s = time.perf_counter() - t0
+    return compile_s, steady_s, np.concatenate(losses, axis=1)[:, :engine.cell.steps]
+
+
+def _bare_worker(cpu: int | None, spec, cache_dir: str, results) -> None:
+    if cpu is not None and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {cpu})  # before JAX starts its threads, as executor workers do
+    enable_compilation_cache(cache_dir)
+    try:
+        engine = Engine(build_cell(spec, data_source(task_of(spec))), load_data(spec))
+        seeds, lrs = (np.array(x) for x in zip(*spec.runs))
+        results.put(bare_run(engine, seeds, lrs)[:2])
+    except Exception as error:  # the parent waits for one message from every worker
+        results.put(error)
+
+
+def bare_every_core(make, lrs, repeats: int, workers: int, scratch: Path) -> dict:
+    """`bare_run` seconds of the executor's cells, one fresh pinned process per cell and core, timed
+    as `executor_every_core` times the executor: the slowest process, a fresh one each repeat
+    (its first run after compiling), compile with an empty persistent cache."""
+    cells = [make(tuple(part)) for part in np.array_split(np.array(lrs), workers)]
+    cpus = LocalExecutor(workers).cpus
+    cache_dir = tempfile.mkdtemp(prefix="cache-bare-", dir=scratch)
+    ctx = mp.get_context("spawn")
+    compile_s, steady = 0.0, []
+    for repeat in range(repeats + 1):
+        results = ctx.Queue()
+        procs = [ctx.Process(target=_bare_worker, args=(cpu, cell, cache_dir, results))
+                 for cpu, cell in zip(cpus, cells)]
+        for proc in procs:
+            proc.start()
+        timings = [results.get() for _ in procs]
+        for proc in procs:
+            proc.join()
+        failed = [t for t in timings if isinstance(t, Exception)]
+        if failed:
+            raise RuntimeError(f"bare worker failed: {failed[0]!r}")
+        if repeat == 0:
+            compile_s = max(c for c, _ in timings)
+        else:
+            steady.append(max(s for _, s in timings))
+    return {"compile_s": compile_s, "steady_s": min(steady)}
+
+
 # ---- (d) PyTorch eager loop ---------------------------------------------------------------------
 def torch_model(torch, spec, data):
     """The task's MLP or CIFAR ResNet (option-A shortcuts, batch norm) in PyTorch."""
@@ -326,6 +408,8 @@ def compare(title: str, make, lrs, repeats: int, workers: int, scratch: Path) ->
             "stabench engine, 1 process": engine}
     log(f"{title}: sweep executor, {workers} workers")
     rows[EVERY_CORE.format(workers)] = executor_every_core(make, lrs, repeats, workers, scratch)
+    log(f"{title}: training math alone, {workers} workers")
+    rows[BARE.format(workers)] = bare_every_core(make, lrs, repeats, workers, scratch)
     log(f"{title}: PyTorch loop")
     torch_row = torch_loop(spec, cell_engine, repeats, 1.0)
     if torch_row:

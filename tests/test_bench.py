@@ -1,14 +1,20 @@
-"""The throughput benchmark's FLOP count: XLA's cost analysis of a program, loops unrolled."""
+"""The throughput benchmark: its FLOP count (XLA's cost analysis of a program, loops unrolled) and
+its row of the training math alone."""
 
 import sys
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-from bench_throughput import counted_flops, unrolled  # noqa: E402
+from bench_throughput import bare_run, counted_flops, unrolled  # noqa: E402
+
+from stabench.config import build_cell, data_source, make_spec, task_of  # noqa: E402
+from stabench.runner import load_data  # noqa: E402
+from stabench.train import Engine  # noqa: E402
 
 N = 128  # elementwise work (N^2 per op) is under 1% of a matmul's 2 N^3
 MATMUL = 2 * N**3
@@ -51,3 +57,21 @@ def test_a_while_loop_cannot_be_counted():
 
     with pytest.raises(ValueError, match="while loop"):
         unrolled(jax.make_jaxpr(loop)(X))
+
+
+def test_training_math_alone_trains_as_the_engine_does():
+    """The bench's bare row times the engine's own training: same losses, step by step, for runs
+    that stay finite (what it leaves out only records and guards)."""
+    spec = make_spec("digits", "clip_norm(max_norm=1.0)", "default", "sgd(momentum=0.9)",
+                     seeds=2, lrs=(0.01, 0.1), overrides={"train.steps": 30,
+                                                         "train.eval_every": 10})
+    seeds, lrs = (np.array(x) for x in zip(*spec.runs))
+
+    def engine():
+        return Engine(build_cell(spec, data_source(task_of(spec))), load_data(spec))
+
+    expected = engine().run(seeds, lrs).telemetry["loss"]
+    _, _, losses = bare_run(engine(), seeds, lrs)
+    assert losses.shape == expected.shape == (4, 30)
+    assert np.all(np.isfinite(expected))
+    np.testing.assert_allclose(losses, expected, rtol=1e-5)
