@@ -73,8 +73,11 @@ def atomic_write(path: Path, payload: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.errno is not None and err.filename is None:
+            # a failed write, flush or rename names no file: name the one being written
+            raise OSError(err.errno, err.strerror, str(path)) from err
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:

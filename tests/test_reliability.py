@@ -335,8 +335,9 @@ def test_disk_full_during_a_record_write_leaves_no_partial_file(tmp_path, monkey
         return real(src, dst)
 
     monkeypatch.setattr(os, "replace", full)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OSError, match="No space left") as failed:
         fake_record(store)
+    assert failed.value.filename.endswith(".json")  # the error names the file it was writing
     assert not list(tmp_path.rglob("*.*"))  # no record, no telemetry, no temp file
     monkeypatch.setattr(os, "replace", real)
     record = fake_record(store)
