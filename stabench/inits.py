@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from .models import MUTABLE, LayerLayout, activation_stds, residual_blocks
@@ -216,13 +217,22 @@ def _plain_only(model: nnx.Module) -> None:
         raise UserError("init 'lsuv' scales each layer to unit output variance, which a "
                         "saturating output cannot reach (rescaling its kernel only saturates it); "
                         f"this {kind}'s {', '.join(bounded)} output is bounded: use lsuv on a "
-                        "plain feed-forward model (mlp, cnn, resnet with residual=false)")
+                        "plain feed-forward model (mlp, cnn, resnet with residual=false and "
+                        "norm=none)")
+    if any(isinstance(m, (nnx.BatchNorm, nnx.LayerNorm, nnx.GroupNorm, nnx.RMSNorm))
+           for _, m in nnx.iter_modules(model)):
+        raise UserError("init 'lsuv' scales each layer to unit output variance, which a "
+                        "normalization layer undoes (its output does not depend on the kernel's "
+                        f"scale); this {kind} has normalization layers (set model.norm=none)")
 
 
 def _lsuv(tol: float, max_iters: int):
     def after(model: nnx.Module, x: jax.Array) -> None:
         graphdef, params, rest = nnx.split(model, nnx.Param, MUTABLE)
         layout = LayerLayout(params, model.layer_order, getattr(model, "stacked_layers", ()))
+        # A layer of k kernels with ReLUs between them (a plain ResNet block) scales its output
+        # by s^k when each kernel is scaled by s: the k-th root of 1/std brings it to unit std.
+        root = jnp.asarray(1.0 / np.maximum(layout.leaf_counts(params), 1), jnp.float32)
 
         def stds(scales):  # inside the loops: nnx modules are merged at the loop's trace level
             scaled = nnx.merge(graphdef, layout.scale(params, scales), rest)
@@ -236,7 +246,7 @@ def _lsuv(tol: float, max_iters: int):
             def rescale(carry):
                 it, scales, std = carry
                 ok = jnp.isfinite(std[i]) & (std[i] > 0)
-                scales = scales.at[i].multiply(jnp.where(ok, 1.0 / std[i], 1.0))
+                scales = scales.at[i].multiply(jnp.where(ok, std[i] ** -root[i], 1.0))
                 return it + 1, scales, stds(scales)
 
             return jax.lax.while_loop(more, rescale, (0, scales, stds(scales)))[1]

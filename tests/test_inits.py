@@ -10,7 +10,7 @@ from flax import nnx
 from stabench.config import build_cell, data_source, task_of
 from stabench.data import Meta
 from stabench.inits import INITS
-from stabench.models import MODELS, activation_stds
+from stabench.models import MODELS, LayerLayout, activation_stds
 from stabench.registry import UserError
 
 from conftest import RESIDUAL, catalog_spec, covers, engine_for
@@ -272,6 +272,24 @@ def test_residual_inits_need_residual_blocks(name):
                               "model.residual=true)")
     with pytest.raises(UserError, match=f"init '{name}' needs residual blocks; this ResNet"):
         built(RESNET + ", residual=False)", name)
+
+
+def test_lsuv_calibrates_a_plain_resnet_whose_blocks_hold_two_convolutions():
+    """Scaling both kernels of a block by s scales its output by s^2: LSUV takes the square root
+    of its correction there, or it overshoots to 1/std and back forever."""
+    init = INITS.get("lsuv")
+    model = MODELS.get("resnet(depth=8, width=8, residual=False, norm='none')")(
+        IMAGE, init.kernel_init, nnx.Rngs(0))
+    init.check(model)
+    x = jax.random.normal(jax.random.key(1), (32, *IMAGE.x_shape))
+    _, params, _ = nnx.split(model, nnx.Param, ...)
+    layout = LayerLayout(params, model.layer_order, model.stacked_layers)
+    assert layout.leaf_counts(params).tolist() == [1, 2, 2, 2, 1]  # stem, 3 blocks, head
+    assert not np.allclose(activation_stds(model, x, layout), 1.0, atol=0.1)
+    init.after(model, x)
+    np.testing.assert_allclose(activation_stds(model, x, layout) ** 2, 1.0, atol=0.01)
+    with pytest.raises(UserError, match="lsuv.*normalization layer undoes.*model.norm=none"):
+        built("resnet(depth=8, width=8, residual=False)", "lsuv")  # batch norm by default
 
 
 @covers("init", "lsuv")

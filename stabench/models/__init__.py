@@ -26,6 +26,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from ..registry import Registry
@@ -80,6 +81,19 @@ class LayerLayout:
 
     def norms(self, tree: Any) -> jax.Array:
         return jnp.sqrt(self.sq_norms(tree))
+
+    def leaf_counts(self, tree: Any, leaf: str = "kernel") -> np.ndarray:
+        """How many leaves named `leaf` each layer holds: the leaves `scale` multiplies by that
+        layer's factor (a plain ResNet block holds two kernels, one after the other)."""
+        counts = np.zeros(len(self), np.int32)
+        for path, value in nnx.to_flat_state(tree):
+            if path[-1] != leaf:
+                continue
+            key = tuple(path[:2]) if len(path) > 2 and isinstance(path[1], int) else path[:1]
+            first = self._first[key]
+            depth = _shape(value)[0] if key[0] in self._stacked else 1
+            counts[first:first + depth] += 1
+        return counts
 
     def scale(self, tree: Any, factors: jax.Array, leaf: str = "kernel") -> Any:
         """Multiply the leaves named `leaf` of each layer by that layer's factor ([layers])."""
