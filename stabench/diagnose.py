@@ -65,7 +65,8 @@ class Explosion:
     onset: int  # the step those layers first jumped (<= step)
     layer_ratios: tuple[tuple[str, float], ...]  # every layer's ratio at `onset`, largest first
     loss_before: float  # mean over the AROUND steps before `step` (NaN: none)
-    loss_after: float  # mean over the AROUND steps from `step` (inf: non-finite)
+    loss_after: float  # mean of the finite losses of the AROUND steps from `step` (inf: the
+    # run froze there)
     recovered_at: int | None  # first step from which a RECOVER_WINDOW mean is within RECOVER_TOL
 
     @property
@@ -108,6 +109,7 @@ class _Series:
         self.loss = np.asarray(loss, np.float64)
         self.grad_norm = np.asarray(grad_norm, np.float64)
         self.bad = ~np.isfinite(self.loss) | ~np.isfinite(self.grad_norm)
+        self.frozen_at = frozen_at
         if frozen_at >= 0:
             self.bad[frozen_at:] = True
         self.median = running_median(self.grad_norm)
@@ -128,8 +130,11 @@ class _Series:
         loss = self.loss
         before = loss[max(0, step - AROUND):step]
         loss_before = float(before.mean()) if before.size else math.nan
-        loss_after = math.inf if self.bad[step:step + AROUND].any() \
-            else float(loss[step:step + AROUND].mean())
+        # a skipped non-finite step is left out; a run that froze has no loss after
+        after = loss[step:step + AROUND]
+        after = after[np.isfinite(after)]
+        froze = 0 <= self.frozen_at < step + AROUND
+        loss_after = math.inf if froze or not after.size else float(after.mean())
         return Explosion(step, "non-finite" if step == first_bad else "grad norm",
                          float(self.grad_norm[step]), float(self.median[step]), layers, onset,
                          ratios, loss_before, loss_after,
@@ -164,8 +169,10 @@ def _recovery(loss: np.ndarray, bad: np.ndarray, step: int, before: float) -> in
         return None
     limit = (1 + RECOVER_TOL) * before
     for t in range(step, len(loss) - RECOVER_WINDOW + 1):
+        # a window holding a non-finite step says nothing yet: a method may have skipped it and
+        # trained on (a frozen run has no clean window left)
         if bad[t:t + RECOVER_WINDOW].any():
-            return None
+            continue
         if loss[t:t + RECOVER_WINDOW].mean() <= limit:
             return t
     return None

@@ -122,7 +122,7 @@ def runs_frame(records: list) -> pd.DataFrame:
             **{k: prov.get(k) for k in PROVENANCE},
         }
         # The loss before any update (step 0) is the same for every LR of a seed; the mean of the
-        # first 10 steps (initial_loss) is not when a large LR blows up within them.
+        # first 10 finite losses (initial_loss) is not when a large LR blows up within them.
         with np.load(rec.path.with_suffix(".npz")) as tel:
             at_init = tel["loss"][:, 0].astype(np.float64)
         for run, loss0 in zip(rec.runs, at_init):
@@ -320,6 +320,8 @@ def _bold_mask(values: pd.Series, direction: str | None) -> pd.Series:
     if direction is None or v.isna().all():
         return pd.Series(False, index=values.index)
     best = v.max() if direction == "max" else v.min()
+    if not np.isfinite(best):  # every entry "never" reached it: nothing to single out
+        return pd.Series(False, index=values.index)
     return v == best
 
 
@@ -426,7 +428,8 @@ def render_overall(board: pd.DataFrame, unsolved: list[str], n_variants: int) ->
     if partial:
         caption += (f" Unranked (rank -): {partial} {'entry' if partial == 1 else 'entries'} that "
                     f"did not run every task "
-                    f"variant; their scores average over the tasks they ran.")
+                    f"variant; their stability and mean rank average over the tasks they ran, "
+                    f"their profile score counts the others as never reaching the target.")
     if unsolved:
         caption += (f" Left out of the profiles because no entry reached the target: "
                     f"{', '.join(unsolved)}.")

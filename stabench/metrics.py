@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 from scipy import stats
 
-INITIAL_STEPS = 10  # initial loss L0: mean of the first 10 steps
+INITIAL_STEPS = 10  # initial loss L0: mean of the first 10 finite losses
 MA_WINDOW = 20  # divergence: 20-step moving average of the loss ...
 MA_START = 20  # ... above max(2 L0, L0 + 1) after step 20
 # the values a metric can take; its intervals are cut to them
@@ -19,15 +19,15 @@ SPIKE_FACTOR, SPIKE_WINDOW = 1.5, 50  # loss spike: loss > 1.5x its 50-step mean
 
 
 def initial_loss(loss: np.ndarray) -> float:
-    """Mean loss of the first 10 steps, but never above the loss before any update (step 0): a
-    large learning rate can blow the loss up within those steps, and an L0 inflated by that would
-    hide the divergence it measures."""
-    head = loss[:INITIAL_STEPS]
-    head = head[np.isfinite(head)]
+    """Mean of the first 10 finite losses, but never above the first of them (the loss before any
+    update, unless a method skipped the steps before it): a large learning rate can blow the loss
+    up within those steps, and an L0 inflated by that would hide the divergence it measures.
+    Skipped non-finite steps leave the parameters as they were, so they are passed over; inf for a
+    run without a finite loss."""
+    head = loss[np.isfinite(loss)][:INITIAL_STEPS]
     if not head.size:
         return math.inf
-    mean = float(head.mean())
-    return min(mean, float(loss[0])) if np.isfinite(loss[0]) else mean
+    return min(float(head.mean()), float(head[0]))
 
 
 def moving_average(x: np.ndarray, window: int) -> np.ndarray:
@@ -57,7 +57,7 @@ def divergence_step(loss: np.ndarray, frozen_at: int) -> int | None:
     limit = max(2 * l0, l0 + 1)
     with np.errstate(invalid="ignore"):
         ma = moving_average(loss, MA_WINDOW)
-        high = ma > limit
+        high = (ma > limit) | (ma == math.inf)  # inf: a window without a finite loss
     high[: MA_START + 1] = False
     hits = np.flatnonzero(bad | high)
     return int(hits[0]) if hits.size else None

@@ -76,6 +76,19 @@ def test_non_finite_and_frozen_runs():
     assert (e.step, e.cause) == (40, "non-finite")
 
 
+def test_a_skipped_non_finite_step_is_a_transient_event_not_a_lasting_explosion():
+    """skip_nonfinite drops a step whose loss and gradient are NaN and trains on: the run is not
+    frozen, so the event is transient and the loss after it is that of the steps it kept."""
+    norms, grad = noisy(200)
+    loss = np.ones(200)
+    loss[100], grad[100], norms[100] = np.nan, np.nan, np.nan
+    diag = dg.diagnose({"loss": loss, "grad_norm": grad, "layer_grad_norm": norms}, LAYERS, RUN)
+    e = diag.explosion
+    assert (e.step, e.cause, e.loss_after, e.recovered_at) == (100, "non-finite", 1.0, 101)
+    assert e.transient and diag.harmful is None and not diag.needs_fix
+    assert diag.divergence is None
+
+
 def test_no_event_on_stationary_noise_or_slow_growth():
     norms, grad = noisy(400)
     assert dg.explosion(np.ones(400), grad, norms, LAYERS) is None

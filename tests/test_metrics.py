@@ -24,6 +24,17 @@ def test_divergence_by_freeze_not_by_a_skipped_nonfinite_step():
     assert metrics.divergence_step(loss, -1) == 49
 
 
+def test_skipped_non_finite_steps_at_the_start_neither_set_nor_hide_l0():
+    # skip_large_updates skipped the first 10 steps (NaN loss, parameters unchanged): L0 is the
+    # mean of the first 10 finite losses, so a later blow-up still counts
+    loss = np.concatenate([np.full(10, np.nan), np.full(40, 2.0), np.full(50, 50.0)])
+    assert metrics.initial_loss(loss) == 2.0
+    assert metrics.divergence_step(loss, -1) == 50  # limit max(4, 3); (50 + 19*2)/20 = 4.4
+    # a run that skipped every step never trained: every window lacks a finite loss
+    assert metrics.initial_loss(np.full(100, np.nan)) == math.inf
+    assert metrics.divergence_step(np.full(100, np.nan), -1) == 21
+
+
 def test_moving_average_of_finite_values():
     x = np.array([1.0, np.nan, 3.0, np.inf, np.nan, np.nan])
     np.testing.assert_array_equal(metrics.moving_average(x, 2),

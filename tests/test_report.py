@@ -182,6 +182,12 @@ def test_significance_marks(board):
     assert a["stability_tie"] is False and c["stability_tie"] is False
 
 
+def test_no_bold_where_every_entry_never_reached_the_target():
+    never = pd.Series([math.inf, math.inf])
+    assert not lb._bold_mask(never, "min").any()
+    assert lb._bold_mask(pd.Series([math.inf, 30.0]), "min").tolist() == [False, True]
+
+
 def test_rendered_table_bolds_the_best_and_marks_ties(board, task_dir):
     records, _ = Store(task_dir).records()
     report = lb.build_report(records)
