@@ -68,7 +68,8 @@ def he_uniform() -> Init:
     return Init(jax.nn.initializers.he_uniform())
 
 
-@INITS.register("orthogonal", help="random orthogonal kernels times gain: W^T W = gain^2 I",
+@INITS.register("orthogonal", help="random (semi-)orthogonal kernels times gain: W^T W = gain^2 I, "
+                "or W W^T where fan_in < fan_out",
                 ref="Saxe et al. 2014")
 def orthogonal(gain: float = 1.0) -> Init:
     if gain <= 0:
@@ -165,7 +166,8 @@ def _fixup(model: nnx.Module, x: jax.Array) -> None:
 
 
 @INITS.register("fixup", help="He init; inside each of the L residual branches of m layers, "
-                "scale by L^(-1/(2m-2)) and zero the last layer; zero the classifier",
+                "scale by L^(-1/(2m-2)) and zero the last layer; zero the classifier (Fixup's "
+                "initialization rules; not its added scalar multipliers and biases)",
                 ref="Zhang et al. 2019 (Fixup)")
 def fixup() -> Init:
     return Init(jax.nn.initializers.he_normal(), check=_needs_residual("fixup", fixup=True),
@@ -180,7 +182,9 @@ def skipinit() -> Init:
 
 
 @INITS.register("rezero", help="x + alpha * F(x) with a learnable alpha initialized at 0 on each "
-                "residual branch", ref="Bachlechner et al. 2020 (ReZero)")
+                "residual branch (as skipinit; ReZero also drops normalization: set "
+                "model.norm=none)",
+                ref="Bachlechner et al. 2020 (ReZero)")
 def rezero() -> Init:
     return Init(model_args=(("branch_gain", 0.0),), check=_needs_residual("rezero", gain=True))
 

@@ -206,10 +206,13 @@ def transform(calls: tuple[Call, ...], optimizer: Optimizer, steps: int,
 
 
 # ---- helpers ---------------------------------------------------------------------------------
+def _key_name(key) -> str:
+    return str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key))))
+
+
 def _part(path) -> str:
     """The top-level part a parameter path belongs to."""
-    head = path[0]
-    return str(getattr(head, "key", getattr(head, "name", getattr(head, "idx", head))))
+    return _key_name(path[0])
 
 
 def _per_layer(tx: optax.GradientTransformation, stacked: tuple[str, ...]):
@@ -360,16 +363,24 @@ def zclip(z: float = 2.5, alpha: float = 0.97, warmup: int = 25,
 
 
 def _trust_ratio(trust: float):
-    """Each layer's input rescaled to norm trust * ||W||: LARS before the optimizer, LAMB after."""
+    """Each layer's input rescaled to norm trust * ||W||: LARS before the optimizer, LAMB after.
+    As optax's lars and lamb: every parameter, biases and norm scales included, and a parameter
+    (or input) of norm 0 passes unscaled, so a zero-initialized bias takes one raw step first."""
     _positive(trust=trust)
     return lambda ctx: _per_layer(optax.scale_by_trust_ratio(trust_coefficient=trust), ctx.stacked)
 
 
 @METHODS.register("lars", help="layer-wise trust ratio on the gradient before the optimizer: "
-                  "each layer's gradient rescaled to norm trust * ||W|| (LARS with sgd+momentum)",
+                  "each parameter's gradient rescaled to norm trust * ||W||, biases included, "
+                  "unscaled where ||W|| = 0 (LARS with sgd+momentum)",
                   ref="You et al. 2017", stage="pre", traced=("trust",))
 def lars(trust: float = 0.001):
     return _trust_ratio(trust)
+
+
+# lookup tables (token embeddings, learned positions): a row's gradient is its token's or
+# position's, and centring over rows would move the rows of tokens the batch never held
+LOOKUP_TABLES = ("embedding", "positions")
 
 
 def _centralize(updates, state, params=None):
@@ -380,12 +391,18 @@ def _centralize(updates, state, params=None):
     return jax.tree.map(one, updates), state
 
 
+def _not_lookup_table(params):
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: _key_name(path[-1]) not in LOOKUP_TABLES, params)
+
+
 @METHODS.register("centralize", help="gradient centralization: subtract from each output unit's "
-                  "weight gradient its mean (weight matrices and conv kernels only)",
+                  "weight gradient its mean (weight matrices and conv kernels only: not biases, "
+                  "embedding or position tables)",
                   ref="Yong et al. 2020", stage="pre")
 def centralize():
     tx = optax.GradientTransformation(optax.init_empty_state, _centralize)
-    return lambda ctx: _per_layer(tx, ctx.stacked)
+    return lambda ctx: optax.masked(_per_layer(tx, ctx.stacked), _not_lookup_table)
 
 
 @METHODS.register("grad_noise", help="add Gaussian noise of variance eta / (1 + t)^gamma to the "
@@ -400,7 +417,8 @@ def grad_noise(eta: float = 0.01, gamma: float = 0.55):
 
 # ---- on the optimizer's direction ("direction") ----------------------------------------------
 @METHODS.register("lamb", help="layer-wise trust ratio on the optimizer's direction before the "
-                  "learning rate: each layer's step rescaled to norm trust * ||W|| (LAMB with adam)",
+                  "learning rate: each parameter's step rescaled to norm trust * ||W|| (LAMB with "
+                  "adam; write weight_decay+lamb for LAMB's decay, which the ratio includes)",
                   ref="You et al. 2020", stage="direction", traced=("trust",))
 def lamb(trust: float = 1.0):
     return _trust_ratio(trust)

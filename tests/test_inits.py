@@ -75,9 +75,10 @@ def test_delta_orthogonal_has_only_an_orthogonal_centre_tap(shape):
                    np.float64)
     centre = tuple((k - 1) // 2 for k in shape[:-2])
     tap = w[centre]
-    others = w.copy()
-    others[centre] = 0.0
-    assert not others.any()
+    if centre:  # a convolution: every tap but the centre is zero
+        others = w.copy()
+        others[centre] = 0.0
+        assert not others.any()
     np.testing.assert_allclose(tap @ tap.T, 4.0 * np.eye(shape[-2]), atol=1e-5)
 
 
