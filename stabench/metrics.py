@@ -123,8 +123,8 @@ def mean_ci(x, level: float = 0.95,
             bounds: tuple[float, float] = UNBOUNDED) -> tuple[float, float, float]:
     """Mean and Student-t interval over seeds, cut to `bounds`, the values the quantity can take
     (the mean lies among them, so the cut keeps the interval's coverage, and an accuracy's interval
-    never reaches below 0); NaN bounds where no interval exists (one seed, or a non-finite
-    value)."""
+    never reaches below 0). NaN values (nothing measured) are left out; NaN bounds where no
+    interval exists (one value left, or an infinite one: a diverged run's loss)."""
     x = np.asarray(x, np.float64)
     x = x[~np.isnan(x)]
     if x.size == 0:
