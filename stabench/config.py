@@ -79,7 +79,8 @@ def _positive_int(name: str, value: Any) -> int:
 
 def parse_lrs(text: str, flag: str = "--lrs") -> tuple[float, ...]:
     try:
-        lrs = tuple(float(x) for x in text.split(",") if x.strip())
+        # an empty entry ("0.1,,1") is a typo, not a value to drop
+        lrs = tuple(float(x) for x in text.split(",")) if text.strip() else ()
     except ValueError:
         raise UserError(f"{flag} must be comma-separated numbers, got '{text}'") from None
     if not lrs or not all(math.isfinite(x) and x > 0 for x in lrs):

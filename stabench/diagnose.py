@@ -64,7 +64,7 @@ class Explosion:
     layers: tuple[str, ...]  # where it started: the earliest layers to jump, largest ratio first
     onset: int  # the step those layers first jumped (<= step)
     layer_ratios: tuple[tuple[str, float], ...]  # every layer's ratio at `onset`, largest first
-    loss_before: float  # mean over the AROUND steps before `step` (NaN: none)
+    loss_before: float  # mean of the finite losses of the AROUND steps before `step` (NaN: none)
     loss_after: float  # mean of the finite losses of the AROUND steps from `step` (inf: the
     # run froze there)
     recovered_at: int | None  # first step from which a RECOVER_WINDOW mean is within RECOVER_TOL
@@ -129,6 +129,7 @@ class _Series:
         layers, onset, ratios = self._origin(step, start)
         loss = self.loss
         before = loss[max(0, step - AROUND):step]
+        before = before[np.isfinite(before)]  # steps a method skipped
         loss_before = float(before.mean()) if before.size else math.nan
         # a skipped non-finite step is left out; a run that froze has no loss after
         after = loss[step:step + AROUND]

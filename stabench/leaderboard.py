@@ -244,10 +244,12 @@ def overall_board(boards: dict[str, pd.DataFrame], task_of_variant: dict[str, st
     shape = (len(entries), len(variants))
     steps, stability, rank = np.full(shape, np.nan), np.full(shape, np.nan), np.full(shape, np.nan)
     div_k, div_n = np.zeros(len(entries), int), np.zeros(len(entries), int)
+    present = np.zeros(shape, bool)
     for j, v in enumerate(variants):
         b = boards[v].set_index(ENTRY)
         for i, e in enumerate(entries):
             if e in b.index:
+                present[i, j] = True
                 steps[i, j] = b.at[e, "steps_to_target"]
                 stability[i, j] = b.at[e, "stability"]
                 rank[i, j] = b.at[e, "rank"]
@@ -259,8 +261,8 @@ def overall_board(boards: dict[str, pd.DataFrame], task_of_variant: dict[str, st
         else np.full(len(entries), np.nan)
     rows = []
     for i, e in enumerate(entries):
-        ran = ~np.isnan(rank[i])
-        w = weights * ran
+        # a task where no entry improved has no stability and no rank, yet the entry ran it
+        ran, has_rank = present[i], ~np.isnan(rank[i])
         ok = ran & ~np.isnan(stability[i])
         p, lo, hi = wilson(int(div_k[i]), int(div_n[i]))
         rows.append({
@@ -268,7 +270,8 @@ def overall_board(boards: dict[str, pd.DataFrame], task_of_variant: dict[str, st
             "stability": float(np.average(stability[i][ok], weights=weights[ok])) if ok.any()
             else math.nan,
             "profile_score": float(scores[i]),
-            "mean_rank": float(np.average(rank[i][ran], weights=w[ran])),
+            "mean_rank": float(np.average(rank[i][has_rank], weights=weights[has_rank]))
+            if has_rank.any() else math.nan,
             "diverged_runs": int(div_k[i]), "runs": int(div_n[i]),
             "diverged_rate": p, "diverged_lo": lo, "diverged_hi": hi,
         })

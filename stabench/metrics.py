@@ -144,7 +144,9 @@ def wilson(k: int, n: int, level: float = 0.95) -> tuple[float, float, float]:
     p = k / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return p, max(0.0, centre - half), min(1.0, centre + half)
+    # at k = 0 (k = n) the bound is 0 (1) exactly; computed, it rounds to about 1e-17 off
+    return (p, 0.0 if k == 0 else max(0.0, centre - half),
+            1.0 if k == n else min(1.0, centre + half))
 
 
 # ---- across runs: learning-rate grids, tasks, comparisons (the leaderboard's statistics) ---------

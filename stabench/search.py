@@ -139,7 +139,8 @@ def train_batch(engine, specs: list[RunSpec], size: int, store) -> list:
     lrs = np.array([lr for spec in padded for _, lr in spec.runs])
     values = np.array([traced_values(resolve(spec.method)) for spec in padded
                        for _ in spec.runs], np.float32).reshape(len(lrs), -1)
-    result = engine.run(seeds, lrs, values=values)
+    # methods without traced arguments (a study that searches nothing) take no per-run values
+    result = engine.run(seeds, lrs, values=values if values.size else None)
     share = 1.0 / len(padded)  # of the program's time, so records' times add up
     timing = {**{k: v * share if k.endswith("_s") else v for k, v in result.timing.items()},
               "program_runs": len(lrs)}

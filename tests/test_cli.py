@@ -39,6 +39,7 @@ def test_run_writes_record_then_reuses_it(tmp_path):
     (("--lrs", "0.1,-1"), "positive finite"),
     (("--lrs", "0.1,nan"), "positive finite"),
     (("--lrs", ""), "positive finite"),
+    (("--lrs", "0.1,,1"), "comma-separated numbers, got '0.1,,1'"),
     (("--lrs", "0.1,0.3,0.1"), "learning rates must be distinct, got [0.1, 0.3, 0.1]"),
     (("--steps", "0"), "--steps must be positive"),
     (("--seeds", "-2"), "--seeds must be positive"),

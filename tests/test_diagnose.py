@@ -87,6 +87,9 @@ def test_a_skipped_non_finite_step_is_a_transient_event_not_a_lasting_explosion(
     assert (e.step, e.cause, e.loss_after, e.recovered_at) == (100, "non-finite", 1.0, 101)
     assert e.transient and diag.harmful is None and not diag.needs_fix
     assert diag.divergence is None
+    grad[125] *= 100  # a spike after it: the skipped step leaves the loss before it measured
+    e = dg.explosions(loss, grad, norms, LAYERS)[1]
+    assert (e.step, e.loss_before, e.recovered_at) == (125, 1.0, 125) and e.transient
 
 
 def test_no_event_on_stationary_noise_or_slow_growth():

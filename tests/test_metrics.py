@@ -65,6 +65,11 @@ def test_loss_spikes_count_once_per_window():
     assert metrics.loss_spikes(loss) == 2
 
 
+def test_wilson_bounds_are_exact_at_none_and_all():
+    for n in range(1, 200):  # computed, the bound at k = 0 can round to 2.8e-17 (n = 6)
+        assert metrics.wilson(0, n)[1] == 0.0 and metrics.wilson(n, n)[2] == 1.0
+
+
 @pytest.mark.parametrize("k, n, lo, hi", [(0, 10, 0.0, 0.2775), (5, 10, 0.2366, 0.7634)])
 def test_wilson_interval_known_values(k, n, lo, hi):
     p, a, b = metrics.wilson(k, n)

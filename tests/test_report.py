@@ -458,3 +458,16 @@ def test_entries_on_different_grids_are_named_in_a_note(tmp_path):
         f"compare different runs: 4 runs (2 seeds, learning rates 0.1, 1) for {clip_norm}; {none}"
         f" | 9 runs (3 seeds, learning rates 0.1, 1, 10) for {clip_value}."]
     assert notes[0] in lb.build_report([*same, wider]).notes
+
+
+def test_report_of_a_task_where_every_run_diverged(tmp_path):
+    """Nothing improved, so no entry has a stability or a rank there: the overall board still
+    counts the task as run and leaves those columns empty (it divided by zero weights)."""
+    from stabench.cli import main
+
+    assert main(["run", "--task", "digits", "--steps", "30", "--seeds", "2", "--lrs", "100,1000",
+                 "--out", str(tmp_path)]) == 0
+    assert main(["report", str(tmp_path), "--no-plots"]) == 0
+    overall = pd.read_csv(tmp_path / "overall.csv")
+    assert overall["tasks"].tolist() == [1] and overall["diverged_rate"].tolist() == [1.0]
+    assert overall[["stability", "mean_rank", "rank"]].isna().all(axis=None)

@@ -66,6 +66,17 @@ def test_traced_runs_of_one_program_equal_their_values_baked_into_their_own(digi
     assert not np.allclose(traced.telemetry["loss"][0], traced.telemetry["loss"][1], rtol=1e-3)
 
 
+def test_an_optuna_study_that_searches_nothing_trains_its_one_cell(tmp_path):
+    """A method without ranges (a baseline beside searched ones) has no traced values to take."""
+    pytest.importorskip("optuna")
+    from stabench.search import run_search
+
+    sweep = SweepSpec(tasks=(TaskEntry("digits", TINY),), methods=("none",), seeds=1,
+                      search="optuna(n=4, batch=2)")
+    [result] = run_search(sweep, parse_search(sweep.search), str(tmp_path), log=lambda _: None)
+    assert result.trained == 1 and len(result.trials) == 1 and np.isfinite(result.trials[0][1])
+
+
 @pytest.mark.slow
 def test_optuna_batches_of_8_compile_each_cell_shape_once_and_replay_from_the_store(tmp_path):
     pytest.importorskip("optuna")
