@@ -57,8 +57,9 @@ def print_record(record, reused: bool) -> None:
     from .leaderboard import lr_table
 
     spec, timing = record.spec, record.data["timing"]
-    print(f"task {spec.task} | method {spec.method} | init {spec.init} | optimizer {spec.optimizer}"
-          f" | {len(spec.seeds)} seeds x {len(spec.lrs)} lrs | {spec.train['steps']} steps")
+    print(f"task {spec.task}{' (fake data)' if spec.fake_data else ''} | method {spec.method} | "
+          f"init {spec.init} | optimizer {spec.optimizer} | {len(spec.seeds)} seeds x "
+          f"{len(spec.lrs)} lrs | {spec.train['steps']} steps")
     print(lr_table(record.runs).to_string(index=False))
     prov = record.data["provenance"]
     print(f"compile {timing['compile_s']:.2f} s | steady {timing['steady_s']:.2f} s | "
@@ -304,6 +305,8 @@ def cmd_diagnose(args) -> int:
             print(f"note: activation stds need the data: {err}", file=sys.stderr)
             data = None
         where, stem = record.path.parent, f"{record.path.stem}.run{args.run}"
+        if args.at_init:  # beside, not over, the run's full diagnosis
+            stem += ".at-init"
     else:
         if args.run != 0:
             raise UserError("--run picks a run of a stored record; a trained diagnosis has one run")
@@ -408,7 +411,8 @@ def build_parser() -> ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
 
     run = sub.add_parser("run", help="train one cell (seeds x learning rates) and store its record")
-    run.add_argument("--task", default="digits", help="task name or alias (see: list tasks)")
+    run.add_argument("--task", default="digits",
+                     help="task name or alias (see: list tasks); default digits, bundled offline")
     run.add_argument("--method", default="none", help="method string, e.g. clip_norm(max_norm=0.5)")
     run.add_argument("--init", default="default", help="init string, e.g. normal(std=0.01)")
     run.add_argument("--optimizer", default=None, help="overrides the task's optimizer")

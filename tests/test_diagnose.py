@@ -362,6 +362,12 @@ def test_diagnose_command_report_and_figure_then_the_same_report_from_the_record
     assert code == 0, err
     assert (tmp_path / "again" / report.name).read_text() == trained
     assert (tmp_path / "again" / figure.name).read_bytes()[:8] == png[:8]
+    # the step-0 signal of the stored run goes beside its full diagnosis, not over it
+    code, _, err = cli(capsys, "diagnose", record, "--at-init")
+    assert code == 0, err
+    assert report.read_text() == trained
+    at_init = report.with_name(f"{record.stem}.run0.at-init.diagnosis.md").read_text()
+    assert at_init != trained and "![per-layer gradient norms" not in at_init  # no figure
 
 
 @pytest.mark.parametrize("args, expected", [
