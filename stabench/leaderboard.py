@@ -151,6 +151,8 @@ def _entry_stats(g: pd.DataFrame, metric: str, mode: str) -> dict:
     at_best = g[g["lr"] == best_lr].sort_values("seed")
     k, n = int(g["diverged"].sum()), len(g)
     _, d_lo, d_hi = wilson(k, n)
+    if k == n:  # every learning rate failed: none is best (the columns at it take the smallest)
+        best_lr = math.nan
     stable = by_lr["diverged"].max() == 0
     reached = by_lr["steps_to_target"].apply(lambda s: bool(np.isfinite(s).all()))
     stable_lrs = stable[stable].index
@@ -380,16 +382,18 @@ def task_caption(variant: str, board: pd.DataFrame, runs: pd.DataFrame) -> str:
     lrs = sorted(runs["lr"].unique())
     fixed = [f"{c} {board[c].iloc[0]}" for c in ("init", "optimizer") if board[c].nunique() == 1]
     return (
-        f"Task {variant}: {len(board)} entries, {runs['seed'].nunique()} seeds x {len(lrs)} learning "
-        f"rates ({', '.join(_fmt(x) for x in lrs)}), {int(runs['steps'].max())} steps"
+        f"Task {variant}: {_entries(len(board))}, {runs['seed'].nunique()} seeds x {len(lrs)} "
+        f"learning rates ({', '.join(_fmt(x) for x in lrs)}), {int(runs['steps'].max())} steps"
         f"{'; ' + ', '.join(fixed) if fixed else ''}. Target: {metric} "
         f"{'at least' if mode == 'max' else 'at most'} {_fmt(value)}. "
         f"{metric} at each entry's best learning rate: mean over seeds with a 95% Student-t "
         f"interval (the best learning rate is the one with the best mean {metric} over seeds: "
         f"chosen on the data it is reported on, with no validation split, so optimistic where "
-        f"seeds disagree). Diverged: share of all runs (every learning rate and seed) with a 95% Wilson "
+        f"seeds disagree; none, -, where every run diverged, and the columns at it then take the "
+        f"smallest). Diverged: share of all runs (every learning rate and seed) with a 95% Wilson "
         f"interval. LR sensitivity (Wortsman et al. 2023): mean over the grid of the final training "
-        f"loss, capped at the loss at initialization, minus its minimum over the grid. Max stable LR: largest "
+        f"loss, capped at the loss at initialization, minus its minimum over the grid (- where no "
+        f"run got below the loss at initialization). Max stable LR: largest "
         f"learning rate where no seed diverged. Stable width: log10 span of consecutive learning "
         f"rates where every seed stays stable and reaches the target. Steps to target: minimum over "
         f"learning rates of the median over seeds. Clipped share (mean) and max grad norm (median) "
@@ -429,12 +433,15 @@ def render_overall(board: pd.DataFrame, unsolved: list[str], n_variants: int) ->
         f"that never reaches the target, or did not run the task, counts as infinitely slow. Mean "
         f"rank: weighted mean of the per-task ranks. Diverged: share of all runs with a 95% Wilson "
         f"interval. Rank by stability; bold: best in the column.")
-    partial = int(board["rank"].isna().sum())
+    partial = int((board["tasks"] < n_variants).sum())
     if partial:
-        caption += (f" Unranked (rank -): {partial} {'entry' if partial == 1 else 'entries'} that "
-                    f"did not run every task "
+        caption += (f" Unranked (rank -): {_entries(partial)} that did not run every task "
                     f"variant; their stability and mean rank average over the tasks they ran, "
                     f"their profile score counts the others as never reaching the target.")
+    failed = int((board["rank"].isna() & (board["tasks"] == n_variants)).sum())
+    if failed:
+        caption += (f" Unranked (rank -): {_entries(failed)} with no stability score: on "
+                    f"every task it ran, no entry improved on the loss at initialization.")
     if unsolved:
         caption += (f" Left out of the profiles because no entry reached the target: "
                     f"{', '.join(unsolved)}.")
@@ -443,6 +450,10 @@ def render_overall(board: pd.DataFrame, unsolved: list[str], n_variants: int) ->
 
 def _plural(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _entries(n: int) -> str:
+    return f"{n} {'entry' if n == 1 else 'entries'}"
 
 
 def _label(text: str) -> str:

@@ -106,6 +106,8 @@ def test_lr_sensitivity_known_answer():
     final = np.repeat([0.5, 0.2, INF], 3)
     assert metrics.lr_sensitivity(lrs, final, np.full(9, 2.0)) == pytest.approx(0.7)
     assert metrics.lr_sensitivity(lrs, np.full(9, 0.3), np.full(9, 2.0)) == 0.0
+    # nothing got below L0 anywhere: failing everywhere is not insensitivity
+    assert math.isnan(metrics.lr_sensitivity(lrs, np.repeat([2.0, 3.0, INF], 3), np.full(9, 2.0)))
 
 
 def test_stable_width_takes_the_widest_consecutive_run():
@@ -471,3 +473,9 @@ def test_report_of_a_task_where_every_run_diverged(tmp_path):
     overall = pd.read_csv(tmp_path / "overall.csv")
     assert overall["tasks"].tolist() == [1] and overall["diverged_rate"].tolist() == [1.0]
     assert overall[["stability", "mean_rank", "rank"]].isna().all(axis=None)
+    (task,) = pd.read_csv(tmp_path / "leaderboard.csv").to_dict("records")
+    # no learning rate is best and failing everywhere is not insensitivity to it
+    assert math.isnan(task["best_lr"]) and math.isnan(task["lr_sensitivity"])
+    report = (tmp_path / "report.md").read_text()
+    assert "1 entry with no stability score" in report and "did not run every" not in report
+
