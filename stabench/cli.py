@@ -71,7 +71,7 @@ def print_record(record, reused: bool) -> None:
 
 
 def cmd_run(args) -> int:
-    from .store import Store
+    from .store import Store, tidy_dirs
 
     spec = _spec_from_args(args)
     store = Store(args.out)
@@ -81,11 +81,18 @@ def cmd_run(args) -> int:
             print_record(record, reused=True)
             return 0
 
-    from tqdm import tqdm
-
-    from .runner import enable_compilation_cache, load_data, run_cell
+    from .runner import load_data
 
     data = load_data(spec, args.data_dir)  # absent data fails here, before anything is written
+    with tidy_dirs(store.path_for(spec).parent):
+        return _train_and_print(args, spec, store, data)
+
+
+def _train_and_print(args, spec, store, data) -> int:
+    from tqdm import tqdm
+
+    from .runner import enable_compilation_cache, run_cell
+
     store.check_writable(spec)
     enable_compilation_cache()
     steps = spec.train["steps"]

@@ -37,7 +37,7 @@ from typing import Iterator, Protocol, Sequence
 from .config import RunSpec, task_of
 from .hardware import usable_cores
 from .registry import UserError
-from .store import Store, check_writable
+from .store import Store, check_writable, tidy_dirs
 
 TRAINED = "trained"  # or failed, when the outcome has an error
 STORED = "stored"  # another process stored the cell before this one could claim it
@@ -104,7 +104,7 @@ def train_one(index: int, spec: RunSpec, store: Store, data: DataCache, on_chunk
     from .runner import run_cell
 
     t0 = time.perf_counter()
-    with store.claim(spec) as mine:
+    with tidy_dirs(store.path_for(spec).parent), store.claim(spec) as mine:
         if not mine:
             return Outcome(index, None, len(spec.runs), 0, 0.0, status=BUSY)
         stored = store.load(spec)
@@ -426,7 +426,11 @@ class Summary:
                  f"results in {out}"]
         for spec, error in self.failed:
             lines.append(f"failed: {cell_label(spec)}: {error}")
-        if self.failed:
+        bad_input = sum(error.startswith("UserError:") for _, error in self.failed)
+        if bad_input:
+            lines.append(f"configuration errors (UserError) in {bad_input} of the failed cells: "
+                         f"retrying repeats them; fix what they name")
+        if len(self.failed) > bad_input:
             lines.append("run the same command again to retry the failed cells")
         return lines
 

@@ -96,6 +96,20 @@ def content_sha256(record: dict) -> str:
     return sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode())
 
 
+@contextlib.contextmanager
+def tidy_dirs(directory: str | os.PathLike) -> Iterator[None]:
+    """The directories up to `directory` that do not exist yet and are empty when the block ends
+    are removed then: a command that fails or is interrupted before writing leaves nothing."""
+    directory = Path(directory).absolute()
+    new = [d for d in (directory, *directory.parents) if not d.exists()]  # deepest first
+    try:
+        yield
+    finally:
+        for d in new:
+            with contextlib.suppress(OSError):  # not empty, or gone
+                d.rmdir()
+
+
 def check_writable(directory: str | os.PathLike) -> None:
     """Fail with one line, before any work, if files cannot be created in `directory`."""
     directory = Path(directory)
@@ -176,9 +190,12 @@ class Store:
         holds it (or, with `wait`, blocks until it is free). The kernel releases the lock of a
         process that dies, so a killed claimant never blocks a cell."""
         path = self.path_for(spec).with_suffix(".lock")
-        path.parent.mkdir(parents=True, exist_ok=True)
         while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except FileNotFoundError:  # a failed claimant removed the directory it had made
+                continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
             except BlockingIOError:

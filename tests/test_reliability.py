@@ -196,6 +196,19 @@ def test_bad_input_to_any_command_exits_2_with_one_line_and_writes_nothing(
     assert not list(tmp_path.iterdir())  # nothing written
 
 
+def test_bad_input_found_while_compiling_leaves_no_directory(tmp_path, capsys):
+    """A layer name is checked against the model only when the program is traced, after the
+    results directory was made for the cell's lock: the failed run removes it again."""
+    from stabench.cli import main
+
+    out = tmp_path / "new" / "results"
+    assert main(["run", "--task", "digits", "--method", "inject_spike(layer='nosuch')", "--steps",
+                 "10", "--out", str(out)]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: layer 'nosuch' is not a layer of this model"), last
+    assert not list(tmp_path.iterdir())
+
+
 # ---- user task files ------------------------------------------------------------------------------
 DIGITS_TOML = (ROOT / "tasks" / "digits.toml").read_text()
 

@@ -173,6 +173,8 @@ def test_a_failing_cell_is_reported_and_the_rest_still_run(tmp_path, monkeypatch
         calls.append(spec.method)
         if spec.method.startswith("clip_norm"):
             raise FloatingPointError("boom")
+        if spec.method.startswith("clip_value"):
+            raise UserError("no such layer")
         on_chunk(spec.train["steps"])
         return Record(store.path_for(spec), {"runs": [{"diverged": 1.0}, {"diverged": 0.0}]})
 
@@ -182,12 +184,17 @@ def test_a_failing_cell_is_reported_and_the_rest_still_run(tmp_path, monkeypatch
     summary = executor.run_sweep(cells, str(tmp_path), executor.SerialExecutor(),
                                  executor.Progress(file=out, disable=False))
     assert calls == [c.method for c in cells]
-    assert (summary.trained, summary.skipped, len(summary.failed)) == (2, 0, 1)
-    assert (summary.runs, summary.diverged) == (4, 2)
+    assert (summary.trained, summary.skipped, len(summary.failed)) == (1, 0, 2)
+    assert (summary.runs, summary.diverged) == (2, 1)
     lines = summary.lines(str(tmp_path))
-    assert "3 cells: 2 trained, 0 skipped (already stored), 1 failed" in lines[0]
+    assert "3 cells: 1 trained, 0 skipped (already stored), 2 failed" in lines[0]
     assert "FloatingPointError: boom (at test_sweep.py:" in lines[1]
-    assert "sweep: 3/3 cells, 1 failed 100%" in out.getvalue()
+    assert "UserError: no such layer" in lines[2]
+    # a configuration error fails the same way again; a crash may not
+    assert lines[3:] == ["configuration errors (UserError) in 1 of the failed cells: retrying "
+                         "repeats them; fix what they name",
+                         "run the same command again to retry the failed cells"]
+    assert "sweep: 3/3 cells, 2 failed 100%" in out.getvalue()
     assert re.search(r"sweep: 1/3 cells  33%\|.*\| \[\d\d:\d\d<\d\d:\d\d\]", out.getvalue())  # ETA
 
 
