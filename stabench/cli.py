@@ -286,7 +286,7 @@ def cmd_diagnose(args) -> int:
     from .data import DataMissing
     from .plots import diagnosis_figure, save_png
     from .runner import diagnose_run, enable_compilation_cache, load_data, train_spec
-    from .store import BadRecord, Store, check_writable, read_record
+    from .store import BadRecord, Store, check_writable, read_record, tidy_dirs
 
     training = [f"--{k.replace('_', '-')}" for k in ("task", "method", "init", "optimizer", "lr",
                                                      "steps", "batch_size") if getattr(args, k)]
@@ -295,6 +295,8 @@ def cmd_diagnose(args) -> int:
         raise UserError(f"give a record or training options, not both ({', '.join(training)})")
     if not args.record and not args.task:
         raise UserError("give a record path (diagnose RECORD) or a task to train (--task NAME)")
+    if args.results is not None and not Path(args.results).is_dir():
+        raise UserError(f"--results: no results directory {args.results}")
     if args.report:
         check_writable(args.report)
     if args.record:
@@ -328,23 +330,23 @@ def cmd_diagnose(args) -> int:
             print(f"reused stored record {record.path}; --force retrains", file=sys.stderr)
             data = load_data(spec, args.data_dir)
         else:
-            store.check_writable(spec)
-            data = load_data(spec, args.data_dir)
-            enable_compilation_cache()
             from tqdm import tqdm
 
-            steps = spec.train["steps"]
-            with tqdm(total=steps, desc=f"{spec.task} {spec.method}", unit="step",
-                      file=sys.stderr, leave=False) as bar:
-                body, arrays = train_spec(spec, data, lambda done: bar.update(done - bar.n))
+            data = load_data(spec, args.data_dir)
+            with tidy_dirs(where):  # bad input found while tracing leaves no directory
+                store.check_writable(spec)
+                enable_compilation_cache()
+                with tqdm(total=spec.train["steps"], desc=f"{spec.task} {spec.method}",
+                          unit="step", file=sys.stderr, leave=False) as bar:
+                    body, arrays = train_spec(spec, data, lambda done: bar.update(done - bar.n))
+                if not args.at_init:
+                    record = store.save(spec, body, arrays)
+                    print(f"record written to {record.path}", file=sys.stderr)
             layer_names = body["layer_names"]
-            if not args.at_init:
-                record = store.save(spec, body, arrays)
-                print(f"record written to {record.path}", file=sys.stderr)
         stem = f"{stem}.run0" if not args.at_init else stem
     diag = diagnose_run(spec, arrays, layer_names, args.run, data,
                         str(record.path) if record is not None else None, args.at_init,
-                        args.results)
+                        args.results or "results")
     out = Path(args.report) if args.report else where
     out.mkdir(parents=True, exist_ok=True)
     report = out / f"{stem}.diagnosis.md"
@@ -423,10 +425,12 @@ def build_parser() -> ArgumentParser:
     run.add_argument("--method", default="none", help="method string, e.g. clip_norm(max_norm=0.5)")
     run.add_argument("--init", default="default", help="init string, e.g. normal(std=0.01)")
     run.add_argument("--optimizer", default=None, help="overrides the task's optimizer")
-    run.add_argument("--seeds", type=int, default=None, help="number of seeds (0..N-1)")
-    run.add_argument("--lrs", default=None, help="comma-separated learning rates")
-    run.add_argument("--steps", type=int, default=None)
-    run.add_argument("--batch-size", type=int, default=None)
+    run.add_argument("--seeds", type=int, default=None,
+                     help="number of seeds, 0..N-1 (default: the task's)")
+    run.add_argument("--lrs", default=None,
+                     help="comma-separated learning rates (default: the task's grid)")
+    run.add_argument("--steps", type=int, default=None, help="training steps (default: the task's)")
+    run.add_argument("--batch-size", type=int, default=None, help="default: the task's")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a task field, e.g. model.depth=20")
     run.add_argument("--fake-data", action="store_true",
@@ -450,9 +454,11 @@ def build_parser() -> ArgumentParser:
         sweep.add_argument(f"--{flag}", nargs="+", action="extend", default=None,
                            help=f"one or more, e.g. {example}; a list argument is a grid")
     sweep.add_argument("--seeds", type=int, default=None, help="seeds per cell (default: task's)")
-    sweep.add_argument("--lrs", default=None, help="learning rates trained inside every cell")
-    sweep.add_argument("--steps", type=int, default=None)
-    sweep.add_argument("--batch-size", type=int, default=None)
+    sweep.add_argument("--lrs", default=None,
+                       help="learning rates trained inside every cell (default: the task's grid)")
+    sweep.add_argument("--steps", type=int, default=None,
+                       help="training steps (default: the task's)")
+    sweep.add_argument("--batch-size", type=int, default=None, help="default: the task's")
     sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a task field; a list for a scalar field is a grid: "
                             "model.depth=[4,8,16]")
@@ -503,9 +509,9 @@ def build_parser() -> ArgumentParser:
     diag.add_argument("--optimizer", default=None, help="overrides the task's optimizer")
     diag.add_argument("--lr", default=None, help="learning rate (default: the middle of the "
                                                  "task's grid)")
-    diag.add_argument("--seed", type=int, default=0)
-    diag.add_argument("--steps", type=int, default=None)
-    diag.add_argument("--batch-size", type=int, default=None)
+    diag.add_argument("--seed", type=int, default=0, help="default 0")
+    diag.add_argument("--steps", type=int, default=None, help="training steps (default: the task's)")
+    diag.add_argument("--batch-size", type=int, default=None, help="default: the task's")
     diag.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="override a task field, e.g. model.depth=30")
     diag.add_argument("--at-init", action="store_true",
@@ -515,7 +521,7 @@ def build_parser() -> ArgumentParser:
     diag.add_argument("--out", default=DEFAULT_OUT,
                       help=f"results directory for the trained record (default {DEFAULT_OUT}/)")
     diag.add_argument("--force", action="store_true", help="retrain even if a record exists")
-    diag.add_argument("--results", default="results",
+    diag.add_argument("--results", default=None,
                       help="where to look for a report's leaderboard.csv ranking this task "
                            "(default results/); without one, rule-based recommendations")
     diag.add_argument("--report", default=None,

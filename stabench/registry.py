@@ -128,7 +128,9 @@ def _coerce(value: Any, param: inspect.Parameter, where: str) -> Any:
     if expected in (float, int, str, bool) and not (
         isinstance(value, expected) and not (expected is not bool and isinstance(value, bool))
     ):
-        raise UserError(f"{where}: {param.name} must be {expected.__name__}, got {value!r}")
+        grid = " (a list is a grid of values: `stabench sweep` trains one cell per value)" \
+            if isinstance(value, list) else ""
+        raise UserError(f"{where}: {param.name} must be {expected.__name__}, got {value!r}{grid}")
     return value
 
 

@@ -341,6 +341,7 @@ def cli(capsys, *args):
 
 def test_diagnose_command_report_and_figure_then_the_same_report_from_the_record(tmp_path, capsys):
     out = tmp_path / "runs"
+    (tmp_path / "no-results").mkdir()  # holds no report: rule-based recommendations
     method = f"inject_spike(step={SPIKE}, layer='blocks[1]')"
     proc = run_cli("diagnose", "--task", "digits", "--method", method, "--lr", "0.05",
                    *[f"--set={k}={v}" for k, v in SMALL.items()], "--out", out,

@@ -176,6 +176,8 @@ def test_random_method_strings_raise_only_user_errors(spec):
     (["diagnose", "--task", "digits", "--batch-size", "5000"], "exceeds the 1438 training"),
     (["diagnose", "--task", "digits", "--set", "train.stepz=1"], "Did you mean 'train.steps'"),
     (["diagnose", "nowhere.json"], "nowhere.json: unreadable record"),
+    (["diagnose", "--task", "digits", "--results", "nowhere"],
+     "--results: no results directory nowhere"),
     (["report", "nowhere"], "no results directory nowhere"),
     (["report", "."], "no usable records in ."),
     (["merge", "merged", "nowhere"], "merge: no results directory nowhere"),
@@ -196,14 +198,15 @@ def test_bad_input_to_any_command_exits_2_with_one_line_and_writes_nothing(
     assert not list(tmp_path.iterdir())  # nothing written
 
 
-def test_bad_input_found_while_compiling_leaves_no_directory(tmp_path, capsys):
+@pytest.mark.parametrize("command", ["run", "diagnose"])
+def test_bad_input_found_while_compiling_leaves_no_directory(tmp_path, capsys, command):
     """A layer name is checked against the model only when the program is traced, after the
-    results directory was made for the cell's lock: the failed run removes it again."""
+    results directory was made for the cell's lock: the failed command removes it again."""
     from stabench.cli import main
 
     out = tmp_path / "new" / "results"
-    assert main(["run", "--task", "digits", "--method", "inject_spike(layer='nosuch')", "--steps",
-                 "10", "--out", str(out)]) == 2
+    assert main([command, "--task", "digits", "--method", "inject_spike(layer='nosuch')",
+                 "--steps", "10", "--out", str(out)]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("error: layer 'nosuch' is not a layer of this model"), last
     assert not list(tmp_path.iterdir())
