@@ -227,7 +227,8 @@ def run_search(sweep: SweepSpec, search: Optuna, out: str, data_dir: str | None 
     results = []
     compiles = backend_compiles()
     for k, study in enumerate(todo, 1):
-        log(f"study {k}/{len(todo)}: {study.label()}")
+        log(f"study {k}/{len(todo)}: {study.label()}"
+            + ("" if study.dims else f" | searches nothing: one cell, not {search.n} trials"))
         probe = study.trial_spec({n: r.low for n, _, r in study.dims})
         results.append(run_study(study, search, store, data(probe), engines, log))
     trained = sum(r.trained for r in results)

@@ -46,6 +46,7 @@ def test_run_writes_record_then_reuses_it(tmp_path):
     (("--batch-size", "5000"), "exceeds the 1438 training examples"),
     (("--set", "model.nope=3"), "unknown argument 'nope'"),
     (("--set", "train.stepz=3"), "Valid keys"),
+    (("--set", "model.depth=[2,4]"), "a list is a grid of values: `stabench sweep`"),
     (("--steps", "ten"), "invalid int value"),
 ])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, args, expected):

@@ -73,8 +73,10 @@ def test_an_optuna_study_that_searches_nothing_trains_its_one_cell(tmp_path):
 
     sweep = SweepSpec(tasks=(TaskEntry("digits", TINY),), methods=("none",), seeds=1,
                       search="optuna(n=4, batch=2)")
-    [result] = run_search(sweep, parse_search(sweep.search), str(tmp_path), log=lambda _: None)
+    lines = []
+    [result] = run_search(sweep, parse_search(sweep.search), str(tmp_path), log=lines.append)
     assert result.trained == 1 and len(result.trials) == 1 and np.isfinite(result.trials[0][1])
+    assert lines[0].endswith("searches nothing: one cell, not 4 trials"), lines[0]
 
 
 @pytest.mark.slow
