@@ -173,7 +173,10 @@ def task_board(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per entry (method, init, optimizer) of one task variant; numeric columns, per-seed
     samples (`*_seeds`) and significance flags (`*_tie`: not distinguishable from the best)."""
     metric, mode = runs["target_metric"].iloc[0], runs["target_mode"].iloc[0]
-    gain = improvement(runs["final_train_loss"], runs["init_loss"])
+    # One starting point for every entry: from each run's own, an init that starts higher would
+    # gain credit for the loss it added.
+    start = float(np.nanmedian(runs["init_loss"])) if runs["init_loss"].notna().any() else math.nan
+    gain = improvement(runs["final_train_loss"], np.full(len(runs), start))
     runs = runs.assign(_gain=gain)
     groups = list(runs.groupby(ENTRY, sort=True))
     best_gain = max(g.groupby("lr")["_gain"].mean().max() for _, g in groups)
@@ -398,8 +401,9 @@ def task_caption(variant: str, board: pd.DataFrame, runs: pd.DataFrame) -> str:
         f"rates where every seed stays stable and reaches the target. Steps to target: minimum over "
         f"learning rates of the median over seeds. Clipped share (mean) and max grad norm (median) "
         f"over the seeds at the best learning rate. Stability: mean over all runs of the loss "
-        f"improvement (loss at initialization minus final loss, at least 0) divided by the best mean "
-        f"improvement any entry reaches at one learning rate on this task; rank by stability. "
+        f"improvement (the median loss at initialization over this task's runs, one start for "
+        f"every entry, minus the final loss, at least 0) divided by the best mean improvement any "
+        f"entry reaches at one learning rate on this task; rank by stability. "
         f"Bold: best in the column. {MARK}: not significantly different from the best (two-sided "
         f"Welch t-test over seeds for {metric} and stability, Fisher's exact test for divergence; "
         f"alpha = {ALPHA}, no correction for multiple comparisons).")

@@ -165,10 +165,11 @@ def lr_sensitivity(lrs, final_loss, initial) -> float:
 
 
 def improvement(final_loss, initial) -> np.ndarray:
-    """Loss improvement of each run, L0 - min(final loss, L0): zero for a run that diverged or
-    never got below its start."""
+    """Loss improvement of each run, L0 - min(final loss, L0): zero for a run that diverged (an
+    infinite or NaN final loss) or never got below its start."""
     initial = np.asarray(initial, np.float64)
-    return initial - np.minimum(np.asarray(final_loss, np.float64), initial)
+    final = np.asarray(final_loss, np.float64)
+    return initial - np.minimum(np.where(np.isnan(final), np.inf, final), initial)
 
 
 def stable_width(lrs, ok) -> float:

@@ -208,6 +208,21 @@ def test_rendered_table_bolds_the_best_and_marks_ties(board, task_dir):
     assert "| **1** | clip_norm(max_norm=1.0) |" in md and "Welch t-test" in table.caption
 
 
+def test_stability_measures_every_entry_from_one_starting_loss(tmp_path):
+    """An init whose loss starts higher (4 against 2) and ends where the other's does gains no
+    credit for the loss it added: both improve on the task's median start (3) by 2."""
+    store = Store(tmp_path)
+    fake_record(store, init="default", init_loss=2.0)
+    fake_record(store, init="he_normal", init_loss=4.0)
+    records, _ = store.records()
+    (board,) = lb.build_report(records).boards.values()
+    assert board["stability"].tolist() == [1.0, 1.0] and board["rank"].tolist() == [1, 1]
+
+
+def test_improvement_counts_a_nan_or_infinite_final_loss_as_none():
+    assert metrics.improvement([math.nan, INF, 0.5, 3.0], 2.0).tolist() == [0.0, 0.0, 1.5, 0.0]
+
+
 def test_overall_board_weights_each_task_once():
     def board(rows):
         return pd.DataFrame([dict(zip(["method", "init", "optimizer", "steps_to_target", "stability",
