@@ -142,21 +142,22 @@ class _Series:
                          _recovery(loss, self.bad, step, loss_before))
 
     def _origin(self, step: int, start: int):
-        """The layers whose own grad norm jumped first: among the MEDIAN_WINDOW steps up to `step`
-        (none before `start`), the earliest where some layer exceeds EXPLODE_FACTOR x its own
-        running median; ties ordered by that ratio, then by the ratio one step earlier. Without
-        such a step, the largest ratio at `step`."""
+        """The layers whose own grad norm jumped first: in the unbroken stretch of steps that ends
+        at `step` (at most MEDIAN_WINDOW long, none before `start`) where some layer exceeds
+        EXPLODE_FACTOR x its own running median, the layers above it at the stretch's first step;
+        ties ordered by that ratio, then by the ratio one step earlier. A blip that subsided
+        before the stretch is not the origin. None when no layer is above it at `step`."""
         ratios, names = self.layer_ratios, self.names
         lo = max(start, step - MEDIAN_WINDOW)
         with np.errstate(invalid="ignore"):
             jumped = ratios[lo:step + 1] > EXPLODE_FACTOR
-        if jumped.any():
-            onset = lo + int(np.argmax(jumped.any(axis=1)))
-            chosen = np.flatnonzero(jumped[onset - lo])
+        some = jumped.any(axis=1)
+        if some[-1]:
+            quiet = np.flatnonzero(~some)
+            first = int(quiet[-1]) + 1 if quiet.size else 0
+            onset, chosen = lo + first, np.flatnonzero(jumped[first])
         else:
-            onset = step
-            known = ~np.isnan(ratios[step])
-            chosen = np.array([int(np.nanargmax(ratios[step]))]) if known.any() else np.array([], int)
+            onset, chosen = step, np.array([], int)
         now = np.nan_to_num(ratios[onset], nan=-np.inf)
         prev = np.nan_to_num(ratios[onset - 1], nan=-np.inf) if onset > 0 else np.zeros(len(names))
         order = sorted(chosen, key=lambda j: (-now[j], -prev[j]))
@@ -448,8 +449,11 @@ def _event_lines(e: Explosion) -> list[str]:
         lines.append(f"- step {e.step}: global grad norm {_g(e.grad_norm)} = {_g(e.ratio)}x its "
                      f"median over the previous {MEDIAN_WINDOW} steps ({_g(e.median)})")
     when = "at that step" if e.onset == e.step else f"at step {e.onset}"
+    history = any(math.isfinite(r) for _, r in e.layer_ratios)
     lines.append(f"- started in: {_names(e.layers)} (first to exceed {EXPLODE_FACTOR:g}x "
                  f"its own median, {when})" if e.layers else
+                 f"- started in: undetermined (no layer's grad norm exceeded {EXPLODE_FACTOR:g}x "
+                 f"its own median at the step)" if history else
                  "- started in: undetermined (too little history before the step)")
     top = ", ".join(f"{n} {_g(r)}x" for n, r in e.layer_ratios[:SHOW_LAYERS])
     lines.append(f"- layer ratios to their own median at step {e.onset}: {top}")

@@ -6,6 +6,7 @@ Definitions of every column are in the captions the tables carry (DESIGN section
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -151,8 +152,8 @@ def _entry_stats(g: pd.DataFrame, metric: str, mode: str) -> dict:
     at_best = g[g["lr"] == best_lr].sort_values("seed")
     k, n = int(g["diverged"].sum()), len(g)
     _, d_lo, d_hi = wilson(k, n)
-    if k == n:  # every learning rate failed: none is best (the columns at it take the smallest)
-        best_lr = math.nan
+    if len(quality) > 1 and quality.nunique(dropna=False) == 1:
+        best_lr = math.nan  # none is better (every run diverged, say): the columns take the smallest
     stable = by_lr["diverged"].max() == 0
     reached = by_lr["steps_to_target"].apply(lambda s: bool(np.isfinite(s).all()))
     stable_lrs = stable[stable].index
@@ -233,10 +234,20 @@ def _mark_ties(board: pd.DataFrame) -> None:
 
 
 # ---- overall leaderboard -----------------------------------------------------------------------
-def task_weights(variants: list[str], task_of_variant: dict[str, str]) -> np.ndarray:
-    """Each task counts once; its variants (depths, sizes) share its weight."""
+def task_weights(variants: list[str], task_of_variant: dict[str, str], used=None) -> np.ndarray:
+    """Each task counts once; its variants (depths, sizes) share its weight. Only the `used`
+    variants (a mask; default all) count: a task's weight goes to those of its variants that have
+    a value, the others weigh 0."""
+    used = np.ones(len(variants), bool) if used is None else np.asarray(used, bool)
     names = [task_of_variant[v] for v in variants]
-    return np.array([1.0 / names.count(n) for n in names])
+    counts = {n: sum(u for m, u in zip(names, used) if m == n) for n in names}
+    return np.array([1.0 / counts[n] if u else 0.0 for n, u in zip(names, used)])
+
+
+def profile_weights(variants: list[str], task_of_variant: dict[str, str],
+                    ratios: np.ndarray) -> np.ndarray:
+    """Task weights over the variants some entry brought to the target (the profiles' tasks)."""
+    return task_weights(variants, task_of_variant, ~np.isnan(ratios).all(axis=0))
 
 
 def overall_board(boards: dict[str, pd.DataFrame], task_of_variant: dict[str, str]) -> tuple[
@@ -245,7 +256,6 @@ def overall_board(boards: dict[str, pd.DataFrame], task_of_variant: dict[str, st
     the variants no entry brought to its target (left out of the profiles)."""
     variants = sorted(boards)
     entries = sorted({tuple(r) for b in boards.values() for r in b[ENTRY].itertuples(index=False)})
-    weights = task_weights(variants, task_of_variant)
     shape = (len(entries), len(variants))
     steps, stability, rank = np.full(shape, np.nan), np.full(shape, np.nan), np.full(shape, np.nan)
     div_k, div_n = np.zeros(len(entries), int), np.zeros(len(entries), int)
@@ -262,8 +272,9 @@ def overall_board(boards: dict[str, pd.DataFrame], task_of_variant: dict[str, st
                 div_n[i] += b.at[e, "runs"]
     ratios = performance_ratios(steps)
     unsolved = [v for j, v in enumerate(variants) if np.isnan(ratios[:, j]).all()]
-    scores = profile_score(ratios, weights) if len(unsolved) < len(variants) \
-        else np.full(len(entries), np.nan)
+    scores = np.full(len(entries), np.nan) if len(unsolved) == len(variants) else profile_score(
+        ratios, profile_weights(variants, task_of_variant, ratios))
+    weigh = functools.partial(task_weights, variants, task_of_variant)
     rows = []
     for i, e in enumerate(entries):
         # a task where no entry improved has no stability and no rank, yet the entry ran it
@@ -272,10 +283,10 @@ def overall_board(boards: dict[str, pd.DataFrame], task_of_variant: dict[str, st
         p, lo, hi = wilson(int(div_k[i]), int(div_n[i]))
         rows.append({
             **dict(zip(ENTRY, e)), "tasks": int(ran.sum()),
-            "stability": float(np.average(stability[i][ok], weights=weights[ok])) if ok.any()
+            "stability": float(np.average(stability[i][ok], weights=weigh(ok)[ok])) if ok.any()
             else math.nan,
             "profile_score": float(scores[i]),
-            "mean_rank": float(np.average(rank[i][has_rank], weights=weights[has_rank]))
+            "mean_rank": float(np.average(rank[i][has_rank], weights=weigh(has_rank)[has_rank]))
             if has_rank.any() else math.nan,
             "diverged_runs": int(div_k[i]), "runs": int(div_n[i]),
             "diverged_rate": p, "diverged_lo": lo, "diverged_hi": hi,
@@ -392,11 +403,11 @@ def task_caption(variant: str, board: pd.DataFrame, runs: pd.DataFrame) -> str:
         f"{metric} at each entry's best learning rate: mean over seeds with a 95% Student-t "
         f"interval (the best learning rate is the one with the best mean {metric} over seeds: "
         f"chosen on the data it is reported on, with no validation split, so optimistic where "
-        f"seeds disagree; none, -, where every run diverged, and the columns at it then take the "
-        f"smallest). Diverged: share of all runs (every learning rate and seed) with a 95% Wilson "
+        f"seeds disagree; none, -, where every learning rate scores the same, as when every run "
+        f"diverged, and the columns at it then take the smallest). Diverged: share of all runs (every learning rate and seed) with a 95% Wilson "
         f"interval. LR sensitivity (Wortsman et al. 2023): mean over the grid of the final training "
-        f"loss, capped at the loss at initialization, minus its minimum over the grid (- where no "
-        f"run got below the loss at initialization). Max stable LR: largest "
+        f"loss, capped at the loss at initialization, minus its minimum over the grid (- for one "
+        f"learning rate or where no run got below the loss at initialization). Max stable LR: largest "
         f"learning rate where no seed diverged. Stable width: log10 span of consecutive learning "
         f"rates where every seed stays stable and reaches the target. Steps to target: minimum over "
         f"learning rates of the median over seeds. Clipped share (mean) and max grad norm (median) "
@@ -406,7 +417,8 @@ def task_caption(variant: str, board: pd.DataFrame, runs: pd.DataFrame) -> str:
         f"entry reaches at one learning rate on this task; rank by stability. "
         f"Bold: best in the column. {MARK}: not significantly different from the best (two-sided "
         f"Welch t-test over seeds for {metric} and stability, Fisher's exact test for divergence; "
-        f"alpha = {ALPHA}, no correction for multiple comparisons).")
+        f"alpha = {ALPHA}, no correction for multiple comparisons"
+        f"{'; with one seed none is possible, so no mark' if runs['seed'].nunique() < 2 else ''}).")
 
 
 def render_overall(board: pd.DataFrame, unsolved: list[str], n_variants: int) -> Table:

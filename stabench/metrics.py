@@ -153,13 +153,13 @@ def wilson(k: int, n: int, level: float = 0.95) -> tuple[float, float, float]:
 def lr_sensitivity(lrs, final_loss, initial) -> float:
     """Wortsman et al. 2023: mean over the LR grid of (min(final loss, L0) - best of those over the
     grid). Each run's final loss is capped at its own initial loss L0 (a diverged run counts as L0)
-    and averaged over the seeds of its LR. NaN where no run got below L0: a grid that failed
-    everywhere is not insensitive to the learning rate."""
+    and averaged over the seeds of its LR. NaN for a grid of one LR, and where no run got below L0:
+    a grid that failed everywhere is not insensitive to the learning rate."""
     initial = np.asarray(initial, np.float64)
     capped = np.minimum(np.asarray(final_loss, np.float64), initial)
-    if not (capped < initial).any():
-        return math.nan
     lrs = np.asarray(lrs)
+    if len(np.unique(lrs)) < 2 or not (capped < initial).any():
+        return math.nan
     per_lr = np.array([capped[lrs == lr].mean() for lr in np.unique(lrs)])
     return float((per_lr - per_lr.min()).mean())
 

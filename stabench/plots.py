@@ -276,7 +276,7 @@ def _depth_points(report, by_hash: dict) -> pd.DataFrame | None:
 
 def report_figures(report, records: list, directory: Path) -> dict[str, list[tuple[str, Path]]]:
     """Draw the report's figures into `directory`; returns section -> [(title, path stem)]."""
-    from .leaderboard import _label, task_weights
+    from .leaderboard import _label, profile_weights
 
     figures: dict[str, list[tuple[str, Path]]] = {"overall": []}
     by_hash = {r.spec.hash: r for r in records}
@@ -301,7 +301,7 @@ def report_figures(report, records: list, directory: Path) -> dict[str, list[tup
         variants = sorted(report.boards)
         task_of = dict(zip(report.used["variant"], report.used["task"]))
         figures["overall"].append(("performance profiles", save(performance_profiles(
-            labels, report.ratios, task_weights(variants, task_of),
+            labels, report.ratios, profile_weights(variants, task_of, report.ratios),
             overall["profile_score"].to_numpy()), directory / "profiles")))
     points = _depth_points(report, by_hash)
     if points is not None:

@@ -60,6 +60,26 @@ def test_the_layer_that_jumped_earliest_is_named_first():
     assert e.step == 102 and e.onset == 100 and e.layers == ("input",)
 
 
+def test_a_layer_blip_that_subsided_before_the_explosion_is_not_its_origin():
+    norms, _ = noisy(200)
+    norms[100, 2] *= 15  # blocks[1] blips alone; the global norm stays well below 10x
+    norms[130:, 1] *= 100  # then blocks[0] explodes and stays up
+    grad = np.sqrt((norms ** 2).sum(1))
+    e = dg.explosion(np.ones(200), grad, norms, LAYERS)
+    assert (e.step, e.onset, e.layers) == (130, 130, ("blocks[0]",))
+
+
+def test_an_event_no_layer_explains_names_no_origin():
+    """The loss went NaN while every layer's gradient stayed ordinary: no layer is blamed."""
+    norms, grad = noisy(100)
+    loss = np.ones(100)
+    loss[70:] = np.nan
+    e = dg.explosion(loss, grad, norms, LAYERS, frozen_at=70)
+    assert (e.step, e.cause, e.layers) == (70, "non-finite", ())
+    assert "- started in: undetermined (no layer's grad norm exceeded 10x its own median at " \
+           "the step)" in "\n".join(dg._event_lines(e))
+
+
 def test_non_finite_and_frozen_runs():
     norms, grad = noisy(100)
     loss = np.ones(100)

@@ -106,6 +106,7 @@ def test_lr_sensitivity_known_answer():
     final = np.repeat([0.5, 0.2, INF], 3)
     assert metrics.lr_sensitivity(lrs, final, np.full(9, 2.0)) == pytest.approx(0.7)
     assert metrics.lr_sensitivity(lrs, np.full(9, 0.3), np.full(9, 2.0)) == 0.0
+    assert math.isnan(metrics.lr_sensitivity(np.ones(3), [0.5, 0.2, 0.3], np.full(3, 2.0)))
     # nothing got below L0 anywhere: failing everywhere is not insensitivity
     assert math.isnan(metrics.lr_sensitivity(lrs, np.repeat([2.0, 3.0, INF], 3), np.full(9, 2.0)))
 
@@ -256,6 +257,25 @@ def test_overall_board_weights_each_task_once():
     assert not table.bold.iloc[2].any()  # z's top stability is not the ranked best
     assert table.bold.at[0, "stability"]
     assert "Unranked (rank -): 1 entry that did not run every task variant" in table.caption
+
+
+def test_a_task_keeps_its_weight_when_one_of_its_variants_has_no_value():
+    """Variant a[2] was brought to the target by no entry and improved by none: task a's weight
+    goes to a[1] alone, so a and b still count once each."""
+    def board(rows):
+        return pd.DataFrame([dict(zip(["method", "init", "optimizer", "steps_to_target", "stability",
+                                       "rank", "diverged_runs", "runs"], r)) for r in rows])
+    boards = {"a[1]": board([("x", "d", "o", 100, 0.8, 1, 0, 10), ("y", "d", "o", INF, 0.4, 2, 0, 10)]),
+              "a[2]": board([("x", "d", "o", INF, math.nan, math.nan, 10, 10),
+                             ("y", "d", "o", INF, math.nan, math.nan, 10, 10)]),
+              "b": board([("x", "d", "o", INF, 0.2, 2, 0, 10), ("y", "d", "o", 50, 1.0, 1, 0, 10)])}
+    overall, _, unsolved = lb.overall_board(boards, {"a[1]": "a", "a[2]": "a", "b": "b"})
+    o = overall.set_index("method")
+    assert unsolved == ["a[2]"]
+    assert o.at["x", "profile_score"] == pytest.approx(0.5)  # a solved at ratio 1, b never
+    assert o.at["y", "profile_score"] == pytest.approx(0.5)
+    assert o.at["x", "stability"] == pytest.approx((0.8 + 0.2) / 2)
+    assert o.at["y", "mean_rank"] == pytest.approx((2 + 1) / 2)
 
 
 # ---- LaTeX ------------------------------------------------------------------------------------------
