@@ -233,8 +233,11 @@ def _optuna_sweep(args, spec, search, out: str) -> int:
         for study in found:
             dims = ", ".join(name for name, _, _ in study.dims) or "nothing (one cell)"
             print(f"study {study.label()} | searches {dims}")
-        print(f"{len(found)} studies of {search.n} trials, {search.batch} per compiled batch; "
-              f"results in {out}")
+        searched = sum(bool(study.dims) for study in found)
+        sizes = [f"{searched} of {search.n} trials"] * bool(searched) + \
+            [f"{len(found) - searched} of one cell"] * bool(len(found) - searched)
+        print(f"{len(found)} {'study' if len(found) == 1 else 'studies'}: {', '.join(sizes)}; "
+              f"{search.batch} trials per compiled batch; results in {out}")
         return 0
     run_search(spec, search, out, args.data_dir)
     return 0
@@ -283,6 +286,15 @@ def _diagnose_spec(args):
 
 
 def cmd_diagnose(args) -> int:
+    from .store import tidy_dirs
+
+    if not args.report:
+        return _diagnose(args)
+    with tidy_dirs(args.report):  # made before the record's --run is checked
+        return _diagnose(args)
+
+
+def _diagnose(args) -> int:
     from .data import DataMissing
     from .plots import diagnosis_figure, save_png
     from .runner import diagnose_run, enable_compilation_cache, load_data, train_spec
@@ -307,7 +319,7 @@ def cmd_diagnose(args) -> int:
         spec, arrays, layer_names = record.spec, record.telemetry(), record.data["layer_names"]
         if not 0 <= args.run < len(spec.runs):
             raise UserError(f"--run must lie in 0..{len(spec.runs) - 1}: the record has "
-                            f"{len(spec.runs)} runs")
+                            f"{len(spec.runs)} run{'' if len(spec.runs) == 1 else 's'}")
         try:
             data = load_data(spec, args.data_dir)
         except DataMissing as err:

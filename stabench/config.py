@@ -14,7 +14,7 @@ from .inits import INITS
 from .models import MODELS
 from .optimizers import OPTIMIZERS
 from .registry import Call, UserError, closest
-from .tasks import TARGET_METRICS, TaskSpec, all_tasks, get_task, with_overrides
+from .tasks import LOSS_OF, TARGET_METRICS, TaskSpec, all_tasks, get_task, with_overrides
 
 FORMAT_VERSION = 2
 
@@ -103,8 +103,9 @@ def make_spec(task: str, method: str = "none", init: str = "default", optimizer:
     try:  # a wrong dataset or model argument is an error in the task file (or in --set)
         source = data_source(spec_task)
         MODELS.get(spec_task.component("model"))
+        _check_loss_fits(spec_task, source.meta)
     except UserError as err:
-        by_set = any(k.startswith(("dataset.", "model.")) for k in overrides or {})
+        by_set = any(k.startswith(("dataset.", "model.", "loss", "target.")) for k in overrides or {})
         raise UserError(f"{spec_task.source}{' with --set' if by_set else ''}: {err}") from None
     n_train = fake_sizes(source.meta)[0] if fake_data else source.meta.n_train
     if train["batch_size"] > n_train:
@@ -123,6 +124,17 @@ def make_spec(task: str, method: str = "none", init: str = "default", optimizer:
     cell = build_cell(spec, source)  # factories check their own arguments now, not mid-sweep
     _check_model_fits(cell, spec_task)
     return spec
+
+
+def _check_loss_fits(task: TaskSpec, meta) -> None:
+    """Cross-entropy needs class labels, MSE real targets; a regression has no accuracy."""
+    kind, wanted = meta.task_type, LOSS_OF[meta.task_type]
+    if task.loss != wanted:
+        raise UserError(f"loss '{task.loss}' does not fit dataset "
+                        f"{task.config['dataset']['name']}, a {kind}: its loss is '{wanted}'")
+    if kind == "regression" and task.config["target"]["metric"] == "test_accuracy":
+        raise UserError(f"target.metric 'test_accuracy' does not fit dataset "
+                        f"{task.config['dataset']['name']}, a regression: use 'test_loss'")
 
 
 def _check_model_fits(cell, task: TaskSpec) -> None:

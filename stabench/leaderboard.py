@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from .metrics import (METRIC_RANGES, fisher_p, improvement, lr_sensitivity, mean_ci,
+from .metrics import (MA_START, METRIC_RANGES, fisher_p, improvement, lr_sensitivity, mean_ci,
                       performance_ratios, profile_score, stable_width, welch_p, wilson)
 from .store import Store, check_writable, commit_label
 
@@ -418,7 +418,10 @@ def task_caption(variant: str, board: pd.DataFrame, runs: pd.DataFrame) -> str:
         f"Bold: best in the column. {MARK}: not significantly different from the best (two-sided "
         f"Welch t-test over seeds for {metric} and stability, Fisher's exact test for divergence; "
         f"alpha = {ALPHA}, no correction for multiple comparisons"
-        f"{'; with one seed none is possible, so no mark' if runs['seed'].nunique() < 2 else ''}).")
+        f"{'; with one seed none is possible, so no mark' if runs['seed'].nunique() < 2 else ''})."
+        + (f" These runs are too short for the loss rule of divergence (a moving average after step "
+           f"{MA_START}): only a run that went non-finite counts as diverged."
+           if int(runs["steps"].max()) <= MA_START + 1 else ""))
 
 
 def render_overall(board: pd.DataFrame, unsolved: list[str], n_variants: int) -> Table:

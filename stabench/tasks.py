@@ -22,7 +22,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-LOSSES = ("cross_entropy", "mse")
+LOSS_OF = {"classification": "cross_entropy", "regression": "mse"}  # a dataset's task_type
+LOSSES = tuple(LOSS_OF.values())
 TARGET_METRICS = {"test_accuracy": "max", "test_loss": "min"}
 
 # section -> field -> (type, required)
@@ -114,6 +115,10 @@ def validate(doc: dict, source: str) -> dict:
         raise UserError(
             f"{source}: field 'target.metric' must be one of {', '.join(TARGET_METRICS)}"
         )
+    value = doc["target"]["value"]
+    if not (0 <= value <= 1 if doc["target"]["metric"] == "test_accuracy" else value > 0):
+        raise UserError(f"{source}: field 'target.value' must lie in [0, 1] for test_accuracy and "
+                        f"be positive for test_loss, got {value}")
     for section in OPEN_SECTIONS:
         spec = ", ".join(f"{k}={v!r}" for k, v in doc[section].items() if k != "name")
         parse_call(f"{doc[section]['name']}({spec})", section)
@@ -199,9 +204,13 @@ def with_overrides(task: TaskSpec, overrides: dict[str, Any]) -> TaskSpec:
                 [k for k, v in doc.items() if not isinstance(v, dict)]
                 + [f"{s}.{k}" for s, t in doc.items() if isinstance(t, dict) for k in t]
             )
+            # the open sections also take any argument of their factory, this one perhaps
+            guesses = valid + [f"{s}.{field}" for s in OPEN_SECTIONS]
             raise UserError(
-                f"--set: no key '{key}' in task {task.name}.{closest(key, valid)}"
-                f" Valid keys: {', '.join(valid)}"
+                f"--set: no key '{key}' in task {task.name}.{closest(key, guesses)}"
+                f" Valid keys: {', '.join(valid)}; and {', '.join(f'{s}.ARG' for s in OPEN_SECTIONS)}"
+                f" for any argument of the task's dataset or model (see: stabench list datasets, "
+                f"list models)"
             )
         table[field] = value
     return TaskSpec(task.name, validate(doc, f"{task.source} with --set"), task.source)

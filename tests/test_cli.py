@@ -47,6 +47,12 @@ def test_run_writes_record_then_reuses_it(tmp_path):
     (("--set", "model.nope=3"), "unknown argument 'nope'"),
     (("--set", "train.stepz=3"), "Valid keys"),
     (("--set", "model.depth=[2,4]"), "a list is a grid of values: `stabench sweep`"),
+    (("--set", "loss=mse"), "loss 'mse' does not fit dataset digits, a classification: its loss "
+                            "is 'cross_entropy'"),
+    (("--task", "teacher", "--set", "target.metric=test_accuracy"),
+     "target.metric 'test_accuracy' does not fit dataset teacher, a regression"),
+    (("--set", "target.value=5"), "field 'target.value' must lie in [0, 1] for test_accuracy"),
+    (("--set", "modl.residual=true"), "Did you mean 'model.residual'?"),
     (("--steps", "ten"), "invalid int value"),
 ])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, args, expected):

@@ -178,6 +178,8 @@ def test_random_method_strings_raise_only_user_errors(spec):
     (["diagnose", "nowhere.json"], "nowhere.json: unreadable record"),
     (["diagnose", "--task", "digits", "--results", "nowhere"],
      "--results: no results directory nowhere"),
+    (["diagnose", str(ROOT / "results" / "default" / "adding" / "2d02c898d7d396c9.json"), "--run",
+      "99", "--report", "figures"], "--run must lie in 0..14: the record has 15 runs"),
     (["report", "nowhere"], "no results directory nowhere"),
     (["report", "."], "no usable records in ."),
     (["merge", "merged", "nowhere"], "merge: no results directory nowhere"),

@@ -502,7 +502,7 @@ def test_report_of_a_task_where_every_run_diverged(tmp_path):
     counts the task as run and leaves those columns empty (it divided by zero weights)."""
     from stabench.cli import main
 
-    assert main(["run", "--task", "digits", "--steps", "30", "--seeds", "2", "--lrs", "100,1000",
+    assert main(["run", "--task", "digits", "--steps", "20", "--seeds", "2", "--lrs", "100,1000",
                  "--out", str(tmp_path)]) == 0
     assert main(["report", str(tmp_path), "--no-plots"]) == 0
     overall = pd.read_csv(tmp_path / "overall.csv")
@@ -513,4 +513,5 @@ def test_report_of_a_task_where_every_run_diverged(tmp_path):
     assert math.isnan(task["best_lr"]) and math.isnan(task["lr_sensitivity"])
     report = (tmp_path / "report.md").read_text()
     assert "1 entry with no stability score" in report and "did not run every" not in report
+    assert "These runs are too short for the loss rule of divergence" in report  # 20 steps
 

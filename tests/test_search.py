@@ -159,7 +159,8 @@ def test_optuna_dry_run_lists_one_study_per_combination_of_the_lists(capsys):
                      "clip_norm(max_norm=loguniform(0.1,1))+warmup(steps=[10,20])", "none",
                      "--search", "optuna(n=6, batch=3)", "--dry-run", "--out", "unused"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert len(out) == 4 and out[-1].startswith("3 studies of 6 trials, 3 per compiled batch")
+    assert len(out) == 4 and out[-1].startswith(
+        "3 studies: 2 of 6 trials, 1 of one cell; 3 trials per compiled batch")
     assert "searches clip_norm.max_norm#0" in out[0] and "warmup(steps=10)" in out[0]
     assert "searches nothing (one cell)" in out[2]
     assert isinstance(parse_search("optuna(n=6, batch=3)"), Optuna)
