@@ -71,7 +71,9 @@ class Explosion:
 
     @property
     def ratio(self) -> float:
-        return self.grad_norm / self.median if self.median > 0 else math.nan
+        if self.median > 0:
+            return self.grad_norm / self.median
+        return math.inf if self.median == 0 and self.grad_norm > 0 else math.nan
 
     @property
     def transient(self) -> bool:

@@ -189,8 +189,10 @@ def task_board(runs: pd.DataFrame) -> pd.DataFrame:
         row.update(quality_metric=metric, quality_mode=mode, quality_mean=m, quality_lo=lo,
                    quality_hi=hi)
         if best_gain > 0:
+            # the mean of the per-seed values the significance test compares (with every seed
+            # on every learning rate, the mean over all runs)
             per_seed = g.groupby("seed")["_gain"].mean() / best_gain
-            row.update(stability=float(g["_gain"].mean() / best_gain),
+            row.update(stability=float(per_seed.mean()),
                        stability_seeds=per_seed.to_numpy(np.float64))
         else:  # nothing improved on this task: no scale to measure stability against
             row.update(stability=math.nan, stability_seeds=np.array([]))
@@ -411,7 +413,8 @@ def task_caption(variant: str, board: pd.DataFrame, runs: pd.DataFrame) -> str:
         f"learning rate where no seed diverged. Stable width: log10 span of consecutive learning "
         f"rates where every seed stays stable and reaches the target. Steps to target: minimum over "
         f"learning rates of the median over seeds. Clipped share (mean) and max grad norm (median) "
-        f"over the seeds at the best learning rate. Stability: mean over all runs of the loss "
+        f"over the seeds at the best learning rate. Stability: mean over seeds of the mean over "
+        f"their runs (all runs, on a full grid) of the loss "
         f"improvement (the median loss at initialization over this task's runs, one start for "
         f"every entry, minus the final loss, at least 0) divided by the best mean improvement any "
         f"entry reaches at one learning rate on this task; rank by stability. "

@@ -80,6 +80,15 @@ def test_an_event_no_layer_explains_names_no_origin():
            "the step)" in "\n".join(dg._event_lines(e))
 
 
+def test_a_gradient_rising_from_a_zero_median_has_an_infinite_ratio():
+    norms = np.zeros((100, len(LAYERS)))
+    norms[80:] = 1e-9
+    grad = np.sqrt((norms ** 2).sum(1))
+    e = dg.explosion(np.ones(100), grad, norms, LAYERS)
+    assert (e.step, e.cause, e.median, e.ratio) == (80, "grad norm", 0.0, math.inf)
+    assert "= infx its median" in "\n".join(dg._event_lines(e))
+
+
 def test_non_finite_and_frozen_runs():
     norms, grad = noisy(100)
     loss = np.ones(100)
