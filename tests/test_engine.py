@@ -95,6 +95,16 @@ def test_a_cell_evaluates_every_eval_every_steps_and_after_the_last_until_every_
     assert result.timing["steps_done"] == 10 and np.isnan(result.evals["test_loss"]).all()
 
 
+def test_without_gradient_methods_the_optimizer_sees_the_raw_gradient(digits_data):
+    """'none' (and a cell of only learning-rate methods) skips comparing the gradient with
+    itself: nothing changed, and the norm the optimizer saw is the gradient's."""
+    for method in ("none", "warmup(steps=5)"):
+        spec = tiny_spec(method, steps=20, lrs=(0.1,))
+        tel = engine_for(spec, digits_data).run(np.array([0]), np.array([0.1])).telemetry
+        assert (tel["changed"] == 0).all()
+        np.testing.assert_allclose(tel["grad_norm_post"], tel["grad_norm"], rtol=1e-6)
+
+
 @pytest.mark.parametrize("max_norm, clipped", [(0.01, True), (1e6, False)])
 def test_clip_norm_bounds_post_transform_norm(digits_data, max_norm, clipped):
     spec = tiny_spec(f"clip_norm(max_norm={max_norm})", steps=40, lrs=(0.1, 0.5))
