@@ -261,6 +261,9 @@ def cmd_merge(args) -> int:
     copied, present, bad = merge(args.out, args.sources)
     for message in bad:
         print(f"skipped {message}", file=sys.stderr)
+    for source in args.sources:  # a shard with no cells, or a mistyped directory
+        if not any(Path(source).rglob("*.json")):
+            print(f"note: {source} holds no records", file=sys.stderr)
     print(f"merged into {args.out}: {copied} records copied, {present} already there, "
           f"{len(bad)} skipped")
     return 0

@@ -200,6 +200,15 @@ def test_bad_input_to_any_command_exits_2_with_one_line_and_writes_nothing(
     assert not list(tmp_path.iterdir())  # nothing written
 
 
+def test_merge_names_a_source_without_records(tmp_path, capsys):
+    from stabench.cli import main
+
+    (tmp_path / "empty").mkdir()
+    assert main(["merge", str(tmp_path / "out"), str(tmp_path / "empty")]) == 0
+    out, err = capsys.readouterr()
+    assert "0 records copied" in out and f"note: {tmp_path / 'empty'} holds no records" in err
+
+
 @pytest.mark.parametrize("command", ["run", "diagnose"])
 def test_bad_input_found_while_compiling_leaves_no_directory(tmp_path, capsys, command):
     """A layer name is checked against the model only when the program is traced, after the
