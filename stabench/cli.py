@@ -525,7 +525,8 @@ def build_parser() -> ArgumentParser:
     diag.add_argument("--lr", default=None, help="learning rate (default: the middle of the "
                                                  "task's grid)")
     diag.add_argument("--seed", type=int, default=0, help="default 0")
-    diag.add_argument("--steps", type=int, default=None, help="training steps (default: the task's)")
+    diag.add_argument("--steps", type=int, default=None,
+                      help="training steps (default: the task's)")
     diag.add_argument("--batch-size", type=int, default=None, help="default: the task's")
     diag.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="override a task field, e.g. model.depth=30")

@@ -105,7 +105,8 @@ def make_spec(task: str, method: str = "none", init: str = "default", optimizer:
         MODELS.get(spec_task.component("model"))
         _check_loss_fits(spec_task, source.meta)
     except UserError as err:
-        by_set = any(k.startswith(("dataset.", "model.", "loss", "target.")) for k in overrides or {})
+        fields = ("dataset.", "model.", "loss", "target.")
+        by_set = any(k.startswith(fields) for k in overrides or {})
         raise UserError(f"{spec_task.source}{' with --set' if by_set else ''}: {err}") from None
     n_train = fake_sizes(source.meta)[0] if fake_data else source.meta.n_train
     if train["batch_size"] > n_train:
@@ -128,13 +129,13 @@ def make_spec(task: str, method: str = "none", init: str = "default", optimizer:
 
 def _check_loss_fits(task: TaskSpec, meta) -> None:
     """Cross-entropy needs class labels, MSE real targets; a regression has no accuracy."""
-    kind, wanted = meta.task_type, LOSS_OF[meta.task_type]
+    kind, wanted, dataset = meta.task_type, LOSS_OF[meta.task_type], task.config["dataset"]["name"]
     if task.loss != wanted:
-        raise UserError(f"loss '{task.loss}' does not fit dataset "
-                        f"{task.config['dataset']['name']}, a {kind}: its loss is '{wanted}'")
+        raise UserError(f"loss '{task.loss}' does not fit dataset {dataset}, a {kind}: its loss "
+                        f"is '{wanted}'")
     if kind == "regression" and task.config["target"]["metric"] == "test_accuracy":
-        raise UserError(f"target.metric 'test_accuracy' does not fit dataset "
-                        f"{task.config['dataset']['name']}, a regression: use 'test_loss'")
+        raise UserError(f"target.metric 'test_accuracy' does not fit dataset {dataset}, a "
+                        f"regression: use 'test_loss'")
 
 
 def _check_model_fits(cell, task: TaskSpec) -> None:

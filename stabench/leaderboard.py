@@ -153,7 +153,7 @@ def _entry_stats(g: pd.DataFrame, metric: str, mode: str) -> dict:
     k, n = int(g["diverged"].sum()), len(g)
     _, d_lo, d_hi = wilson(k, n)
     if len(quality) > 1 and quality.nunique(dropna=False) == 1:
-        best_lr = math.nan  # none is better (every run diverged, say): the columns take the smallest
+        best_lr = math.nan  # none is better (every run diverged, say); columns take the smallest
     stable = by_lr["diverged"].max() == 0
     reached = by_lr["steps_to_target"].apply(lambda s: bool(np.isfinite(s).all()))
     stable_lrs = stable[stable].index
@@ -177,7 +177,7 @@ def task_board(runs: pd.DataFrame) -> pd.DataFrame:
     # One starting point for every entry: from each run's own, an init that starts higher would
     # gain credit for the loss it added.
     start = float(np.nanmedian(runs["init_loss"])) if runs["init_loss"].notna().any() else math.nan
-    gain = improvement(runs["final_train_loss"], np.full(len(runs), start))
+    gain = improvement(runs["final_train_loss"], start)
     runs = runs.assign(_gain=gain)
     groups = list(runs.groupby(ENTRY, sort=True))
     best_gain = max(g.groupby("lr")["_gain"].mean().max() for _, g in groups)
@@ -397,6 +397,10 @@ def task_caption(variant: str, board: pd.DataFrame, runs: pd.DataFrame) -> str:
     value = runs["target_value"].iloc[0]
     lrs = sorted(runs["lr"].unique())
     fixed = [f"{c} {board[c].iloc[0]}" for c in ("init", "optimizer") if board[c].nunique() == 1]
+    one_seed = "; with one seed none is possible, so no mark" if runs["seed"].nunique() < 2 else ""
+    short = (f" These runs are too short for the loss rule of divergence (a moving average after "
+             f"step {MA_START}): only a run that went non-finite counts as diverged."
+             if int(runs["steps"].max()) <= MA_START + 1 else "")
     return (
         f"Task {variant}: {_entries(len(board))}, {runs['seed'].nunique()} seeds x {len(lrs)} "
         f"learning rates ({', '.join(_fmt(x) for x in lrs)}), {int(runs['steps'].max())} steps"
@@ -406,25 +410,22 @@ def task_caption(variant: str, board: pd.DataFrame, runs: pd.DataFrame) -> str:
         f"interval (the best learning rate is the one with the best mean {metric} over seeds: "
         f"chosen on the data it is reported on, with no validation split, so optimistic where "
         f"seeds disagree; none, -, where every learning rate scores the same, as when every run "
-        f"diverged, and the columns at it then take the smallest). Diverged: share of all runs (every learning rate and seed) with a 95% Wilson "
-        f"interval. LR sensitivity (Wortsman et al. 2023): mean over the grid of the final training "
-        f"loss, capped at the loss at initialization, minus its minimum over the grid (- for one "
-        f"learning rate or where no run got below the loss at initialization). Max stable LR: largest "
-        f"learning rate where no seed diverged. Stable width: log10 span of consecutive learning "
-        f"rates where every seed stays stable and reaches the target. Steps to target: minimum over "
-        f"learning rates of the median over seeds. Clipped share (mean) and max grad norm (median) "
-        f"over the seeds at the best learning rate. Stability: mean over seeds of the mean over "
-        f"their runs (all runs, on a full grid) of the loss "
-        f"improvement (the median loss at initialization over this task's runs, one start for "
-        f"every entry, minus the final loss, at least 0) divided by the best mean improvement any "
-        f"entry reaches at one learning rate on this task; rank by stability. "
-        f"Bold: best in the column. {MARK}: not significantly different from the best (two-sided "
-        f"Welch t-test over seeds for {metric} and stability, Fisher's exact test for divergence; "
-        f"alpha = {ALPHA}, no correction for multiple comparisons"
-        f"{'; with one seed none is possible, so no mark' if runs['seed'].nunique() < 2 else ''})."
-        + (f" These runs are too short for the loss rule of divergence (a moving average after step "
-           f"{MA_START}): only a run that went non-finite counts as diverged."
-           if int(runs["steps"].max()) <= MA_START + 1 else ""))
+        f"diverged, and the columns at it then take the smallest). Diverged: share of all runs "
+        f"(every learning rate and seed) with a 95% Wilson interval. LR sensitivity (Wortsman et "
+        f"al. 2023): mean over the grid of the final training loss, capped at the loss at "
+        f"initialization, minus its minimum over the grid (- for one learning rate or where no "
+        f"run got below the loss at initialization). Max stable LR: largest learning rate where "
+        f"no seed diverged. Stable width: log10 span of consecutive learning rates where every "
+        f"seed stays stable and reaches the target. Steps to target: minimum over learning rates "
+        f"of the median over seeds. Clipped share (mean) and max grad norm (median) over the "
+        f"seeds at the best learning rate. Stability: mean over seeds of the mean over their runs "
+        f"(all runs, on a full grid) of the loss improvement (the median loss at initialization "
+        f"over this task's runs, one start for every entry, minus the final loss, at least 0) "
+        f"divided by the best mean improvement any entry reaches at one learning rate on this "
+        f"task; rank by stability. Bold: best in the column. {MARK}: not significantly different "
+        f"from the best (two-sided Welch t-test over seeds for {metric} and stability, Fisher's "
+        f"exact test for divergence; alpha = {ALPHA}, no correction for multiple comparisons"
+        f"{one_seed}).{short}")
 
 
 def render_overall(board: pd.DataFrame, unsolved: list[str], n_variants: int) -> Table:

@@ -158,9 +158,10 @@ def lr_sensitivity(lrs, final_loss, initial) -> float:
     initial = np.asarray(initial, np.float64)
     capped = np.minimum(np.asarray(final_loss, np.float64), initial)
     lrs = np.asarray(lrs)
-    if len(np.unique(lrs)) < 2 or not (capped < initial).any():
+    grid = np.unique(lrs)
+    if len(grid) < 2 or not (capped < initial).any():
         return math.nan
-    per_lr = np.array([capped[lrs == lr].mean() for lr in np.unique(lrs)])
+    per_lr = np.array([capped[lrs == lr].mean() for lr in grid])
     return float((per_lr - per_lr.min()).mean())
 
 

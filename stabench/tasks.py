@@ -208,9 +208,9 @@ def with_overrides(task: TaskSpec, overrides: dict[str, Any]) -> TaskSpec:
             guesses = valid + [f"{s}.{field}" for s in OPEN_SECTIONS]
             raise UserError(
                 f"--set: no key '{key}' in task {task.name}.{closest(key, guesses)}"
-                f" Valid keys: {', '.join(valid)}; and {', '.join(f'{s}.ARG' for s in OPEN_SECTIONS)}"
-                f" for any argument of the task's dataset or model (see: stabench list datasets, "
-                f"list models)"
+                f" Valid keys: {', '.join(valid)}; and "
+                f"{', '.join(f'{s}.ARG' for s in OPEN_SECTIONS)} for any argument of the task's "
+                f"dataset or model (see: stabench list datasets, list models)"
             )
         table[field] = value
     return TaskSpec(task.name, validate(doc, f"{task.source} with --set"), task.source)
