@@ -19,7 +19,9 @@ from .registry import parse_call, split_plus
 
 EXPLODE_FACTOR = 10.0  # explosion: grad norm above 10x ...
 MEDIAN_WINDOW = 50  # ... its median over the previous 50 steps
-MIN_HISTORY = 10  # a step is judged only once at least this many earlier steps are finite
+# Every step after the first is judged: training that blows up at a high learning rate often does
+# so within its first few steps, against a baseline of the steps before it
+MIN_HISTORY = 1
 AROUND = 20  # loss mean over the 20 steps before and the 20 steps from the event
 RECOVER_TOL = 0.10  # recovered: a 10-step loss mean back within 10% of the pre-event mean
 RECOVER_WINDOW = 10
@@ -231,7 +233,7 @@ class Diagnosis:
     signal: Signal
     at_init_only: bool = False
     events: tuple[Explosion, ...] = ()  # see `explosions`
-    divergence: int | None = None  # DESIGN section 4 divergence step; None: did not diverge
+    divergence: int | None = None  # metrics.divergence_step; None: did not diverge
     vanishing: Vanishing | None = None
     recommendations: tuple[Recommendation, ...] = field(default=())
 
@@ -448,8 +450,9 @@ def _event_lines(e: Explosion) -> list[str]:
         lines.append(f"- step {e.step}: first non-finite loss, gradient or parameters "
                      f"(grad norm {_g(e.grad_norm)}, running median {_g(e.median)})")
     else:
+        window = min(e.step, MEDIAN_WINDOW)
         lines.append(f"- step {e.step}: global grad norm {_g(e.grad_norm)} = {_g(e.ratio)}x its "
-                     f"median over the previous {MEDIAN_WINDOW} steps ({_g(e.median)})")
+                     f"median over the previous {_plural(window, 'step')} ({_g(e.median)})")
     when = "at that step" if e.onset == e.step else f"at step {e.onset}"
     history = any(math.isfinite(r) for _, r in e.layer_ratios)
     lines.append(f"- started in: {_names(e.layers)} (first to exceed {EXPLODE_FACTOR:g}x "

@@ -128,6 +128,27 @@ def test_no_event_on_stationary_noise_or_slow_growth():
     assert dg.explosion(np.ones(400), grad * growth, norms * growth[:, None], LAYERS) is None
 
 
+def test_a_blow_up_in_the_first_steps_is_found_where_it_starts():
+    # a high learning rate: the gradient grows 30x, then 400x a step, the loss with it, until the
+    # ReLUs die and the gradient is 0 for the rest of training (every value stays finite)
+    norms, _ = noisy(200)
+    norms[1:6] *= np.array([30.0, 1.3e4, 5e8, 3e16, 1e17])[:, None]
+    norms[6:, :3] = 0.0
+    grad = np.sqrt((norms ** 2).sum(1))
+    loss = np.full(200, 9e23)
+    loss[:6] = [2.9, 9.5, 3e3, 1e8, 1e15, 1e20]
+    diag = dg.diagnose({"loss": loss, "grad_norm": grad, "layer_grad_norm": norms}, LAYERS, RUN)
+    e = diag.explosion
+    assert (e.step, e.cause, e.median, e.transient) == (1, "grad norm", grad[0], False)
+    assert e.ratio == pytest.approx(grad[1] / grad[0])
+    assert diag.vanishing.after_explosion == 1  # the dead layers are its consequence
+    assert "median over the previous 1 step (" in dg.to_markdown(diag)
+    # stationary noise from the first step on: the short early baselines raise no event
+    for seed in range(20):
+        norms, grad = noisy(60, seed=seed)
+        assert dg.explosion(np.ones(60), grad, norms, LAYERS) is None
+
+
 def test_transient_spikes_are_listed_and_the_explosion_that_mattered_is_found():
     norms, _ = noisy(300)
     norms[100, 2] *= 60  # two spikes the loss does not notice ...
