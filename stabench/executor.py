@@ -8,10 +8,10 @@ first's cells and takes over those whose holder died. `run_sweep` skips cells al
 (resume) and counts what happened. Another engine plugs in by implementing `Executor`:
 `RayExecutor` runs each cell as a Ray task on a cluster.
 
-On a CPU host one process leaves cores idle at these model sizes (DESIGN section 3), so the local
-executor runs one worker process per core, each pinned to its core before JAX starts (XLA then
-sizes its thread pool to that core, and the engine trains the cell's runs in groups that fit the
-core's L2 cache). Workers are long-lived: each keeps its loaded dataset and JAX's in-memory caches
+On a CPU host one process leaves cores idle at these model sizes (XLA:CPU keeps a second core
+mostly idle), so the local executor runs one worker process per core, each pinned to its core
+before JAX starts (XLA then sizes its thread pool to that core, and the engine trains the cell's
+runs in groups that fit the core's L2 cache). Workers are long-lived: each keeps its loaded dataset and JAX's in-memory caches
 across cells and uses the persistent compilation cache.
 """
 

@@ -1,7 +1,7 @@
 """Tables from stored records: a cell's per-learning-rate table, per-task and overall leaderboards,
 and the report's files (Markdown, LaTeX via pandas Styler, CSV, long-form Parquet).
 
-Definitions of every column are in the captions the tables carry (DESIGN section 4).
+Definitions of every column are in the captions the tables carry (and in the README).
 """
 
 from __future__ import annotations
@@ -450,12 +450,12 @@ def render_overall(board: pd.DataFrame, unsolved: list[str], n_variants: int) ->
                          else pd.Series(False, index=frame.index) for c in frame.columns})
     caption = (
         f"Overall, across {_plural(n_variants, 'task variant')} (each task counts once; its "
-        f"variants share its weight). Stability: weighted mean of the per-task stability scores. Profile score "
-        f"(AlgoPerf): (1/3) times the integral from 1 to 4 of rho(tau), the weighted share of tasks "
+        f"variants share its weight). Tasks: the task variants an entry ran. Stability: weighted "
+        f"mean of the per-task stability scores. Profile score (AlgoPerf): (1/3) times the integral from 1 to 4 of rho(tau), the weighted share of tasks "
         f"an entry brings to the target within tau times the fewest steps any entry needs; an entry "
         f"that never reaches the target, or did not run the task, counts as infinitely slow. Mean "
         f"rank: weighted mean of the per-task ranks. Diverged: share of all runs with a 95% Wilson "
-        f"interval. Rank by stability; bold: best in the column.")
+        f"interval. Rank by stability; bold: best in the column among ranked entries.")
     partial = int((board["tasks"] < n_variants).sum())
     if partial:
         caption += (f" Unranked (rank -): {_entries(partial)} that did not run every task "
@@ -577,7 +577,7 @@ def _provenance(runs: pd.DataFrame, directory: Path) -> list[str]:
     commits = sorted({commit_label(c, d)
                       for c, d in zip(cells["git_commit"], cells["git_dirty"])})
     return [
-        f"- records: {len(cells)} cells, {len(runs)} runs, read from `{directory}`",
+        f"- records: {len(cells)} cells, {len(runs)} runs stored, read from `{directory}`",
         f"- hardware: {'; '.join(devices)}",
         f"- software: {'; '.join(versions)}; stabench git {', '.join(commits)}",
         f"- trained: {cells['date'].min()} to {cells['date'].max()}; compile "
@@ -622,9 +622,11 @@ def write_report(directory: str | Path, out: str | Path | None = None, plots: bo
                for v, b in report.boards.items()]
     lines = ["# stabench report", ""]
     lines += [f"> Note: {n}" for n in report.notes] + ([""] if report.notes else [])
+    repeats = len(report.runs) - len(report.used)
+    counted = f" counted ({len(report.runs)} stored, {repeats} of them repeats)" if repeats else ""
     lines += [f"{_plural(report.runs['spec_hash'].nunique(), 'cell')}, "
-              f"{_plural(len(report.used), 'run')}, {_plural(len(report.boards), 'task variant')}.",
-              ""]
+              f"{_plural(len(report.used), 'run')}{counted}, "
+              f"{_plural(len(report.boards), 'task variant')}.", ""]
     for table, key in zip(tables, ["overall", *report.boards]):
         lines += [f"## {'Overall' if key == 'overall' else key}", "", to_markdown(table), "",
                   table.caption, ""]

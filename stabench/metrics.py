@@ -1,4 +1,5 @@
-"""Stability and accuracy metrics from telemetry (pure numpy), as DESIGN.md section 4 defines them."""
+"""Stability and accuracy metrics from telemetry (pure numpy), as the README's Metrics section and
+the leaderboard captions define them."""
 
 from __future__ import annotations
 
@@ -151,10 +152,11 @@ def wilson(k: int, n: int, level: float = 0.95) -> tuple[float, float, float]:
 
 # ---- across runs: learning-rate grids, tasks, comparisons (the leaderboard's statistics) ---------
 def lr_sensitivity(lrs, final_loss, initial) -> float:
-    """Wortsman et al. 2023: mean over the LR grid of (min(final loss, L0) - best of those over the
-    grid). Each run's final loss is capped at its own initial loss L0 (a diverged run counts as L0)
-    and averaged over the seeds of its LR. NaN for a grid of one LR, and where no run got below L0:
-    a grid that failed everywhere is not insensitive to the learning rate."""
+    """Wortsman et al. 2023: mean over the LR grid of (min(final loss, start) - best of those over
+    the grid). Each run's final loss is capped at its own starting loss `initial` (the leaderboard
+    passes its loss at step 0; a diverged run counts as that) and averaged over the seeds of its
+    LR. NaN for a grid of one LR, and where no run got below its start: a grid that failed
+    everywhere is not insensitive to the learning rate."""
     initial = np.asarray(initial, np.float64)
     capped = np.minimum(np.asarray(final_loss, np.float64), initial)
     lrs = np.asarray(lrs)
