@@ -11,8 +11,8 @@ first's cells and takes over those whose holder died. `run_sweep` skips cells al
 On a CPU host one process leaves cores idle at these model sizes (XLA:CPU keeps a second core
 mostly idle), so the local executor runs one worker process per core, each pinned to its core
 before JAX starts (XLA then sizes its thread pool to that core, and the engine trains the cell's
-runs in groups that fit the core's L2 cache). Workers are long-lived: each keeps its loaded dataset and JAX's in-memory caches
-across cells and uses the persistent compilation cache.
+runs in groups that fit the core's L2 cache). Workers are long-lived: each keeps its loaded
+dataset and JAX's in-memory caches across cells and uses the persistent compilation cache.
 """
 
 from __future__ import annotations

@@ -451,10 +451,10 @@ def render_overall(board: pd.DataFrame, unsolved: list[str], n_variants: int) ->
     caption = (
         f"Overall, across {_plural(n_variants, 'task variant')} (each task counts once; its "
         f"variants share its weight). Tasks: the task variants an entry ran. Stability: weighted "
-        f"mean of the per-task stability scores. Profile score (AlgoPerf): (1/3) times the integral from 1 to 4 of rho(tau), the weighted share of tasks "
-        f"an entry brings to the target within tau times the fewest steps any entry needs; an entry "
-        f"that never reaches the target, or did not run the task, counts as infinitely slow. Mean "
-        f"rank: weighted mean of the per-task ranks. Diverged: share of all runs with a 95% Wilson "
+        f"mean of the per-task stability scores. Profile score (AlgoPerf): (1/3) times the "
+        f"integral from 1 to 4 of rho(tau), the weighted share of tasks an entry brings to the "
+        f"target within tau times the fewest steps any entry needs; an entry that never reaches "
+        f"the target, or did not run the task, counts as infinitely slow. Mean rank: weighted mean of the per-task ranks. Diverged: share of all runs with a 95% Wilson "
         f"interval. Rank by stability; bold: best in the column among ranked entries.")
     partial = int((board["tasks"] < n_variants).sum())
     if partial:
