@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Iterator, Protocol, Sequence
 
 from .config import RunSpec, task_of
-from .hardware import usable_cores
+from .hardware import code_state, usable_cores
 from .registry import UserError
 from .store import Store, check_writable, tidy_dirs
 
@@ -172,6 +172,7 @@ def _worker(slot: int, cpu: int | None, out: str, data_dir: str | None, inbox, r
         return
     if cpu is not None and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {cpu})
+    code_state()  # the code this worker runs, as it starts
     from .runner import enable_compilation_cache
 
     enable_compilation_cache()

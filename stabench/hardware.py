@@ -1,11 +1,12 @@
-"""Facts about the host's CPU: what sizing decisions need and what records name; no JAX here, so
-the executor can ask them before a worker starts JAX."""
+"""Facts about the host's CPU and the code it runs: what sizing decisions need and what records
+name; no JAX here, so the executor can ask them before a worker starts JAX."""
 
 from __future__ import annotations
 
 import functools
 import os
 import platform
+import subprocess
 from pathlib import Path
 
 
@@ -42,3 +43,28 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def git_state(directory: Path = Path(__file__).parent) -> tuple[str | None, bool | None]:
+    """The commit checked out at `directory` and whether the files below it differ from it (changed
+    or new files that git does not ignore; by default the package's own code, so results written
+    into a checkout do not count); (None, None) outside a git checkout."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=directory, capture_output=True, text=True,
+                              timeout=5)
+
+    try:
+        head = git("rev-parse", "HEAD")
+        if head.returncode != 0 or not head.stdout.strip():
+            return None, None
+        status = git("status", "--porcelain", "--", ".")
+        return head.stdout.strip(), bool(status.stdout.strip()) if status.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+
+
+@functools.cache
+def code_state() -> tuple[str | None, bool | None]:
+    """`git_state` of the package as this process first asked, which it does at start: the code it
+    runs was loaded then, so a checkout that changes during a sweep does not relabel its records."""
+    return git_state()

@@ -21,7 +21,6 @@ import json
 import os
 import platform
 import socket
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -29,7 +28,7 @@ from typing import Iterator
 import numpy as np
 
 from .config import FORMAT_VERSION, RunSpec
-from .hardware import cpu_model
+from .hardware import code_state, cpu_model
 from .registry import UserError
 
 
@@ -279,24 +278,6 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def git_state(directory: Path = Path(__file__).parent) -> tuple[str | None, bool | None]:
-    """The commit checked out at `directory` and whether the files below it differ from it (changed
-    or new files that git does not ignore; by default the package's own code, so results written
-    into a checkout do not count); (None, None) outside a git checkout."""
-    def git(*args):
-        return subprocess.run(["git", *args], cwd=directory, capture_output=True, text=True,
-                              timeout=5)
-
-    try:
-        head = git("rev-parse", "HEAD")
-        if head.returncode != 0 or not head.stdout.strip():
-            return None, None
-        status = git("status", "--porcelain", "--", ".")
-        return head.stdout.strip(), bool(status.stdout.strip()) if status.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None, None
-
-
 def commit_label(commit, dirty) -> str:
     """A short commit, marked when the code that ran had changes not in it."""
     label = str(commit)[:10]
@@ -315,7 +296,7 @@ def provenance() -> dict:
         except md.PackageNotFoundError:
             versions[pkg] = None
     devices = jax.devices()
-    commit, dirty = git_state()
+    commit, dirty = code_state()
     return {
         "versions": versions,
         "python": platform.python_version(),

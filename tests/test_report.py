@@ -326,7 +326,7 @@ def test_report_on_an_empty_directory_is_a_clear_error(tmp_path, capsys):
 def test_git_state_names_the_commit_and_whether_the_code_differs_from_it(tmp_path):
     import subprocess
 
-    from stabench.store import git_state
+    from stabench.hardware import git_state
 
     assert git_state(tmp_path) == (None, None)  # not a checkout
     package = tmp_path / "pkg"
