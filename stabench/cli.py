@@ -36,8 +36,12 @@ def _overrides(args) -> dict:
     for flag, key in (("steps", "train.steps"), ("batch_size", "train.batch_size")):
         value = getattr(args, flag)
         if value is not None:
+            option = f"--{flag.replace('_', '-')}"
             if value <= 0:
-                raise UserError(f"--{flag.replace('_', '-')} must be positive, got {value}")
+                raise UserError(f"{option} must be positive, got {value}")
+            if overrides.get(key, value) != value:
+                raise UserError(f"{option} {value} and --set {key}={overrides[key]} disagree: "
+                                f"give one of them")
             overrides[key] = value
     seeds = getattr(args, "seeds", None)  # diagnose takes one --seed instead
     if seeds is not None and seeds <= 0:
@@ -54,13 +58,15 @@ def _spec_from_args(args):
 
 
 def print_record(record, reused: bool) -> None:
-    from .leaderboard import lr_table
+    from .leaderboard import lr_table, short_run_note
 
     spec, timing = record.spec, record.data["timing"]
     print(f"task {spec.task}{' (fake data)' if spec.fake_data else ''} | method {spec.method} | "
           f"init {spec.init} | optimizer {spec.optimizer} | {len(spec.seeds)} seeds x "
           f"{len(spec.lrs)} lrs | {spec.train['steps']} steps")
     print(lr_table(record.runs).to_string(index=False))
+    if note := short_run_note(spec.train["steps"]):
+        print(note)
     prov = record.data["provenance"]
     print(f"compile {timing['compile_s']:.2f} s | steady {timing['steady_s']:.2f} s | "
           f"{timing['samples_per_s']:,.0f} samples/s | {prov['device_count']}x {prov['device_kind']}")
@@ -476,7 +482,7 @@ def build_parser() -> ArgumentParser:
     sweep.add_argument("--batch-size", type=int, default=None, help="default: the task's")
     sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a task field; a list for a scalar field is a grid: "
-                            "model.depth=[4,8,16]")
+                            "model.depth=[4,8,16] or 4,8,16")
     sweep.add_argument("--search", default=None,
                        help="grid (default) or random(n=K, seed=S) over method/init/optimizer "
                             "arguments written as lists or loguniform(a,b) / uniform(a,b), or "
@@ -562,6 +568,9 @@ def build_parser() -> ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    from .hardware import code_state
+
+    code_state()  # the code this process runs, before anything can change the checkout
     try:
         args = build_parser().parse_args(argv)
         args.argv = argv

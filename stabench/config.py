@@ -100,6 +100,7 @@ def make_spec(task: str, method: str = "none", init: str = "default", optimizer:
         raise UserError(f"learning rates must be positive and finite, got {list(lrs)}")
     if len(set(lrs)) < len(lrs):  # a repeated one would train the same runs and count them twice
         raise UserError(f"learning rates must be distinct, got {list(lrs)}")
+    lrs = tuple(sorted(lrs))  # one grid is one cell, whatever order it was written in
     try:  # a wrong dataset or model argument is an error in the task file (or in --set)
         source = data_source(spec_task)
         MODELS.get(spec_task.component("model"))
@@ -140,13 +141,23 @@ def _check_loss_fits(task: TaskSpec, meta) -> None:
 
 def _check_model_fits(cell, task: TaskSpec) -> None:
     """Build the model abstractly (shapes only, no compute) so a model that cannot take the
-    dataset's inputs fails here, in one line."""
+    dataset's inputs fails here, in one line; then trace the cell's first update on its parameter
+    shapes, so a method naming a layer the model lacks fails here too, not once training starts."""
+    import jax
     from flax import nnx
 
     try:
-        nnx.eval_shape(lambda: cell.build_model(nnx.Rngs(0)))
+        model = nnx.eval_shape(lambda: cell.build_model(nnx.Rngs(0)))
     except ValueError as err:
         raise UserError(f"model {task.component('model')} on task {task.name}: {err}") from None
+
+    def first_update(params):
+        grads = params if cell.fault is None else cell.fault(params, 0)
+        tx = cell.transform.build(0.1, jax.random.key(0))
+        return tx.update(grads, tx.init(params), params)
+
+    if not cell.transform.needs_value:  # a line search's update also evaluates the loss
+        jax.eval_shape(first_update, nnx.state(model, nnx.Param))
 
 
 def data_source(task: TaskSpec) -> Source:

@@ -36,6 +36,14 @@ def _ci(mean: float, lo: float, hi: float, digits: int = 3) -> str:
     return f"{_fmt(mean, digits)} [{_fmt(lo, digits)}, {_fmt(hi, digits)}]"
 
 
+def short_run_note(steps: int) -> str:
+    """Why runs of `steps` steps can only diverge by going non-finite ("" if they are long enough)."""
+    if steps > MA_START + 1:
+        return ""
+    return (f"These runs are too short for the loss rule of divergence (a moving average after "
+            f"step {MA_START}): only a run that went non-finite counts as diverged.")
+
+
 def lr_table(runs: list[dict]) -> pd.DataFrame:
     """One row per learning rate: diverged/total, final loss, test accuracy (mean, 95% t-interval
     over seeds), median steps to target."""
@@ -398,9 +406,7 @@ def task_caption(variant: str, board: pd.DataFrame, runs: pd.DataFrame) -> str:
     lrs = sorted(runs["lr"].unique())
     fixed = [f"{c} {board[c].iloc[0]}" for c in ("init", "optimizer") if board[c].nunique() == 1]
     one_seed = "; with one seed none is possible, so no mark" if runs["seed"].nunique() < 2 else ""
-    short = (f" These runs are too short for the loss rule of divergence (a moving average after "
-             f"step {MA_START}): only a run that went non-finite counts as diverged."
-             if int(runs["steps"].max()) <= MA_START + 1 else "")
+    short = f" {note}" if (note := short_run_note(int(runs["steps"].max()))) else ""
     return (
         f"Task {variant}: {_entries(len(board))}, {runs['seed'].nunique()} seeds x {len(lrs)} "
         f"learning rates ({', '.join(_fmt(x) for x in lrs)}), {int(runs['steps'].max())} steps"

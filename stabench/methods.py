@@ -205,8 +205,25 @@ def transform(calls: tuple[Call, ...], optimizer: Optimizer, steps: int,
             built = Traced(call, tuple((a, slot + i) for i, a in enumerate(names)))
             slot += len(names)
         stages[METHODS.entry(call.name).meta["stage"]].append(built)
-    return CellTransform({s: tuple(v) for s, v in stages.items()}, optimizer, steps,
+    cell = CellTransform({s: tuple(v) for s, v in stages.items()}, optimizer, steps,
                          tuple(layer_order), tuple(stacked), traced_values(calls))
+    _check_acts(calls, cell)
+    return cell
+
+
+def _check_acts(calls: tuple[Call, ...], cell: CellTransform) -> None:
+    """A method that cannot act within the run is a mistake: its cell would train as another."""
+    if cell.updates == 0:
+        every = math.prod(w.every for w in cell.stages["wrap"])
+        raise UserError(f"{canonical(calls)}: no optimizer update in {cell.steps} training steps "
+                        f"(one update takes {every}); train at least {every} steps")
+    for call in calls:
+        counted = FIRES_BY.get(call.name)
+        first = dict(call.kwargs).get("step")
+        limit = cell.steps if counted == "training steps" else cell.updates
+        if counted and first >= limit:
+            raise UserError(f"{call}: never fires, since step {first} is past the run's {limit} "
+                            f"{counted} (steps count from 0)")
 
 
 # ---- helpers ---------------------------------------------------------------------------------
@@ -582,6 +599,10 @@ def _scale_layer(tree, layer: str, on: jax.Array, factor: float):
         raise UserError(f"layer '{layer}' is not a layer of this model; its parts are "
                         f"{', '.join(sorted(parts))} (a stacked part takes an index: name[0])")
     return jax.tree_util.tree_unflatten(treedef, out)
+
+
+# what a planted fault's `step` counts: it must fall within the run
+FIRES_BY = {"inject_spike": "training steps", "inject_lr_spike": "optimizer updates"}
 
 
 def _spike_args(step: int, factor: float, steps: int) -> None:

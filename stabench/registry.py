@@ -88,6 +88,8 @@ def parse_call(spec: str, kind: str = "entry") -> tuple[str, dict[str, Any]]:
     for kw in node.keywords:
         if kw.arg is None:
             raise UserError(f"{kind} '{spec}': '**' is not allowed")
+        if kw.arg in kwargs:
+            raise UserError(f"{kind} '{spec}': argument '{kw.arg}' is given twice")
         kwargs[kw.arg] = _literal(kw.value, f"{kind} '{spec}'")
     return node.func.id, kwargs
 
@@ -175,11 +177,11 @@ class Registry:
         where = f"{self.kind} '{spec}'"
         kwargs = {}
         for key, value in raw.items():
+            if not params:
+                raise UserError(f"{where}: {name} takes no arguments")
             if key not in params:
-                accepted = ", ".join(params) or "none"
-                raise UserError(
-                    f"{where}: unknown argument '{key}'.{closest(key, params)} Accepted: {accepted}"
-                )
+                raise UserError(f"{where}: unknown argument '{key}'.{closest(key, params)} "
+                                f"Accepted: {', '.join(params)}")
             kwargs[key] = _coerce(value, params[key], where)
         missing = [p for p in params.values() if p.default is p.empty and p.name not in kwargs]
         if missing:

@@ -186,11 +186,24 @@ def get_task(name: str) -> TaskSpec:
 
 
 def parse_value(text: str) -> Any:
-    """A --set value: a TOML literal (number, bool, list, quoted string) or else a bare string."""
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
+    """A --set value: a TOML literal (number, bool, list, quoted string); comma-separated literals
+    are a list, as in --lrs (model.depth=4,16 is model.depth=[4,16]); else a bare string."""
+    for literal in [text] + [f"[{text}]"] * ("," in text):
+        try:
+            return tomllib.loads(f"v = {literal}")["v"]
+        except tomllib.TOMLDecodeError:
+            pass
+    return text
+
+
+def _factory_arguments(doc: dict, section: str) -> set[str]:
+    """The arguments the factory named in an open section takes (none if it names no factory)."""
+    from .data import DATASETS  # registries import their entries: not at module load
+    from .models import MODELS
+
+    registry = {"dataset": DATASETS, "model": MODELS}[section]
+    name = doc.get(section, {}).get("name")
+    return set(registry.entry(name).parameters()) if name in registry else set()
 
 
 def with_overrides(task: TaskSpec, overrides: dict[str, Any]) -> TaskSpec:
@@ -204,8 +217,9 @@ def with_overrides(task: TaskSpec, overrides: dict[str, Any]) -> TaskSpec:
                 [k for k, v in doc.items() if not isinstance(v, dict)]
                 + [f"{s}.{k}" for s, t in doc.items() if isinstance(t, dict) for k in t]
             )
-            # the open sections also take any argument of their factory, this one perhaps
-            guesses = valid + [f"{s}.{field}" for s in OPEN_SECTIONS]
+            # the open sections also take any argument of their factory: suggest one that exists
+            guesses = valid + [f"{s}.{field}" for s in OPEN_SECTIONS
+                               if field in _factory_arguments(doc, s)]
             raise UserError(
                 f"--set: no key '{key}' in task {task.name}.{closest(key, guesses)}"
                 f" Valid keys: {', '.join(valid)}; and "

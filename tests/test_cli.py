@@ -54,6 +54,17 @@ def test_run_writes_record_then_reuses_it(tmp_path):
     (("--set", "target.value=5"), "field 'target.value' must lie in [0, 1] for test_accuracy"),
     (("--set", "modl.residual=true"), "Did you mean 'model.residual'?"),
     (("--steps", "ten"), "invalid int value"),
+    (("--method", "clip_norm(max_norm=1, max_norm=2)"), "argument 'max_norm' is given twice"),
+    (("--init", "he_normal(x=1)"), "he_normal takes no arguments"),
+    (("--set", "residual=true"), "Did you mean 'model.residual'?"),
+    (("--set", "model.depth=2,4"), "a list is a grid of values: `stabench sweep`"),
+    (("--steps", "7", "--set", "train.steps=5"), "--steps 7 and --set train.steps=5 disagree"),
+    # a method that cannot act within the run, or names a layer the model lacks: before training
+    (("--method", "accumulate(k=1000)"), "no optimizer update in 500 training steps (one update "
+                                         "takes 1000)"),
+    (("--method", "inject_spike(step=500)"), "never fires, since step 500 is past the run's 500 "
+                                             "training steps"),
+    (("--method", "inject_lr_spike(layer='nope')"), "layer 'nope' is not a layer of this model"),
 ])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, args, expected):
     out = tmp_path / "out"
@@ -63,6 +74,14 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, args, expe
     assert len(lines) == 1 and expected in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
     assert not out.exists()
+
+
+def test_a_run_too_short_for_the_loss_rule_of_divergence_says_so(tmp_path):
+    proc = run_cli("run", "--steps", "21", "--seeds", "1", "--lrs", "3", "--out", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "too short for the loss rule of divergence" in proc.stdout
+    longer = run_cli("run", "--steps", "22", "--seeds", "1", "--lrs", "3", "--out", tmp_path)
+    assert "too short" not in longer.stdout
 
 
 def test_list_shows_every_entry_with_help():

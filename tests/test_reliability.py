@@ -210,17 +210,31 @@ def test_merge_names_a_source_without_records(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("command", ["run", "diagnose"])
-def test_bad_input_found_while_compiling_leaves_no_directory(tmp_path, capsys, command):
-    """A layer name is checked against the model only when the program is traced, after the
-    results directory was made for the cell's lock: the failed command removes it again."""
+def test_a_layer_the_model_lacks_fails_before_any_directory_is_made(tmp_path, capsys, command):
+    """A layer name is checked against the model's parameters when the spec is made (it was once
+    found only when the program was traced, after the results directory was made)."""
     from stabench.cli import main
 
     out = tmp_path / "new" / "results"
-    assert main([command, "--task", "digits", "--method", "inject_spike(layer='nosuch')",
+    assert main([command, "--task", "digits", "--method", "inject_spike(step=5, layer='nosuch')",
                  "--steps", "10", "--out", str(out)]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("error: layer 'nosuch' is not a layer of this model"), last
     assert not list(tmp_path.iterdir())
+
+
+def test_tidy_dirs_removes_only_the_empty_directories_the_block_made(tmp_path):
+    from stabench.store import tidy_dirs
+
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(RuntimeError), tidy_dirs(tmp_path / "kept" / "a" / "b"):
+        (tmp_path / "kept" / "a" / "b").mkdir(parents=True)
+        raise RuntimeError("failed before writing")
+    assert [p.name for p in tmp_path.iterdir()] == ["kept"] and not any((tmp_path / "kept").iterdir())
+    with tidy_dirs(tmp_path / "x" / "y"):  # a file was written: everything it needs stays
+        (tmp_path / "x" / "y").mkdir(parents=True)
+        (tmp_path / "x" / "y" / "record.json").write_text("{}")
+    assert (tmp_path / "x" / "y" / "record.json").exists()
 
 
 # ---- user task files ------------------------------------------------------------------------------

@@ -40,3 +40,22 @@ def test_parse_value():
     assert tasks.parse_value("3") == 3 and tasks.parse_value("0.5") == 0.5
     assert tasks.parse_value("true") is True and tasks.parse_value("[1, 2]") == [1, 2]
     assert tasks.parse_value("tanh") == "tanh"
+    # comma-separated literals are a list, as --lrs takes them; other text stays a string
+    assert tasks.parse_value("4,16,64") == [4, 16, 64] and tasks.parse_value("0.1,1") == [0.1, 1]
+    assert tasks.parse_value("a,b") == "a,b" and tasks.parse_value('"x,y"') == "x,y"
+
+
+def test_an_unknown_key_suggests_only_a_factory_argument_that_exists():
+    digits = tasks.get_task("digits")
+    with pytest.raises(UserError, match="no key 'residual'.*Did you mean 'model.residual'"):
+        tasks.with_overrides(digits, {"residual": True})
+    with pytest.raises(UserError, match="no key 'foo' in task digits. Valid keys") as err:
+        tasks.with_overrides(digits, {"foo": 3})
+    assert "Did you mean" not in str(err.value)
+
+
+def test_a_grid_written_in_any_order_is_one_cell():
+    from stabench.config import make_spec
+
+    a, b = make_spec("digits", lrs=(1.0, 0.1, 0.3)), make_spec("digits", lrs=(0.1, 0.3, 1.0))
+    assert a.lrs == (0.1, 0.3, 1.0) and a.hash == b.hash
