@@ -68,8 +68,9 @@ def print_record(record, reused: bool) -> None:
     if note := short_run_note(spec.train["steps"]):
         print(note)
     prov = record.data["provenance"]
-    print(f"compile {timing['compile_s']:.2f} s | steady {timing['steady_s']:.2f} s | "
-          f"{timing['samples_per_s']:,.0f} samples/s | {prov['device_count']}x {prov['device_kind']}")
+    print(f"compile {timing['compile_s']:.2f} s | steady {timing['steady_s']:.2f} s (training "
+          f"and evaluation) | {timing['samples_per_s']:,.0f} training samples/s | "
+          f"{prov['device_count']}x {prov['device_kind']}")
     if reused:
         print(f"reused stored record {record.path} (trained {prov['date']}); --force retrains")
     else:
@@ -192,9 +193,11 @@ def cmd_sweep(args) -> int:
     if args.dry_run:
         store = Store(out)
         for cell in cells:
-            state = "stored" if store.load(cell) is not None else "to train"
+            record, unusable = store.lookup(cell)
+            state = "stored" if record is not None else "to train"
+            why = f" (retrains: {unusable})" if unusable else ""
             print(f"{state:9s} {cell_label(cell)} | {len(cell.seeds)} seeds x {len(cell.lrs)} lrs"
-                  f" | {cell.train['steps']} steps")
+                  f" | {cell.train['steps']} steps{why}")
         print(f"{len(cells)} cells; results in {out}")
         return 0
     if args.executor == "local":  # Ray's workers read data directories of their own
