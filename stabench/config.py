@@ -124,7 +124,11 @@ def make_spec(task: str, method: str = "none", init: str = "default", optimizer:
         fake_data=fake_data,
     )
     cell = build_cell(spec, source)  # factories check their own arguments now, not mid-sweep
-    _check_model_fits(cell, spec_task)
+    model = _check_model_fits(cell, spec_task)
+    # a layer is looked up when the update is traced: trace it now (0.2 s for a ResNet, so only
+    # for the methods that name one)
+    if any(dict(c.kwargs).get("layer") for c in methods.resolve(spec.method)):
+        _trace_first_update(cell, model)
     return spec
 
 
@@ -139,17 +143,22 @@ def _check_loss_fits(task: TaskSpec, meta) -> None:
                         f"regression: use 'test_loss'")
 
 
-def _check_model_fits(cell, task: TaskSpec) -> None:
+def _check_model_fits(cell, task: TaskSpec):
     """Build the model abstractly (shapes only, no compute) so a model that cannot take the
-    dataset's inputs fails here, in one line; then trace the cell's first update on its parameter
-    shapes, so a method naming a layer the model lacks fails here too, not once training starts."""
-    import jax
+    dataset's inputs fails here, in one line; returns the abstract model."""
     from flax import nnx
 
     try:
-        model = nnx.eval_shape(lambda: cell.build_model(nnx.Rngs(0)))
+        return nnx.eval_shape(lambda: cell.build_model(nnx.Rngs(0)))
     except ValueError as err:
         raise UserError(f"model {task.component('model')} on task {task.name}: {err}") from None
+
+
+def _trace_first_update(cell, model) -> None:
+    """Trace the cell's first update on the abstract model's parameter shapes: a method naming a
+    layer the model lacks fails here, not once training starts."""
+    import jax
+    from flax import nnx
 
     def first_update(params):
         grads = params if cell.fault is None else cell.fault(params, 0)
