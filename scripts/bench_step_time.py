@@ -19,12 +19,16 @@ import numpy as np
 from stabench.config import build_cell, data_source, make_spec, task_of
 from stabench.data import fake
 from stabench.hardware import cpu_model
+from stabench.tasks import get_task
 from stabench.train import Engine
 
 
 def steady_seconds(task: str, runs: int, steps: int, overrides: dict) -> tuple[float, float]:
     """(compile seconds, steady seconds) of one cell of `runs` runs trained for `steps` steps."""
-    spec = make_spec(task, "clip_norm", seeds=runs, lrs=(0.1,), fake_data=True,
+    # the task's smallest learning rate: a run that diverges stops the engine early, which would
+    # read as a fast step
+    lr = min(get_task(task).train["lrs"])
+    spec = make_spec(task, "clip_norm", seeds=runs, lrs=(lr,), fake_data=True,
                      overrides={**overrides, "train.steps": steps, "train.eval_every": steps})
     source = data_source(task_of(spec))
     engine = Engine(build_cell(spec, source), fake(source.meta))
