@@ -113,10 +113,11 @@ def make_spec(task: str, method: str = "none", init: str = "default", optimizer:
     if train["batch_size"] > n_train:
         raise UserError(f"batch size {train['batch_size']} exceeds the {n_train} training examples "
                         f"of task {spec_task.name}")
+    calls = methods.resolve(method)
     spec = RunSpec(
         task=spec_task.name,
         task_config=spec_task.config,
-        method=methods.canonical(methods.resolve(method)),
+        method=methods.canonical(calls),
         init=str(INITS.resolve(init)),
         optimizer=str(OPTIMIZERS.resolve(optimizer or train["optimizer"])),
         seeds=tuple(range(seeds)),
@@ -127,7 +128,7 @@ def make_spec(task: str, method: str = "none", init: str = "default", optimizer:
     model = _check_model_fits(cell, spec_task)
     # a layer is looked up when the update is traced: trace it now (0.2 s for a ResNet, so only
     # for the methods that name one)
-    if any(dict(c.kwargs).get("layer") for c in methods.resolve(spec.method)):
+    if any(dict(c.kwargs).get("layer") for c in calls):
         _trace_first_update(cell, model)
     return spec
 

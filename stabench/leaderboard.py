@@ -37,7 +37,7 @@ def _ci(mean: float, lo: float, hi: float, digits: int = 3) -> str:
 
 
 def short_run_note(steps: int) -> str:
-    """Why runs of `steps` steps can only diverge by going non-finite ("" if they are long enough)."""
+    """Why runs of `steps` steps can only diverge by going non-finite ("": long enough)."""
     if steps > MA_START + 1:
         return ""
     return (f"These runs are too short for the loss rule of divergence (a moving average after "
@@ -460,8 +460,9 @@ def render_overall(board: pd.DataFrame, unsolved: list[str], n_variants: int) ->
         f"mean of the per-task stability scores. Profile score (AlgoPerf): (1/3) times the "
         f"integral from 1 to 4 of rho(tau), the weighted share of tasks an entry brings to the "
         f"target within tau times the fewest steps any entry needs; an entry that never reaches "
-        f"the target, or did not run the task, counts as infinitely slow. Mean rank: weighted mean of the per-task ranks. Diverged: share of all runs with a 95% Wilson "
-        f"interval. Rank by stability; bold: best in the column among ranked entries.")
+        f"the target, or did not run the task, counts as infinitely slow. Mean rank: weighted mean "
+        f"of the per-task ranks. Diverged: share of all runs with a 95% Wilson interval. Rank by "
+        f"stability; bold: best in the column among ranked entries.")
     partial = int((board["tasks"] < n_variants).sum())
     if partial:
         caption += (f" Unranked (rank -): {_entries(partial)} that did not run every task "

@@ -219,9 +219,11 @@ def _check_acts(calls: tuple[Call, ...], cell: CellTransform) -> None:
                         f"(one update takes {every}); train at least {every} steps")
     for call in calls:
         counted = FIRES_BY.get(call.name)
-        first = dict(call.kwargs).get("step")
+        if counted is None:
+            continue
+        first = dict(call.kwargs)["step"]
         limit = cell.steps if counted == "training steps" else cell.updates
-        if counted and first >= limit:
+        if first >= limit:
             raise UserError(f"{call}: never fires, since step {first} is past the run's {limit} "
                             f"{counted} (steps count from 0)")
 

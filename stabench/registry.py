@@ -175,10 +175,10 @@ class Registry:
         entry = self.entry(name)
         params = entry.parameters()
         where = f"{self.kind} '{spec}'"
+        if raw and not params:
+            raise UserError(f"{where}: {name} takes no arguments")
         kwargs = {}
         for key, value in raw.items():
-            if not params:
-                raise UserError(f"{where}: {name} takes no arguments")
             if key not in params:
                 raise UserError(f"{where}: unknown argument '{key}'.{closest(key, params)} "
                                 f"Accepted: {', '.join(params)}")

@@ -188,7 +188,7 @@ def get_task(name: str) -> TaskSpec:
 def parse_value(text: str) -> Any:
     """A --set value: a TOML literal (number, bool, list, quoted string); comma-separated literals
     are a list, as in --lrs (model.depth=4,16 is model.depth=[4,16]); else a bare string."""
-    for literal in [text] + [f"[{text}]"] * ("," in text):
+    for literal in [text, f"[{text}]"] if "," in text else [text]:
         try:
             return tomllib.loads(f"v = {literal}")["v"]
         except tomllib.TOMLDecodeError:

@@ -230,7 +230,8 @@ def test_tidy_dirs_removes_only_the_empty_directories_the_block_made(tmp_path):
     with pytest.raises(RuntimeError), tidy_dirs(tmp_path / "kept" / "a" / "b"):
         (tmp_path / "kept" / "a" / "b").mkdir(parents=True)
         raise RuntimeError("failed before writing")
-    assert [p.name for p in tmp_path.iterdir()] == ["kept"] and not any((tmp_path / "kept").iterdir())
+    assert [p.name for p in tmp_path.iterdir()] == ["kept"]
+    assert not any((tmp_path / "kept").iterdir())
     with tidy_dirs(tmp_path / "x" / "y"):  # a file was written: everything it needs stays
         (tmp_path / "x" / "y").mkdir(parents=True)
         (tmp_path / "x" / "y" / "record.json").write_text("{}")
