@@ -61,7 +61,7 @@ class Cell:
 class Carry(NamedTuple):
     params: Any
     rest: Any  # non-parameter model state, e.g. batch statistics
-    opt_state: Any  # the state of the whole update: methods and optimizer
+    opt_state: Any  # the state of the whole update: methods and optimizer (unused once a run ends)
     key: jax.Array  # the run's key for its update (e.g. gradient noise)
     alive: jax.Array  # False once the run hit a non-finite step it did not skip, or state
     diverged_at: jax.Array  # step of that event, -1 if none
@@ -93,22 +93,27 @@ def loss_and_metrics(kind: str, out: jax.Array, y: jax.Array) -> tuple[jax.Array
     return err, err
 
 
-def _all_finite(tree, group: str | None = None) -> jax.Array:
-    """Whether every floating-point leaf is finite (counters and random keys are skipped).
+def _new_state_finite(params, updates, updates_sq, state, keep, first, group=None) -> jax.Array:
+    """Whether the new parameters (params + updates) and the new `state` are finite in every
+    floating-point leaf (counters and random keys are skipped).
     Exact: x * 0 is 0 for finite x and NaN otherwise, summed as floats, which XLA on CPU
     vectorizes (a boolean reduction it does not). Within a group of runs vmapped under the axis
-    name `group`, a plain sum per leaf decides first: it is finite whenever every element is,
-    unless it overflows, and it costs less than the exact check on CPU, which then runs only in the
-    rare step where some run of the group has a sum that is not finite."""
-    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    name `group`, cheaper sums decide first, unless this is the `first` step (whose parameters are
+    the init's, not known to be finite): the squared norm of the updates is finite only if every
+    |u| < 2e19, and a finite p plus such a u is finite; a plain sum per state leaf is finite
+    whenever every element is, unless it overflows. The exact check runs only in the rare step
+    where some kept run of the group has a sum that is not finite, a branch the group takes
+    together."""
+    leaves = [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.inexact)]
 
     def exact():
-        return jnp.isfinite(sum((jnp.sum(x * 0) for x in leaves), jnp.float32(0)))
+        new = jax.tree.leaves(optax.apply_updates(params, updates))
+        return jnp.isfinite(sum((jnp.sum(x * 0) for x in new + leaves), jnp.float32(0)))
 
-    if group is None or not leaves:
+    if group is None:
         return exact()
-    sums_finite = jnp.all(jnp.isfinite(jnp.stack([jnp.sum(x) for x in leaves])))
-    unsure = jax.lax.psum((~sums_finite).astype(jnp.int32), group) > 0
+    sums_finite = jnp.all(jnp.isfinite(jnp.stack([updates_sq] + [jnp.sum(x) for x in leaves])))
+    unsure = (jax.lax.psum((keep & ~sums_finite).astype(jnp.int32), group) > 0) | first
     return jax.lax.cond(unsure, exact, lambda: sums_finite)
 
 
@@ -247,23 +252,29 @@ class Engine:
                      "value_fn": lambda p: self._forward_loss(p, carry.rest, x, y)[0]}
         updates, opt_state = cell.transform.build(lr, carry.key, values).update(
             grads, carry.opt_state, carry.params, **extra)
-        params = optax.apply_updates(carry.params, updates)
         seen = cell.transform.observe(carry.opt_state, opt_state)
         rest = jax.tree.map(lambda old, new: jnp.where(seen.skipped, old, new), carry.rest, rest)
 
         grad_norm = optax.tree.norm(grads)
+        updates_sq = optax.tree.norm(updates, squared=True)
         in_range = t < cell.steps
+        keep = carry.alive & in_range
         # A non-finite loss or gradient ends the run unless a method skipped the step; so does
         # any non-finite parameter or state. The runs of a group check their state together, but
         # not over several devices, where that branch would synchronize them every step.
         together = RUNS if len(self.devices) == 1 else None
-        finite = ((jnp.isfinite(loss) & jnp.isfinite(grad_norm)) | seen.skipped) & _all_finite(
-            (params, rest, opt_state), together)
-        keep = carry.alive & in_range
+        finite = ((jnp.isfinite(loss) & jnp.isfinite(grad_norm)) | seen.skipped) & (
+            _new_state_finite(carry.params, updates, updates_sq, (rest, opt_state), keep,
+                              t == 0, together))
         accept = keep & finite
-        new = Carry(params, rest, opt_state, carry.key, carry.alive, carry.diverged_at)
-        merged = jax.tree.map(lambda a, b: jnp.where(accept, a, b), new, carry)
-        merged = merged._replace(
+        # Parameters and model state stay as of a run's last accepted step: evaluation reads
+        # them. The optimizer state is not frozen: a step is rejected only when its run ends,
+        # and nothing reads an ended run's optimizer state (the select would cost a pass over it).
+        # The new parameters feed only this select, which XLA fuses into the update.
+        frozen = lambda new, old: jnp.where(accept, new, old)  # noqa: E731
+        merged = Carry(
+            jax.tree.map(frozen, optax.apply_updates(carry.params, updates), carry.params),
+            jax.tree.map(frozen, rest, carry.rest), opt_state, carry.key,
             alive=carry.alive & (finite | ~in_range),
             diverged_at=jnp.where(keep & ~finite, t, carry.diverged_at).astype(jnp.int32))
 
@@ -271,7 +282,7 @@ class Engine:
         record = {
             "loss": loss, "grad_norm": grad_norm,
             "grad_norm_post": jnp.where(seen.ran, seen.seen_norm, nan),
-            "update_norm": optax.tree.norm(updates), "param_norm": optax.tree.norm(merged.params),
+            "update_norm": jnp.sqrt(updates_sq), "param_norm": optax.tree.norm(merged.params),
             "nonfinite": (~jnp.isfinite(loss) | ~jnp.isfinite(grad_norm)).astype(jnp.float32),
             # a skipped step counts as changed: the methods dropped the gradient
             "changed": jnp.where(seen.ran, seen.changed, jnp.where(seen.skipped, 1.0, nan)),

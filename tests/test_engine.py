@@ -8,7 +8,7 @@ import pytest
 
 from stabench import hardware
 from stabench.config import build_cell, data_source, task_of
-from stabench.train import RUNS, Engine, _all_finite, compiled_names
+from stabench.train import RUNS, Engine, _new_state_finite, compiled_names
 
 from conftest import engine_for, tiny_spec
 
@@ -47,25 +47,54 @@ def test_divergent_lane_leaves_other_lanes_bit_identical(digits_data):
 
 
 def test_finite_check_is_exact_when_a_sum_overflows_and_for_a_group_of_runs():
+    """_new_state_finite(params, updates, ...) says whether params + updates and the state are all
+    finite, whichever of its cheap sums or its exact check decides."""
     big = np.float32(3e38)  # finite, but two of them sum to inf
-    cases = {"small": [1.0, -2.0, 3.0, 0.5], "cancelling": [big, -big, 1.0, 1.0],
-             "overflowing sum": [big, big, -1.0, 1.0], "nan": [1.0, np.nan, 0.0, 0.0],
-             "inf": [1.0, np.inf, 0.0, 0.0], "-inf": [-np.inf, 1.0, 0.0, 0.0],
-             "inf and -inf": [np.inf, -np.inf, 0.0, 0.0], "zeros": [0.0, 0.0, 0.0, 0.0]}
-    expected = [True, True, True, False, False, False, False, True]
-    values = np.array(list(cases.values()), np.float32)
-    # a tree per run: a float leaf of the values, a float state leaf, and a counter that is skipped
-    trees = {"w": values.reshape(-1, 2, 2), "m": np.ones((len(cases), 3), np.float32),
-             "count": np.full(len(cases), 2**31 - 1, np.int32)}
-    assert jax.jit(jax.vmap(_all_finite))(trees).tolist() == expected
-    # runs checked together, all at once and in pairs: the first pair's sums are all finite and
-    # decide; in the others only the elementwise check tells an overflowing sum from a non-finite
-    together = jax.jit(jax.vmap(lambda t: _all_finite(t, RUNS), axis_name=RUNS))
-    assert together(trees).tolist() == expected
+    inf, nan = np.float32(np.inf), np.float32(np.nan)
+    cases = {  # old params, updates, state; whether the new params and state are finite
+        "small": ([1, -2], [0.5, 0.1], [1, 1], True),
+        "updates whose squares overflow": ([0, 0], [big, -big], [1, 1], True),
+        "params + updates overflow": ([big, 0], [big, 0], [1, 1], False),
+        "nan update": ([1, 1], [nan, 0], [1, 1], False),
+        "inf update": ([1, 1], [0, -inf], [1, 1], False),
+        "state whose sum overflows": ([1, 1], [0, 0], [big, big], True),
+        "nan state": ([1, 1], [0, 0], [1, nan], False),
+        "inf and -inf state": ([1, 1], [0, 0], [inf, -inf], False),
+        "zeros": ([0, 0], [0, 0], [0, 0], True),
+    }
+    params, updates, state, expected = (np.array(x, np.float32) for x in zip(*cases.values()))
+    expected = expected.astype(bool).tolist()
+    state = {"m": state, "count": np.full(len(cases), 2**31 - 1, np.int32)}  # counters skipped
+
+    def check(group, first=False, keep=None):
+        def one(p, u, s, k):
+            return _new_state_finite(p, u, jnp.sum(u * u), s, k, jnp.array(first), group)
+
+        def batch(p, u, s, k=None):
+            k = np.ones(len(p), bool) if k is None else k
+            return jax.jit(jax.vmap(one, axis_name=RUNS))(p, u, s, k).tolist()
+        return batch
+
+    assert check(None)(params, updates, state) == expected
+    # runs checked together, all at once and in pairs: in the first pair the cheap sums are all
+    # finite and decide; in the others only the exact check tells an overflowing sum from a
+    # non-finite element
+    together = check(RUNS)
+    assert together(params, updates, state) == expected
     for start in range(0, len(cases), 2):
-        pair = jax.tree.map(lambda a: a[start:start + 2], trees)
-        assert together(pair).tolist() == expected[start:start + 2], list(cases)[start:start + 2]
-    assert together({"w": jnp.zeros((2, 3)).at[1, 0].set(jnp.nan)}).tolist() == [True, False]
+        pair = jax.tree.map(lambda a: a[start:start + 2], (params, updates, state))
+        assert together(*pair) == expected[start:start + 2], list(cases)[start:start + 2]
+    # a run that is not kept (it ended) does not send its group down the exact path: here its
+    # overflowing state sum answers for it (an answer the engine does not use), not the exact check
+    ended = {"m": np.array([[1, 1], [big, big]], np.float32), "count": np.zeros(2, np.int32)}
+    pair = (np.ones((2, 2), np.float32), np.zeros((2, 2), np.float32), ended)
+    assert together(*pair, np.array([True, False])) == [True, False]
+    assert together(*pair, np.array([True, True])) == [True, True]
+    # the init's parameters are checked, not assumed finite, on the first step
+    inf_params = np.array([[1, 1], [inf, 1]], np.float32)
+    first = check(RUNS, first=True)
+    assert first(inf_params, np.zeros((2, 2), np.float32), {"m": np.ones((2, 2), np.float32)}) == [
+        True, False]
 
 
 def test_cell_compiles_once_whatever_the_number_of_runs(digits_data):
