@@ -66,7 +66,7 @@ def test_finite_check_is_exact_when_a_sum_overflows_and_for_a_group_of_runs():
     expected = expected.astype(bool).tolist()
     state = {"m": state, "count": np.full(len(cases), 2**31 - 1, np.int32)}  # counters skipped
 
-    def check(group, first=False, keep=None):
+    def check(group, first=False):
         def one(p, u, s, k):
             return _new_state_finite(p, u, jnp.sum(u * u), s, k, jnp.array(first), group)
 
