@@ -5,7 +5,9 @@ Each entry's `stage` says where it acts in a training step:
 
 - "pre": on the gradient, before the optimizer (clipping, centralization, gradient noise, LARS's
   trust ratio), in the written order. The engine reports the gradient norm after these
-  (`grad_norm_post`, what the optimizer sees) and whether they changed the gradient (`changed`).
+  (`grad_norm_post`, what the optimizer sees) and whether they changed the gradient (`changed`):
+  by comparing every element, unless each method's state holds its own `changed` flag (the
+  global-norm clippers: whether they rescaled).
 - "direction": on the optimizer's step direction, before the learning rate scales it (LAMB's
   trust ratio, decoupled weight decay), in the written order.
 - "post": multiplies the final update like a learning-rate multiplier (warmup, schedules);
@@ -98,8 +100,15 @@ def _observed(inner: optax.GradientTransformation | None) -> optax.GradientTrans
 
     def update(updates, state, params=None, **extra):
         out, inner_state = inner.update(updates, state.inner, params, **extra)
-        # nothing to compare without methods: the pass over every element costs ~3% of a step
-        changed = jnp.zeros([], bool) if identity else any_changed(updates, out)
+        # comparing every element costs ~3% of a step: skipped without methods, and when every
+        # method's state says itself whether it changed the gradient (a `changed` field)
+        reported = [s.changed for s in inner_state if "changed" in getattr(s, "_fields", ())]
+        if identity:
+            changed = jnp.zeros([], bool)
+        elif len(reported) == len(inner_state):
+            changed = functools.reduce(jnp.logical_or, reported)
+        else:
+            changed = any_changed(updates, out)
         return out, ObservedState(inner_state, state.count + 1, optax.tree.norm(out), changed)
 
     return optax.GradientTransformationExtraArgs(init, update)
@@ -274,11 +283,27 @@ def none() -> optax.GradientTransformation:
     return UNCHANGED
 
 
+class ClipState(NamedTuple):
+    changed: jax.Array  # the last update rescaled the gradient
+
+
+def clip_to_norm(updates, threshold) -> tuple[Any, ClipState]:
+    """optax's global-norm clipping, and whether it changed the gradient: it passes a gradient
+    of norm below `threshold` through untouched and rescales any other (a non-finite norm
+    included). The norm is computed once: XLA merges this one with optax's."""
+    clipped, _ = optax.clip_by_global_norm(threshold).update(updates, optax.EmptyState())
+    return clipped, ClipState(~(optax.tree.norm(updates) < threshold))
+
+
 @METHODS.register("clip_norm", help="rescale the gradient so its global L2 norm is <= max_norm",
                   ref="Pascanu et al. 2013", stage="pre", traced=("max_norm",))
 def clip_norm(max_norm: float = 1.0) -> optax.GradientTransformation:
     _positive(max_norm=max_norm)
-    return optax.clip_by_global_norm(max_norm)
+
+    def update(updates, state, params=None):
+        return clip_to_norm(updates, max_norm)
+
+    return optax.GradientTransformation(lambda params: ClipState(jnp.zeros([], bool)), update)
 
 
 @METHODS.register("clip_value", help="clip every gradient element to [-limit, limit]",
@@ -342,6 +367,8 @@ def autoclip(percentile: float = 10.0, history: int = 1000) -> optax.GradientTra
         norm = optax.tree.norm(updates)
         recorded = state.history.at[state.count % history].set(norm)
         threshold = masked_percentile(recorded, jnp.minimum(state.count + 1, history), percentile)
+        # not reported as a change: the current norm is often the threshold itself, rescaled
+        # by 1 up to rounding, and only comparing the elements tells
         clipped, _ = optax.clip_by_global_norm(threshold).update(updates, optax.EmptyState())
         return clipped, AutoClipState(recorded, state.count + 1)
 
@@ -352,6 +379,7 @@ class ZClipState(NamedTuple):
     count: jax.Array
     mean: jax.Array  # of the (clipped) gradient norm: exact over the warm-up, then an EMA
     var: jax.Array
+    changed: jax.Array  # the last update clipped the gradient
 
 
 @METHODS.register("zclip", help="clip a gradient norm whose z-score against an EMA of its mean "
@@ -365,7 +393,8 @@ def zclip(z: float = 2.5, alpha: float = 0.97, warmup: int = 25,
         raise ValueError("alpha must lie in (0, 1)")
 
     def init(params):
-        return ZClipState(jnp.zeros([], jnp.int32), jnp.zeros([]), jnp.zeros([]))
+        return ZClipState(jnp.zeros([], jnp.int32), jnp.zeros([]), jnp.zeros([]),
+                          jnp.zeros([], bool))
 
     def update(updates, state, params=None):
         norm = optax.tree.norm(updates)
@@ -377,13 +406,13 @@ def zclip(z: float = 2.5, alpha: float = 0.97, warmup: int = 25,
         score = (norm - state.mean) / (std + eps)
         spike = (state.count >= warmup) & (score > z)
         effective = jnp.where(spike, state.mean + z * z * std / score, norm)
-        clipped, _ = optax.clip_by_global_norm(effective).update(updates, optax.EmptyState())
+        clipped, clip = clip_to_norm(updates, effective)
         ema_mean = alpha * state.mean + (1 - alpha) * effective
         ema_var = alpha * state.var + (1 - alpha) * jnp.square(effective - ema_mean)
         warming = state.count < warmup
         return (jax.tree.map(lambda c, u: jnp.where(spike, c, u), clipped, updates),
                 ZClipState(state.count + 1, jnp.where(warming, warm_mean, ema_mean),
-                           jnp.where(warming, warm_var, ema_var)))
+                           jnp.where(warming, warm_var, ema_var), spike & clip.changed))
 
     return optax.GradientTransformation(init, update)
 

@@ -74,6 +74,37 @@ def test_any_changed_is_true_iff_some_element_differs_nan_in_both_counting_as_eq
     assert methods.any_changed(base, {**same, "w": same["w"].at[1, 0].set(-jnp.inf)})
 
 
+@pytest.mark.parametrize("spec", ["clip_norm(max_norm=2.0)", "zclip(z=1.0, alpha=0.5, warmup=2)"])
+def test_global_norm_clippers_report_a_change_iff_an_element_changed(spec):
+    tx = pre(spec)
+    unit = jax.tree.map(lambda x: x / norm(PARAMS), PARAMS)
+    state, reported = tx.init(PARAMS), []
+    for scale in [1.0, 3.0, 1.5, 9.0, 0.5, 40.0, 2.5, 1.0]:  # below and above each threshold
+        g = jax.tree.map(lambda x: scale * x, unit)
+        out, state = tx.update(g, state, PARAMS)
+        assert bool(state.changed) == bool(methods.any_changed(g, out))
+        reported.append(bool(state.changed))
+    assert any(reported) and not all(reported)
+
+
+def test_a_cell_compares_the_gradient_unless_every_method_reports_its_change():
+    """The engine's `changed` is the methods' own flags when all of them report one, else the
+    comparison of every element: they differ on an all-NaN gradient, which the comparison counts
+    as unchanged (NaN in both) and clipping counts as rescaled (its norm is not finite)."""
+    nan = jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), PARAMS)
+    big = jax.tree.map(lambda x: 10.0 * x, PARAMS)
+    for spec, g, changed in [("clip_norm(max_norm=1.0)", nan, True),
+                             ("clip_norm(max_norm=1.0)+clip_norm(max_norm=1e9)", nan, True),
+                             ("clip_norm(max_norm=1e9)", big, False),
+                             ("clip_norm(max_norm=1.0)+clip_value(limit=1e9)", nan, False),
+                             ("clip_norm(max_norm=1e9)+clip_value(limit=1.0)", big, True)]:
+        ct = cell_transform(spec)
+        tx = ct.build(0.1, KEY)
+        state = tx.init(PARAMS)
+        _, new_state = tx.update(g, state, PARAMS)
+        assert bool(ct.observe(state, new_state).changed) == changed, spec
+
+
 # ---- gradient methods ------------------------------------------------------------------------
 @covers("method", "none")
 def test_none_hands_the_raw_gradient_to_the_optimizer():
