@@ -6,8 +6,10 @@ Each entry's `stage` says where it acts in a training step:
 - "pre": on the gradient, before the optimizer (clipping, centralization, gradient noise, LARS's
   trust ratio), in the written order. The engine reports the gradient norm after these
   (`grad_norm_post`, what the optimizer sees) and whether they changed the gradient (`changed`):
-  by comparing every element, unless each method's state holds its own `changed` flag (the
-  global-norm clippers: whether they rescaled).
+  by comparing every element, unless each method's state holds its own `changed` flag, and by
+  measuring that norm, unless the last method's state holds it (`out_norm`). The global-norm
+  clippers report both: whether they rescaled, and min(norm, threshold) (NaN for a non-finite
+  norm), which spares the step two passes over every element.
 - "direction": on the optimizer's step direction, before the learning rate scales it (LAMB's
   trust ratio, decoupled weight decay), in the written order.
 - "post": multiplies the final update like a learning-rate multiplier (warmup, schedules);
@@ -109,7 +111,10 @@ def _observed(inner: optax.GradientTransformation | None) -> optax.GradientTrans
             changed = functools.reduce(jnp.logical_or, reported)
         else:
             changed = any_changed(updates, out)
-        return out, ObservedState(inner_state, state.count + 1, optax.tree.norm(out), changed)
+        # likewise the norm of what the optimizer sees: the last method's `out_norm` if it has one
+        last = inner_state[-1] if len(inner_state) else None
+        seen = last.out_norm if "out_norm" in getattr(last, "_fields", ()) else optax.tree.norm(out)
+        return out, ObservedState(inner_state, state.count + 1, seen, changed)
 
     return optax.GradientTransformationExtraArgs(init, update)
 
@@ -285,14 +290,19 @@ def none() -> optax.GradientTransformation:
 
 class ClipState(NamedTuple):
     changed: jax.Array  # the last update rescaled the gradient
+    out_norm: jax.Array  # the global norm of its result
 
 
 def clip_to_norm(updates, threshold) -> tuple[Any, ClipState]:
-    """optax's global-norm clipping, and whether it changed the gradient: it passes a gradient
-    of norm below `threshold` through untouched and rescales any other (a non-finite norm
-    included). The norm is computed once: XLA merges this one with optax's."""
+    """optax's global-norm clipping, whether it changed the gradient and the norm of its result,
+    from its arithmetic: it passes a gradient of norm below `threshold` through untouched and
+    rescales any other to norm `threshold` (up to rounding; NaN for a non-finite norm). The norm
+    is computed once: XLA merges this one with optax's."""
     clipped, _ = optax.clip_by_global_norm(threshold).update(updates, optax.EmptyState())
-    return clipped, ClipState(~(optax.tree.norm(updates) < threshold))
+    norm = optax.tree.norm(updates)
+    below = norm < threshold
+    return clipped, ClipState(~below, jnp.where(below, norm, jnp.where(jnp.isfinite(norm),
+                                                                        threshold, jnp.nan)))
 
 
 @METHODS.register("clip_norm", help="rescale the gradient so its global L2 norm is <= max_norm",
@@ -303,7 +313,8 @@ def clip_norm(max_norm: float = 1.0) -> optax.GradientTransformation:
     def update(updates, state, params=None):
         return clip_to_norm(updates, max_norm)
 
-    return optax.GradientTransformation(lambda params: ClipState(jnp.zeros([], bool)), update)
+    return optax.GradientTransformation(
+        lambda params: ClipState(jnp.zeros([], bool), jnp.zeros([])), update)
 
 
 @METHODS.register("clip_value", help="clip every gradient element to [-limit, limit]",
@@ -380,6 +391,7 @@ class ZClipState(NamedTuple):
     mean: jax.Array  # of the (clipped) gradient norm: exact over the warm-up, then an EMA
     var: jax.Array
     changed: jax.Array  # the last update clipped the gradient
+    out_norm: jax.Array  # the global norm of its result
 
 
 @METHODS.register("zclip", help="clip a gradient norm whose z-score against an EMA of its mean "
@@ -394,7 +406,7 @@ def zclip(z: float = 2.5, alpha: float = 0.97, warmup: int = 25,
 
     def init(params):
         return ZClipState(jnp.zeros([], jnp.int32), jnp.zeros([]), jnp.zeros([]),
-                          jnp.zeros([], bool))
+                          jnp.zeros([], bool), jnp.zeros([]))
 
     def update(updates, state, params=None):
         norm = optax.tree.norm(updates)
@@ -412,7 +424,8 @@ def zclip(z: float = 2.5, alpha: float = 0.97, warmup: int = 25,
         warming = state.count < warmup
         return (jax.tree.map(lambda c, u: jnp.where(spike, c, u), clipped, updates),
                 ZClipState(state.count + 1, jnp.where(warming, warm_mean, ema_mean),
-                           jnp.where(warming, warm_var, ema_var), spike & clip.changed))
+                           jnp.where(warming, warm_var, ema_var), spike & clip.changed,
+                           jnp.where(spike, clip.out_norm, norm)))
 
     return optax.GradientTransformation(init, update)
 

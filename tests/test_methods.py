@@ -83,8 +83,11 @@ def test_global_norm_clippers_report_a_change_iff_an_element_changed(spec):
         g = jax.tree.map(lambda x: scale * x, unit)
         out, state = tx.update(g, state, PARAMS)
         assert bool(state.changed) == bool(methods.any_changed(g, out))
+        assert float(state.out_norm) == pytest.approx(norm(out), rel=1e-6)
         reported.append(bool(state.changed))
     assert any(reported) and not all(reported)
+    nan = jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), PARAMS)
+    assert np.isnan(tx.update(nan, state, PARAMS)[1].out_norm)
 
 
 def test_a_cell_compares_the_gradient_unless_every_method_reports_its_change():
@@ -103,6 +106,23 @@ def test_a_cell_compares_the_gradient_unless_every_method_reports_its_change():
         state = tx.init(PARAMS)
         _, new_state = tx.update(g, state, PARAMS)
         assert bool(ct.observe(state, new_state).changed) == changed, spec
+
+
+def test_the_norm_the_optimizer_sees_is_the_last_methods_own_when_it_reports_one():
+    """clip_norm reports min(norm, max_norm), exact where the measured norm of its rescaled
+    result is off by rounding; followed by a method that does not report, the norm is measured."""
+    g = jax.tree.map(lambda x: 10.0 * x, PARAMS)
+    for spec, exact in [("clip_norm(max_norm=1.0)", True),
+                        ("clip_value(limit=1.0)+clip_norm(max_norm=1.0)", True),
+                        ("clip_norm(max_norm=1.0)+clip_value(limit=1e9)", False)]:
+        ct = cell_transform(spec)
+        tx = ct.build(0.1, KEY)
+        state = tx.init(PARAMS)
+        update, new_state = tx.update(g, state, PARAMS)
+        seen = float(ct.observe(state, new_state).seen_norm)
+        measured = float(optax.tree.norm(jax.tree.map(lambda u: u / -0.1, update)))
+        assert seen == pytest.approx(1.0, rel=1e-6) and seen == pytest.approx(measured, rel=1e-5)
+        assert (seen == 1.0) == exact, spec
 
 
 # ---- gradient methods ------------------------------------------------------------------------
