@@ -346,26 +346,34 @@ class Engine:
     def _over_runs(fn, in_axes: tuple, runs: int, group: int):
         """`fn` vmapped (axis name RUNS) over the runs axis of the arguments whose in_axes is 0
         (the others are shared): over every run, or over consecutive groups of `group` runs, one
-        after another (the last group takes the remainder)."""
+        after another (the last group takes the remainder). The first argument is the state that
+        `fn` carries: its first output, which a group writes over that group's part of it, so the
+        groups need no second copy of every run's state (donated, it is updated in place)."""
         batched = jax.vmap(fn, in_axes=in_axes, axis_name=RUNS)
         if group >= runs:
             return batched
 
         @functools.wraps(fn)
-        def grouped(*args):
-            def one_group(per_run):
-                it = iter(per_run)
-                return batched(*(next(it) if axis == 0 else a for a, axis in zip(args, in_axes)))
+        def grouped(state, *args):
+            def one_group(start, size, state):
+                part = lambda a: jax.lax.dynamic_slice_in_dim(a, start, size)  # noqa: E731
+                return batched(jax.tree.map(part, state), *(
+                    jax.tree.map(part, a) if axis == 0 else a for a, axis in zip(args, in_axes[1:])))
 
-            per_run = [a for a, axis in zip(args, in_axes) if axis == 0]
-            full = runs // group * group
-            groups = jax.tree.map(lambda a: a[:full].reshape(-1, group, *a.shape[1:]), per_run)
-            out = jax.tree.map(lambda a: a.reshape(full, *a.shape[2:]),
-                               jax.lax.map(one_group, groups))
-            if full == runs:
-                return out
-            rest = one_group(jax.tree.map(lambda a: a[full:], per_run))
-            return jax.tree.map(lambda a, b: jnp.concatenate([a, b]), out, rest)
+            def write(start, full, part):
+                return jax.tree.map(lambda f, p: jax.lax.dynamic_update_slice_in_dim(f, p, start, 0),
+                                    full, part)
+
+            def body(i, outs):
+                return write(i * group, outs, one_group(i * group, group, outs[0]))
+
+            shapes = jax.eval_shape(lambda s: one_group(0, group, s), state)
+            others = jax.tree.map(lambda s: jnp.zeros((runs, *s.shape[1:]), s.dtype), shapes[1:])
+            outs = jax.lax.fori_loop(0, runs // group, body, (state, *others))
+            if runs % group:
+                full = runs // group * group
+                outs = write(full, outs, one_group(full, runs - full, outs[0]))
+            return outs
 
         return grouped
 
