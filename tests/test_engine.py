@@ -191,7 +191,9 @@ def test_run_group_is_the_largest_divisor_of_the_runs_fitting_the_l2(digits_data
     per_run = engine.run_bytes
     monkeypatch.setattr(hardware, "l2_cache_bytes", lambda: 3 * per_run + 1)  # 3 runs fit
     assert [engine.run_group(r) for r in (12, 10, 7, 2, 1)] == [3, 2, 1, 2, 1]
-    monkeypatch.setattr(hardware, "l2_cache_bytes", lambda: 1)  # nothing fits: one run at a time
+    monkeypatch.setattr(hardware, "l2_cache_bytes", lambda: per_run + 1)  # one fits: pairs
+    assert [engine.run_group(r) for r in (12, 7, 1)] == [2, 1, 1]
+    monkeypatch.setattr(hardware, "l2_cache_bytes", lambda: per_run - 1)  # none fits: one at a time
     assert engine.run_group(12) == 1
 
 
