@@ -3,6 +3,7 @@ choice, the offline error for absent data, and the `data` command."""
 
 import io
 import json
+import tempfile
 
 import numpy as np
 import pytest
@@ -55,7 +56,7 @@ def write_prepared(name, data_dir, n_train=12, n_test=5, seed=0):
                     "test": generate("test", n_test, self.info.features)}
 
     Prepared.name = name
-    with stabench_tfds._quiet_tfds():
+    with stabench_tfds._tidy_tfds():
         Prepared(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
     return written
 
@@ -115,9 +116,11 @@ def test_data_dir_flag_then_environment_then_default(prepared_dir, monkeypatch, 
 
 
 @pytest.mark.parametrize("name", TFDS_NAMES)
-def test_absent_data_says_what_where_how_and_fake_data(name, tmp_path):
-    empty = tmp_path / "empty"
+def test_absent_data_says_what_where_how_and_fake_data(name, tmp_path, monkeypatch):
+    empty, scratch = tmp_path / "empty", tmp_path / "tmp"
     empty.mkdir()
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     source = DATASETS.get(name)
     assert source.availability(str(empty)) == "missing"
     with pytest.raises(DataMissing) as err:
@@ -130,6 +133,7 @@ def test_absent_data_says_what_where_how_and_fake_data(name, tmp_path):
     assert f"python -m stabench data {name} --prepare --data-dir {empty}" in msg
     assert "--fake-data" in msg
     assert list(empty.iterdir()) == []  # nothing written
+    assert list(scratch.iterdir()) == []  # nor left in the temporary directory (by TFDS)
 
 
 @pytest.mark.parametrize("name", TFDS_NAMES)

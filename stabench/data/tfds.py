@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import tempfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,14 +56,19 @@ def resolve_data_dir(data_dir: str | None) -> tuple[str, str]:
 
 
 @contextlib.contextmanager
-def _quiet_tfds():
-    """TFDS logs a warning for every directory it probes; our own message says what matters."""
+def _tidy_tfds():
+    """TFDS logs a warning for every directory it probes (our own message says what matters), and
+    each time it builds a dataset's description without the data it fetches the description into
+    a new temporary directory it never removes: those land in one that is removed here."""
     logger = logging.getLogger("absl")
-    level = logger.level
+    level, tempdir = logger.level, tempfile.tempdir
     logger.setLevel(logging.ERROR)
     try:
-        yield
+        with tempfile.TemporaryDirectory(prefix="stabench-tfds-") as scratch:
+            tempfile.tempdir = scratch
+            yield
     finally:
+        tempfile.tempdir = tempdir
         logger.setLevel(level)
 
 
@@ -71,7 +77,7 @@ def status(name: str, data_dir: str | None = None) -> tuple[str | None, str]:
     import tensorflow_datasets as tfds
 
     directory, origin = resolve_data_dir(data_dir)
-    with _quiet_tfds():
+    with _tidy_tfds():
         builder = tfds.builder(name, data_dir=directory)  # the format found there, if any
         path = str(builder.data_path)
         if not builder.is_prepared():
@@ -136,7 +142,7 @@ def _read_splits(name: str, data_dir: str | None):
     import tensorflow_datasets as tfds
 
     directory, _ = resolve_data_dir(data_dir)
-    with _quiet_tfds():
+    with _tidy_tfds():
         try:
             return tfds.data_source(name, split=["train", "test"], data_dir=directory,
                                     download=False, builder_kwargs={"file_format": FILE_FORMAT})
@@ -148,7 +154,7 @@ def _read_splits(name: str, data_dir: str | None):
 
 def _records(source):
     # One index at a time: tfds.testing.mock_data does not implement batched reads.
-    with _quiet_tfds():  # TFDS logs which image decoder it picked
+    with _tidy_tfds():  # TFDS logs which image decoder it picked
         return [source[i] for i in range(len(source))]
 
 
