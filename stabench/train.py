@@ -362,9 +362,9 @@ class Engine:
                 return batched(jax.tree.map(part, state), *(
                     jax.tree.map(part, a) if axis == 0 else a for a, axis in zip(args, in_axes[1:])))
 
-            def write(start, full, part):
-                return jax.tree.map(lambda f, p: jax.lax.dynamic_update_slice_in_dim(f, p, start, 0),
-                                    full, part)
+            def write(start, whole, part):
+                return jax.tree.map(lambda w, p: jax.lax.dynamic_update_slice_in_dim(w, p, start, 0),
+                                    whole, part)
 
             def body(i, outs):
                 return write(i * group, outs, one_group(i * group, group, outs[0]))
