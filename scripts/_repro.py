@@ -27,7 +27,8 @@ import pandas as pd  # noqa: E402
 
 from stabench.config import RunSpec, make_spec  # noqa: E402
 from stabench.leaderboard import runs_frame  # noqa: E402
-from stabench.runner import enable_compilation_cache, load_data, run_cell  # noqa: E402
+from stabench.process import prepare  # noqa: E402
+from stabench.runner import load_data, run_cell  # noqa: E402
 from stabench.store import Record, Store  # noqa: E402
 
 DEFAULT_OUT = ROOT / "results" / "repro"
@@ -75,7 +76,7 @@ def start(doc: str, argv, config, specs):
 
 def run_cells(specs: list[RunSpec], store_dir: Path, log=print) -> tuple[list[Record], int]:
     """Each cell's record, trained now or loaded from the store; also how many were trained."""
-    enable_compilation_cache()
+    prepare()
     store = Store(store_dir)
     records, trained, data = [], 0, {}
     for i, s in enumerate(specs, 1):

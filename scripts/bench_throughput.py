@@ -44,7 +44,8 @@ from jax.extend.core import ClosedJaxpr, Jaxpr, jaxpr_as_fun
 
 from stabench.config import build_cell, data_source, make_spec, task_of
 from stabench.executor import LocalExecutor, default_workers
-from stabench.runner import enable_compilation_cache, load_data
+from stabench.process import prepare
+from stabench.runner import load_data
 from stabench.store import commit_label, provenance, read_record
 from stabench.train import EVAL_BATCH, RUNS, Carry, Engine
 
@@ -255,7 +256,7 @@ def bare_run(engine: Engine, seeds: np.ndarray,
 def _bare_worker(cpu: int | None, spec, cache_dir: str, results) -> None:
     if cpu is not None and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {cpu})  # before JAX starts its threads, as executor workers do
-    enable_compilation_cache(cache_dir)
+    prepare(cache_dir)
     try:
         engine = Engine(build_cell(spec, data_source(task_of(spec))), load_data(spec))
         seeds, lrs = (np.array(x) for x in zip(*spec.runs))

@@ -18,19 +18,41 @@ def usable_cores() -> list[int]:
 
 
 @functools.cache
-def l2_cache_bytes() -> int:
-    """The L2 cache of one core (Linux sysfs, read once per process); 1 MiB where the system does
-    not say."""
-    caches = Path("/sys/devices/system/cpu/cpu0/cache")
-    for index in sorted(caches.glob("index*")):
+def cache_sizes() -> dict[str, int]:
+    """Bytes of each cache level one core sees (Linux sysfs, read once per process): "L1d", "L2",
+    "L3"; empty where the system does not say. Matrix-product kernels size their blocks from
+    these, so they decide part of a program's rounding."""
+    sizes = {}
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
         try:
-            if (index / "level").read_text().strip() == "2":
-                size = (index / "size").read_text().strip()
-                scale = {"K": 1 << 10, "M": 1 << 20}.get(size[-1:], 1)
-                return int(size.rstrip("KM")) * scale
+            kind = (index / "type").read_text().strip()
+            if kind == "Instruction":
+                continue
+            level = (index / "level").read_text().strip()
+            size = (index / "size").read_text().strip()
+            scale = {"K": 1 << 10, "M": 1 << 20}.get(size[-1:], 1)
+            sizes[f"L{level}{'d' if kind == 'Data' else ''}"] = int(size.rstrip("KM")) * scale
         except (OSError, ValueError):
-            break
-    return 1 << 20
+            continue
+    return sizes
+
+
+# the vector extensions whose presence changes which kernels XLA:CPU runs
+ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl",
+             "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "asimd", "sve")
+
+
+@functools.cache
+def cpu_isa() -> list[str]:
+    """The CPU's vector extensions among ISA_FLAGS (Linux /proc/cpuinfo); empty elsewhere."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                present = set(line.partition(":")[2].split())
+                return [flag for flag in ISA_FLAGS if flag in present]
+    except OSError:
+        pass
+    return []
 
 
 @functools.cache

@@ -19,6 +19,7 @@ import pandas as pd
 
 from .metrics import (MA_START, METRIC_RANGES, fisher_p, improvement, lr_sensitivity, mean_ci,
                       performance_ratios, profile_score, stable_width, welch_p, wilson)
+from .reproduce import numerics_facts
 from .store import Store, check_writable, commit_label
 
 
@@ -129,6 +130,7 @@ def runs_frame(records: list) -> pd.DataFrame:
             **{f"timing.{k}": v for k, v in data["timing"].items()},
             **{f"version.{k}": v for k, v in prov["versions"].items()},
             **{k: prov.get(k) for k in PROVENANCE},
+            "numerics": json.dumps(numerics_facts(data), sort_keys=True),
         }
         # The loss before any update (step 0) is the same for every LR of a seed; the mean of the
         # first 10 finite losses (initial_loss) is not when a large LR blows up within them.
@@ -583,8 +585,14 @@ def _provenance(runs: pd.DataFrame, directory: Path) -> list[str]:
         cells["version.jax"], cells["version.flax"], cells["version.optax"])})
     commits = sorted({commit_label(c, d)
                       for c, d in zip(cells["git_commit"], cells["git_dirty"])})
+    setups = cells["numerics"].nunique() if "numerics" in cells else 1
+    rounding = [] if setups <= 1 else [
+        f"- rounding: the records come from {setups} different host configurations (CPU, caches, "
+        f"threads, flags, versions, devices or run group; see Reproducibility in the README): "
+        f"their numbers agree within float32 rounding, not bit for bit"]
     return [
         f"- records: {len(cells)} cells, {len(runs)} runs stored, read from `{directory}`",
+        *rounding,
         f"- hardware: {'; '.join(devices)}",
         f"- software: {'; '.join(versions)}; stabench git {', '.join(commits)}",
         f"- trained: {cells['date'].min()} to {cells['date'].max()}; compile "

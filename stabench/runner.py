@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -11,20 +9,8 @@ import numpy as np
 from .config import RunSpec, build_cell, data_source, task_of
 from .data import Dataset, check_finite, fake
 from .metrics import run_metrics
+from .reproduce import Reproduction, compare
 from .store import Record, Store, provenance
-
-DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "stabench" / "jax"
-
-
-def enable_compilation_cache(directory: str | os.PathLike | None = None) -> str:
-    """Persist compiled programs so a re-run recompiles nothing (STABENCH_CACHE_DIR overrides)."""
-    import jax
-
-    directory = str(directory or os.environ.get("STABENCH_CACHE_DIR") or DEFAULT_CACHE)
-    jax.config.update("jax_compilation_cache_dir", directory)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    return directory
 
 
 def load_data(spec: RunSpec, data_dir: str | None = None) -> Dataset:
@@ -67,21 +53,10 @@ def run_cell(spec: RunSpec, store: Store, data_dir: str | None = None,
     return store.save(spec, body, arrays)
 
 
-def rerun(record: Record, data_dir: str | None = None) -> list[str]:
-    """Retrain a stored record's spec; the differences from what it stored (empty: reproduced)."""
-    body, arrays = train_spec(record.spec, load_data(record.spec, data_dir))
-    stored = record.telemetry()
-    out = []
-    for name, values in arrays.items():
-        if not np.array_equal(np.asarray(values), stored[name], equal_nan=True):
-            with np.errstate(invalid="ignore"):
-                diff = np.nanmax(np.abs(np.asarray(values, np.float64) - stored[name]))
-            out.append(f"telemetry {name}: max abs difference {diff:.3g}")
-    for i, (new, old) in enumerate(zip(body["runs"], record.runs)):
-        for key, value in new.items():
-            if not (value == old[key] or (np.isnan(value) and np.isnan(old[key]))):
-                out.append(f"run {i} {key}: stored {old[key]!r}, now {value!r}")
-    return out
+def rerun(record: Record, data_dir: str | None = None) -> Reproduction:
+    """Retrain a stored record's spec and compare it with what it stored."""
+    now = train_spec(record.spec, load_data(record.spec, data_dir))
+    return compare((record.data, record.telemetry()), now)
 
 
 def diagnose_run(spec: RunSpec, arrays: dict[str, np.ndarray], layer_names: list[str], k: int,

@@ -215,14 +215,14 @@ def run_search(sweep: SweepSpec, search: Optuna, out: str, data_dir: str | None 
                log: Callable[[str], None] = print) -> list[StudyResult]:
     """Run every study of the sweep in this process; trials are stored in `out`."""
     from .executor import DataCache
-    from .runner import enable_compilation_cache
+    from .process import prepare
     from .store import Store, check_writable
     from .train import backend_compiles
 
     import_optuna()
     todo = studies(sweep, search)
     check_writable(out)
-    enable_compilation_cache()
+    prepare()
     store, data, engines = Store(out), DataCache(data_dir), {}
     results = []
     compiles = backend_compiles()

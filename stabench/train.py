@@ -4,10 +4,11 @@
 training steps; the scan runs in chunks of `eval_every` steps so the host can report progress,
 evaluate, and stop once every run has diverged. Telemetry is computed inside the program.
 The runs axis is sharded over all local devices (a 1-D mesh), padded to a multiple of their count.
-On one CPU device the chunk program trains the runs in groups, one group after another, each
-vmapped and sized so that its working set stays in a core's L2 cache: on CPU, training is bound by
-memory traffic, and groups that fit in cache train faster than all runs in one batch (measured on
-a core of its own; see `run_group`).
+Each device trains its runs in groups, one group after another, each vmapped: on CPU a group is
+sized from the cell alone so that its working set stays in a core's L2 cache (training there is
+bound by memory traffic); on accelerators a group is every run of the device. The groups are the
+same on one device or several, so a run's float32 rounding, which depends on how many runs are
+vmapped with it, does not depend on the device count (see `run_group`).
 Given per-run `values` of the methods' traced arguments, runs differ in those too (one program for
 a whole search over them); without, the spec's values are constants of the program.
 """
@@ -28,12 +29,16 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from . import hardware
 from .data import Dataset
 from .methods import CellTransform
 from .models import MUTABLE, LayerLayout, activation_stds
+from .process import forced_run_group
 
 RUNS = "runs"  # the vmapped axis of runs, named so that a group of runs can branch together
+DEVICES = "devices"  # the mesh axis the runs are sharded over
+# The working set a CPU group of runs is sized to: a constant, not the host's L2, so that every host
+# and process trains a cell in the same groups (1 MiB: the smallest L2 per core of the hosts seen).
+GROUP_CACHE_BYTES = 1 << 20
 TELEMETRY = ("loss", "grad_norm", "grad_norm_post", "update_norm", "param_norm", "nonfinite",
              "changed", "layer_grad_norm")
 # test examples evaluated together: at most this, and at most a training batch, whose forward pass
@@ -160,21 +165,31 @@ def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
     return np.random.default_rng((seed, epoch)).permutation(n)
 
 
+def cpu_group(run_bytes: int, runs: int, budget: int = GROUP_CACHE_BYTES) -> int:
+    """The runs a CPU device trains together for a cell of `runs` runs of `run_bytes` each: the
+    largest divisor of `runs` that fits in `budget` bytes, at least two when one fits."""
+    fit = budget // run_bytes
+    fit = max(2, fit) if fit else 1
+    return max(g for g in range(1, min(fit, runs) + 1) if runs % g == 0)
+
+
 class Engine:
     """Builds and compiles the programs of one cell for a given number of runs."""
 
     def __init__(self, cell: Cell, data: Dataset, devices: list | None = None,
                  group: int | None = None):
-        """group: runs the chunk program trains together; None chooses (see run_group)."""
+        """group: runs a device trains together; None chooses (see run_group) unless
+        STABENCH_RUN_GROUP forces one."""
+        group = forced_run_group() if group is None else group
         if group is not None and group < 1:
             raise ValueError("group must be a positive number of runs")
         self.group = group
         self.cell = cell
         self.data = data
         self.devices = list(devices or jax.local_devices())
-        mesh = Mesh(np.array(self.devices), ("runs",))
-        self.by_run = NamedSharding(mesh, P("runs"))
-        self.replicated = NamedSharding(mesh, P())
+        self.mesh = Mesh(np.array(self.devices), (DEVICES,))
+        self.by_run = NamedSharding(self.mesh, P(DEVICES))
+        self.replicated = NamedSharding(self.mesh, P())
         if cell.batch_size > len(data.x_train):
             raise ValueError(f"batch size {cell.batch_size} exceeds the {len(data.x_train)} "
                              "training examples")
@@ -187,7 +202,8 @@ class Engine:
         # after each chunk: every eval_every steps and the last
         self.eval_steps = [min((i + 1) * self.chunk, cell.steps) for i in range(self.n_chunks)]
         self.arrays = self._device_data()
-        self.programs: dict[tuple[int, bool], tuple] = {}  # (runs, traced values) -> compiled
+        # (runs, traced values, group) -> compiled
+        self.programs: dict[tuple[int, bool, int], tuple] = {}
 
     def _device_data(self) -> dict[str, jax.Array]:
         d = self.data
@@ -260,12 +276,11 @@ class Engine:
         in_range = t < cell.steps
         keep = carry.alive & in_range
         # A non-finite loss or gradient ends the run unless a method skipped the step; so does
-        # any non-finite parameter or state. The runs of a group check their state together, but
-        # not over several devices, where that branch would synchronize them every step.
-        together = RUNS if len(self.devices) == 1 else None
+        # any non-finite parameter or state. The runs of a group (on one device) check their
+        # state together.
         finite = ((jnp.isfinite(loss) & jnp.isfinite(grad_norm)) | seen.skipped) & (
             _new_state_finite(carry.params, updates, updates_sq, (rest, opt_state), keep,
-                              t == 0, together))
+                              t == 0, RUNS))
         accept = keep & finite
         # Parameters and model state stay as of a run's last accepted step: evaluation reads
         # them. The optimizer state is not frozen: a step is rejected only when its run ends,
@@ -327,57 +342,72 @@ class Engine:
         return _nbytes(kept) + 4 * _nbytes(carry.params) + _nbytes(carry.opt_state)
 
     def run_group(self, runs: int) -> int:
-        """How many runs the chunk program trains together (vmapped): all of them on
-        accelerators and over several devices; on one CPU device, the largest divisor of `runs`
-        whose working set fits in a core's L2 cache, since memory traffic bounds training there,
-        and at least two runs when one fits: larger groups share each operation's fixed cost
-        between more runs, which outweighs the cache for such small runs. For the digits MLP
-        (0.93 MB a run) groups of 2 train faster than 1 or 4 with a 2 MiB L2, and than 1 (by 12%)
-        with a 1 MiB L2, where 4 is as fast as 2.
-        It depends on the cell and the host's cache only, not on the process's cores, so every
-        executor trains a cell with the same numerics (groups and one batch differ by rounding)."""
+        """How many runs a device trains together (vmapped), for a cell of `runs` runs: on
+        accelerators, all of a device's share; on CPU, `cpu_group`: groups that fit in cache,
+        since memory traffic bounds training there, and at least two runs when one fits: larger
+        groups share each operation's fixed cost between more runs, which outweighs the cache for
+        such small runs.
+        A run's rounding depends on its group's size, so on CPU the group depends on the cell
+        only, never on the host's cache, the process's cores or the device count: every executor
+        trains a cell to the same bits."""
         if self.group is not None:
-            return min(self.group, runs)
-        if len(self.devices) > 1 or self.devices[0].platform != "cpu":
-            return runs
-        fit = hardware.l2_cache_bytes() // self.run_bytes
-        fit = max(2, fit) if fit else 1
-        return max(g for g in range(1, min(fit, runs) + 1) if runs % g == 0)
+            return self.group
+        if self.devices[0].platform != "cpu":
+            return -(-runs // len(self.devices))
+        return cpu_group(self.run_bytes, runs)
+
+    def padded_runs(self, runs: int) -> int:
+        """Runs trained for a cell of `runs`: whole groups on every device (copies of the last
+        run fill the rest, and are dropped from the results)."""
+        whole = self.run_group(runs) * len(self.devices)
+        return -(-runs // whole) * whole
+
+    def _on_devices(self, fn, in_axes: tuple, runs: int, group: int, carries: bool):
+        """`fn` over the runs axis of the arguments whose in_axes is 0 (the others are shared),
+        sharded over the devices, each training its share in groups of `group` (`_in_groups`)."""
+        if runs % (group * len(self.devices)):
+            raise ValueError(f"{runs} runs are not whole groups of {group} on "
+                             f"{len(self.devices)} devices (see padded_runs)")
+        grouped = self._in_groups(fn, in_axes, runs // len(self.devices), group, carries)
+        specs = tuple(P(DEVICES) if axis == 0 else P() for axis in in_axes)
+        return jax.shard_map(grouped, mesh=self.mesh, in_specs=specs, out_specs=P(DEVICES),
+                             check_vma=False)
 
     @staticmethod
-    def _over_runs(fn, in_axes: tuple, runs: int, group: int):
-        """`fn` vmapped (axis name RUNS) over the runs axis of the arguments whose in_axes is 0
-        (the others are shared): over every run, or over consecutive groups of `group` runs, one
-        after another (the last group takes the remainder). The first argument is the state that
-        `fn` carries: its first output, which a group writes over that group's part of it, so the
-        groups need no second copy of every run's state (donated, it is updated in place)."""
+    def _in_groups(fn, in_axes: tuple, runs: int, group: int, carries: bool):
+        """`fn` vmapped (axis name RUNS) over consecutive groups of `group` runs (which divides
+        `runs`), one group after another. With `carries`, the first argument is the state `fn`
+        carries, its first output, which a group writes over that group's part of it, so the
+        groups need no second copy of every run's state (donated, it is updated in place);
+        otherwise the groups' outputs are stacked."""
         batched = jax.vmap(fn, in_axes=in_axes, axis_name=RUNS)
         if group >= runs:
             return batched
 
-        @functools.wraps(fn)
-        def grouped(state, *args):
-            def one_group(start, size, state):
-                part = lambda a: jax.lax.dynamic_slice_in_dim(a, start, size)  # noqa: E731
-                return batched(jax.tree.map(part, state), *(
-                    jax.tree.map(part, a) if axis == 0 else a for a, axis in zip(args, in_axes[1:])))
+        def call(start, args):
+            part = lambda a: jax.lax.dynamic_slice_in_dim(a, start, group)  # noqa: E731
+            return batched(*(jax.tree.map(part, a) if axis == 0 else a
+                             for a, axis in zip(args, in_axes)))
 
+        @functools.wraps(fn)
+        def stacked(*args):
+            out = jax.lax.map(lambda i: call(i * group, args), jnp.arange(runs // group))
+            return jax.tree.map(lambda a: a.reshape(runs, *a.shape[2:]), out)
+
+        @functools.wraps(fn)
+        def in_place(state, *args):
             def write(start, whole, part):
-                return jax.tree.map(lambda w, p: jax.lax.dynamic_update_slice_in_dim(w, p, start, 0),
-                                    whole, part)
+                return jax.tree.map(
+                    lambda w, p: jax.lax.dynamic_update_slice_in_dim(w, p, start, 0), whole, part)
 
             def body(i, outs):
-                return write(i * group, outs, one_group(i * group, group, outs[0]))
+                return write(i * group, outs, call(i * group, (outs[0], *args)))
 
-            shapes = jax.eval_shape(lambda s: one_group(0, group, s), state)
+            shapes = jax.eval_shape(lambda s: call(0, (s, *args)), state)
             others = jax.tree.map(lambda s: jnp.zeros((runs, *s.shape[1:]), s.dtype), shapes[1:])
-            outs = jax.lax.fori_loop(0, runs // group, body, (state, *others))
-            if runs % group:
-                full = runs // group * group
-                outs = write(full, outs, one_group(full, runs - full, outs[0]))
-            return outs
+            return jax.lax.fori_loop(0, runs // group, body, (state, *others))
 
-        return grouped
+        return in_place if carries else stacked
 
     def _chunk_run(self, carry, idx, lr, step0, arrays, values=None):
         def body(c, t_idx):
@@ -400,25 +430,28 @@ class Engine:
         return np.stack([out[s] for s in seeds]).astype(np.int32)
 
     # ---- compiled programs --------------------------------------------------------------------
-    def compile(self, seeds: np.ndarray, lrs: np.ndarray, values=None):
+    def compile(self, seeds, lrs, values=None, group: int | None = None):
         """Lower and compile the init and chunk programs for these runs (with per-run traced
-        values [runs, n], if given); returns them and seconds. An engine compiles each shape
-        once."""
-        key = (len(lrs), values is not None)
+        values [runs, n], if given), trained in groups of `group` (default: `run_group`);
+        returns them and seconds. An engine compiles each shape once."""
+        group = group or self.run_group(len(lrs))
+        key = (len(lrs), values is not None, group)
         if key in self.programs:
             return *self.programs[key], 0.0
         t0 = time.perf_counter()
         run, rep = self.by_run, self.replicated
         traced = () if values is None else (values,)  # a trailing per-run argument
+        per_run = (0,) * len(traced)
         first = jax.ShapeDtypeStruct((len(lrs), self.cell.batch_size), jnp.int32)
-        init_run = jax.vmap(self._init_run, in_axes=(0, 0, 0, None, *(0,) * len(traced)))
+        init_run = self._on_devices(self._init_run, (0, 0, 0, None, *per_run), len(lrs), group,
+                                    carries=False)
         init = jax.jit(init_run, in_shardings=(run, run, run, rep, *(run,) * len(traced)),
                        out_shardings=run)
         init = init.lower(seeds, lrs, first, self.arrays, *traced).compile()
         carry_shape = jax.eval_shape(init_run, seeds, lrs, first, self.arrays, *traced)
         idx = jax.ShapeDtypeStruct((len(lrs), self.chunk, self.cell.batch_size), jnp.int32)
-        chunk_run = self._over_runs(self._chunk_run, (0, 0, 0, None, None, *(0,) * len(traced)),
-                                    len(lrs), self.run_group(len(lrs)))
+        chunk_run = self._on_devices(self._chunk_run, (0, 0, 0, None, None, *per_run), len(lrs),
+                                     group, carries=True)
         chunk = jax.jit(chunk_run, in_shardings=(run, run, run, rep, rep, *(run,) * len(traced)),
                         out_shardings=run, donate_argnums=(0,)).lower(
             carry_shape, idx, lrs, jax.ShapeDtypeStruct((), jnp.int32), self.arrays,
@@ -432,7 +465,8 @@ class Engine:
         `values` [runs, len(cell.transform.values)], run i takes values[i] as its methods' traced
         arguments."""
         runs = len(lrs)
-        pad = -runs % len(self.devices)  # copies of the last run, dropped from the results
+        group = self.run_group(runs)
+        pad = self.padded_runs(runs) - runs  # copies of the last run, dropped from the results
         host_seeds = np.asarray(np.concatenate([seeds, np.repeat(seeds[-1:], pad)]), np.int32)
         host_lrs = np.asarray(np.concatenate([lrs, np.repeat(lrs[-1:], pad)]), np.float32)
         seeds, lrs = jax.device_put((host_seeds, host_lrs), self.by_run)  # no compile
@@ -442,7 +476,7 @@ class Engine:
             traced = (jax.device_put(np.concatenate([values, np.repeat(values[-1:], pad, 0)]),
                                      self.by_run),)
         hits_before = cache_hits()
-        init, chunk, compile_s = self.compile(seeds, lrs, *traced)
+        init, chunk, compile_s = self.compile(seeds, lrs, *traced, group=group)
         compile_cache_hits = cache_hits() - hits_before
 
         t0 = time.perf_counter()
@@ -486,6 +520,6 @@ class Engine:
             timing={"compile_s": compile_s, "init_s": init_s, "steady_s": steady_s,
                     "steps_done": steps_done, "steady_compiles": steady_compiles,
                     "compile_cache_hits": compile_cache_hits,
-                    "run_group": self.run_group(len(host_lrs)),
+                    "run_group": group, "devices": len(self.devices),
                     "samples_per_s": runs * steps_done * self.cell.batch_size / steady_s},
         )

@@ -19,6 +19,11 @@ if "STABENCH_CACHE_DIR" not in os.environ:
 # Tests compile many tiny programs and run them a few steps: XLA's backend optimizations cost more
 # than they save (a digits cell compiled in 2.5 s instead of 6 s on a 2-core CPU).
 os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
+# One intra-op thread, as every stabench process that trains has (stabench.process), so records
+# trained in a test process equal those of the CLI processes it starts.
+from stabench.process import start_backend  # noqa: E402
+
+start_backend()
 # Tests send SIGINT to the processes they start, as Ctrl-C in a terminal would. A test runner
 # started as a background job of a shell without job control inherits SIGINT ignored, and so would
 # every process it starts; Ctrl-C semantics are those of a foreground session.
@@ -105,3 +110,23 @@ def tiny_sweep(tiny_suite, tmp_path_factory):
     suite, whole = tiny_suite
     report = report_tables(whole, tmp_path_factory.mktemp("tiny-report"))
     return SimpleNamespace(suite=suite, whole=whole, report=report)
+
+
+def assert_same_records(directory, reference):
+    """Every record of `directory` is bit for bit the one `reference` holds for its cell: the same
+    metrics and the same telemetry bytes (timing and provenance aside)."""
+    import json
+
+    import numpy as np
+
+    paths = sorted(Path(directory).rglob("*.json"))
+    assert paths, f"no records in {directory}"
+    for path in paths:
+        twin = Path(reference) / path.relative_to(directory)
+        assert twin.exists(), f"{reference} has no record for {path.name}"
+        runs = [json.dumps(json.loads(p.read_text())["runs"]) for p in (path, twin)]
+        assert runs[0] == runs[1], f"{path.name}: metrics differ"
+        with np.load(path.with_suffix(".npz")) as ours, np.load(twin.with_suffix(".npz")) as theirs:
+            assert sorted(ours.files) == sorted(theirs.files)
+            for name in ours.files:
+                assert ours[name].tobytes() == theirs[name].tobytes(), f"{path.name}: {name}"

@@ -35,9 +35,9 @@ TASKS = sorted(all_tasks())
 @pytest.fixture(scope="module", autouse=True)
 def compilation_cache():
     """Tasks with identical programs (mnist and fashion_mnist, the CIFAR twins' init) compile once."""
-    from stabench.runner import enable_compilation_cache
+    from stabench.process import prepare
 
-    enable_compilation_cache()
+    prepare()
 
 
 def tiny_spec(name, **kw):
