@@ -14,9 +14,13 @@ from .inits import INITS
 from .models import MODELS
 from .optimizers import OPTIMIZERS
 from .registry import Call, UserError, closest
-from .tasks import LOSS_OF, TARGET_METRICS, TaskSpec, all_tasks, get_task, with_overrides
+from .tasks import (LOSS_OF, TARGET_METRICS, TRAIN_BOUNDS, TaskSpec, all_tasks, get_task,
+                    positive_int, with_overrides)
 
 FORMAT_VERSION = 2
+# The input values of a cell's dataset: over 10 times CIFAR-10's, 8 GB as float32, so a size past
+# it is a typo that would exhaust memory while the data loads.
+MAX_DATA_VALUES = 2_000_000_000
 
 
 @dataclass(frozen=True)
@@ -71,12 +75,6 @@ def program_key(spec: RunSpec) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise UserError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
 def parse_lrs(text: str, flag: str = "--lrs") -> tuple[float, ...]:
     try:
         # an empty entry ("0.1,,1") is a typo, not a value to drop
@@ -94,7 +92,7 @@ def make_spec(task: str, method: str = "none", init: str = "default", optimizer:
     """Validate every part of a cell before anything runs or is written."""
     spec_task = with_overrides(get_task(task), overrides or {})
     train = spec_task.train
-    seeds = _positive_int("seeds", train["seeds"] if seeds is None else seeds)
+    seeds = positive_int("seeds", train["seeds"] if seeds is None else seeds, TRAIN_BOUNDS["seeds"])
     lrs = tuple(float(x) for x in (train["lrs"] if lrs is None else lrs))
     if not lrs or not all(math.isfinite(x) and x > 0 for x in lrs):
         raise UserError(f"learning rates must be positive and finite, got {list(lrs)}")
@@ -109,7 +107,12 @@ def make_spec(task: str, method: str = "none", init: str = "default", optimizer:
         fields = ("dataset.", "model.", "loss", "target.")
         by_set = any(k.startswith(fields) for k in overrides or {})
         raise UserError(f"{spec_task.source}{' with --set' if by_set else ''}: {err}") from None
-    n_train = fake_sizes(source.meta)[0] if fake_data else source.meta.n_train
+    meta = source.meta
+    n_train, n_test = fake_sizes(meta) if fake_data else (meta.n_train, meta.n_test)
+    values = (n_train + n_test) * math.prod(meta.x_shape)
+    if values > MAX_DATA_VALUES:
+        raise UserError(f"dataset {spec_task.component('dataset')} holds {values:,} input values: "
+                        f"at most {MAX_DATA_VALUES:,}")
     if train["batch_size"] > n_train:
         raise UserError(f"batch size {train['batch_size']} exceeds the {n_train} training examples "
                         f"of task {spec_task.name}")
@@ -144,15 +147,26 @@ def _check_loss_fits(task: TaskSpec, meta) -> None:
                         f"regression: use 'test_loss'")
 
 
+# A run's parameters: over 100 times the largest task's, and 400 MB per run before gradients
+# and optimizer state, so a size past it is a typo that would exhaust memory mid-compile.
+MAX_PARAMETERS = 100_000_000
+
+
 def _check_model_fits(cell, task: TaskSpec):
     """Build the model abstractly (shapes only, no compute) so a model that cannot take the
-    dataset's inputs fails here, in one line; returns the abstract model."""
+    dataset's inputs, or is absurdly large, fails here, in one line; returns the abstract model."""
+    import jax
     from flax import nnx
 
     try:
-        return nnx.eval_shape(lambda: cell.build_model(nnx.Rngs(0)))
+        model = nnx.eval_shape(lambda: cell.build_model(nnx.Rngs(0)))
     except ValueError as err:
         raise UserError(f"model {task.component('model')} on task {task.name}: {err}") from None
+    count = sum(math.prod(p.shape) for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    if count > MAX_PARAMETERS:
+        raise UserError(f"model {task.component('model')} on task {task.name} has {count:,} "
+                        f"parameters: at most {MAX_PARAMETERS:,}")
+    return model
 
 
 def _trace_first_update(cell, model) -> None:

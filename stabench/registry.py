@@ -58,26 +58,73 @@ def closest(name: str, choices) -> str:
     return f" Did you mean '{match[0]}'?" if match else ""
 
 
+INT_LIMIT = 2**31 - 1  # JAX's integers are 32-bit: a larger one would overflow in the program
+MAX_NESTING = 32  # deeper is no value anyone means, and would exhaust the recursion of Python's
+# parser, printer and copier
+TOO_LARGE = f"integers must lie within ±{INT_LIMIT}"
+TOO_DEEP = f"brackets and signs nest at most {MAX_NESTING} deep"
+
+
+def _nodes(root: Any, children: Callable[[Any], Any]):
+    """Every node of a tree with its depth; iterative, so no depth breaks the walk itself."""
+    stack = [(root, 0)]
+    while stack:
+        node, depth = stack.pop()
+        yield node, depth
+        stack.extend((child, depth + 1) for child in children(node))
+
+
+def _items(value: Any):
+    if isinstance(value, dict):
+        return [*value, *value.values()]
+    return value if isinstance(value, (list, tuple, set, frozenset)) else ()
+
+
+def check_value(value: Any, where: str) -> Any:
+    """Refuse a parsed value that would fail far from its input: an integer beyond int32, or
+    containers nested too deeply."""
+    for node, depth in _nodes(value, _items):
+        if depth > MAX_NESTING:
+            raise UserError(f"{where}: {TOO_DEEP}")
+        if isinstance(node, int) and abs(node) > INT_LIMIT:
+            raise UserError(f"{where}: {TOO_LARGE}")
+    return value
+
+
+def parse_expression(text: str, kind: str) -> ast.expr:
+    """The syntax tree of a spec string; refused, in one line, if it does not parse or nests too
+    deeply for the code that walks it later."""
+    try:
+        with warnings.catch_warnings():  # Python only warns of some typos, e.g. 1or: refuse them
+            warnings.simplefilter("error", SyntaxWarning)
+            node = ast.parse(text.strip(), mode="eval").body
+    except SyntaxError:
+        raise UserError(f"cannot parse {kind} '{text}': write name or name(key=value, ...)"
+                        ) from None
+    except (RecursionError, MemoryError):  # the parser's own limits on nesting
+        node = None
+    if node is None or any(depth > MAX_NESTING for _, depth in _nodes(node, ast.iter_child_nodes)):
+        raise UserError(f"{kind} '{text}': {TOO_DEEP}")
+    return node
+
+
 def _literal(node: ast.AST, where: str) -> Any:
     if isinstance(node, ast.Name):  # a bare word is a string: shape=cosine
         if node.id in ("True", "False", "None"):
             return {"True": True, "False": False, "None": None}[node.id]
         return node.id
     try:
-        return ast.literal_eval(node)
-    except ValueError:
+        value = ast.literal_eval(node)
+    except OverflowError:  # a huge integer in a complex number
+        raise UserError(f"{where}: {TOO_LARGE}") from None
+    except (ValueError, TypeError):  # TypeError: a list as a dict key or set member
         raise UserError(f"{where}: '{ast.unparse(node)}' is not a literal value") from None
+    return check_value(value, where)
 
 
 def parse_call(spec: str, kind: str = "entry") -> tuple[str, dict[str, Any]]:
     """Parse `name` or `name(k=v, ...)` into its name and raw literal keyword arguments."""
-    text = spec.strip()
-    try:
-        with warnings.catch_warnings():  # Python only warns of some typos, e.g. 1or: refuse them
-            warnings.simplefilter("error", SyntaxWarning)
-            node = ast.parse(text, mode="eval").body
-    except SyntaxError:
-        raise UserError(f"cannot parse {kind} '{spec}': write name or name(key=value, ...)") from None
+    node = parse_expression(spec, kind)
     if isinstance(node, ast.Name):
         return node.id, {}
     if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)):

@@ -28,8 +28,10 @@ from typing import Iterator
 import numpy as np
 
 from .config import FORMAT_VERSION, RunSpec
-from .hardware import code_state, cpu_model
+from .hardware import cache_sizes, code_state, cpu_isa, cpu_model
+from .process import intra_op_threads
 from .registry import UserError
+from .tasks import validate
 
 
 class BadRecord(Exception):
@@ -121,28 +123,58 @@ def check_writable(directory: str | os.PathLike) -> None:
         raise UserError(f"cannot write results to {directory}: {err.strerror or err}") from None
 
 
+# The fields that readers of a record use, and their types ([t]: a list of t): a record whose
+# fields do not fit is named and skipped like a torn one, not an error in the command reading it.
+RECORD_FIELDS = {"spec": dict, "spec_hash": str, "runs": [dict], "timing": dict,
+                 "provenance": dict, "layer_names": [str]}
+SPEC_FIELDS = {"task": str, "task_config": dict, "method": str, "init": str, "optimizer": str,
+               "seeds": [int], "lrs": [(int, float)], "fake_data": bool}
+
+
+def _fits(value, kind) -> bool:
+    if isinstance(kind, list):
+        return isinstance(value, list) and all(_fits(x, kind[0]) for x in value)
+    return isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool)
+
+
+def _malformed(data: dict) -> str | None:
+    """The first field of a record that does not fit RECORD_FIELDS and SPEC_FIELDS, e.g.
+    'spec.seeds', or the task_config's problem; None when every field fits."""
+    fields = [(key, data.get(key), kind) for key, kind in RECORD_FIELDS.items()]
+    spec = data.get("spec")
+    if isinstance(spec, dict):
+        fields += [(f"spec.{key}", spec.get(key), kind) for key, kind in SPEC_FIELDS.items()]
+    for name, value, kind in fields:
+        if not _fits(value, kind):
+            return name
+    try:
+        validate(spec["task_config"], "spec.task_config")
+    except UserError as err:
+        return str(err)
+    return None
+
+
 def read_record(path: Path) -> Record:
     """Parse and verify one record; raises BadRecord naming the file and the problem."""
     try:
         data = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, RecursionError) as err:
         raise BadRecord(f"{path}: unreadable record ({err.__class__.__name__})") from None
     if not isinstance(data, dict) or data.get("format_version") != FORMAT_VERSION:
         raise BadRecord(f"{path}: format version {data.get('format_version') if isinstance(data, dict) else '?'}"
                         f" is not {FORMAT_VERSION}")
+    if problem := _malformed(data):
+        raise BadRecord(f"{path}: record lacks a valid {problem}")
     try:
         spec = RunSpec.from_dict(data["spec"])
-        ok = spec.hash == data["spec_hash"]
-    except (KeyError, TypeError):
+    except TypeError:  # a field RunSpec does not have
         raise BadRecord(f"{path}: record lacks a valid spec") from None
-    if not ok:
+    if spec.hash != data["spec_hash"]:
         raise BadRecord(f"{path}: spec hash does not match its spec")
     if path.stem != spec.hash[:16]:
         raise BadRecord(f"{path}: file name does not match its spec hash {spec.hash[:16]} "
                         f"(a copy under another name would count the cell twice)")
-    runs = data.get("runs")
-    if not (isinstance(runs, list) and all(isinstance(r, dict) for r in runs)
-            and [(r.get("seed"), r.get("lr")) for r in runs] == spec.runs):
+    if [(r.get("seed"), r.get("lr")) for r in data["runs"]] != spec.runs:
         raise BadRecord(f"{path}: its runs do not match the seeds and learning rates of its spec")
     tel = path.with_suffix(".npz")
     try:
@@ -249,8 +281,8 @@ class Store:
                   **body, "telemetry_sha256": sha256(tel)}
         record["record_sha256"] = content_sha256(record)
         payload = json.dumps(record, indent=1, sort_keys=True).encode()
-        atomic_write(path.with_suffix(".npz"), tel)
         try:
+            atomic_write(path.with_suffix(".npz"), tel)
             atomic_write(path, payload)
         except BaseException:
             path.with_suffix(".npz").unlink(missing_ok=True)  # telemetry without its record
@@ -308,6 +340,12 @@ def provenance() -> dict:
         "device_count": len(devices),
         "cpu_count": os.cpu_count(),
         "cpu_model": cpu_model(),
+        "numerics": {  # with the cell's run_group and devices: what decides the rounding
+            "cpu_model": cpu_model(), "cpu_isa": cpu_isa(), "caches": cache_sizes(),
+            "intra_op_threads": intra_op_threads(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "jax": versions["jax"], "jaxlib": versions["jaxlib"], "backend": jax.default_backend(),
+            "device_kind": devices[0].device_kind,
+        },
         "compilation_cache": jax.config.jax_compilation_cache_dir,
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }

@@ -18,6 +18,7 @@ import ast
 import hashlib
 import itertools
 import math
+import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,8 @@ from typing import Any, Iterator
 import numpy as np
 
 from .config import RunSpec, make_spec
-from .registry import Call, Registry, UserError, _literal, parse_call, split_plus
+from .registry import (Call, Registry, UserError, _literal, parse_call, parse_expression,
+                       split_plus)
 from .tasks import get_task, task_dir
 
 if sys.version_info >= (3, 11):
@@ -35,6 +37,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 RANGES = ("loguniform", "uniform")
+LIST_OPTIONS = ("method", "init", "optimizer")  # sweep flags taking several values
 SIGNIFICANT = 4  # drawn values are rounded to 4 significant digits: readable, reproducible names
 
 
@@ -69,10 +72,7 @@ def _range(node: ast.Call, where: str) -> Range:
     kind = node.func.id
     bounds = []
     for arg in node.args:
-        try:
-            value = ast.literal_eval(arg)
-        except ValueError:
-            value = None
+        value = _literal(arg, where)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise UserError(f"{where}: {kind} bounds must be numbers, got '{ast.unparse(arg)}'")
         bounds.append(value)
@@ -118,10 +118,11 @@ class Term:
 def parse_term(text: str, kind: str) -> Term:
     """`name(k=v, k2=[a,b], k3=loguniform(lo,hi))`: lists are grid axes, ranges search axes."""
     where = f"{kind} '{text}'"
-    try:
-        node = ast.parse(text.strip(), mode="eval").body
-    except SyntaxError:
-        raise UserError(f"cannot parse {where}: write name or name(key=value, ...)") from None
+    node = parse_expression(text, kind)
+    if isinstance(node, ast.Tuple) and kind in LIST_OPTIONS:  # --method none,clip_norm
+        raise UserError(f"cannot parse {where}: a list option takes space-separated values, e.g. "
+                        f"--{kind} {' '.join(shlex.quote(ast.unparse(e)) for e in node.elts)} "
+                        f"(--lrs and --set take commas)")
     if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)):
         return Term(*parse_call(text, kind)[:1], ())  # a bare name, or parse_call's own error
     if node.args:
@@ -134,8 +135,11 @@ def parse_term(text: str, kind: str) -> Term:
         if isinstance(value, ast.List):
             if not value.elts:
                 raise UserError(f"{where}: the list for '{kw.arg}' is empty")
-            items = (_literal(e, where) for e in value.elts)
-            kwargs.append((kw.arg, Choices(tuple(dict.fromkeys(items)))))
+            distinct = []  # by equality, as values may be unhashable lists
+            for item in (_literal(e, where) for e in value.elts):
+                if item not in distinct:
+                    distinct.append(item)
+            kwargs.append((kw.arg, Choices(tuple(distinct))))
         elif isinstance(value, ast.Call) and isinstance(value.func, ast.Name) \
                 and value.func.id in RANGES:
             kwargs.append((kw.arg, _range(value, where)))
@@ -220,6 +224,19 @@ class Optuna:
                 for combo in itertools.product(*(v.values for _, _, v in axes))]
 
 
+# Random draws are each validated before anything trains, an Optuna batch is one program's runs:
+# a count past this is a typo, not a search.
+MAX_TRIALS = 1000
+
+
+def _check_search(seed: int, **counts: int) -> None:
+    for name, count in counts.items():
+        if count > MAX_TRIALS:
+            raise ValueError(f"{name} must be at most {MAX_TRIALS}")
+    if seed < 0:  # numpy's and Optuna's generators take non-negative seeds only
+        raise ValueError("seed must be >= 0")
+
+
 OBJECTIVES = {"loss": "the final training loss", "target": "the task's target metric"}
 
 
@@ -234,6 +251,7 @@ def grid() -> Grid:
 def random(n: int = 10, seed: int = 0) -> Random:
     if n <= 0:
         raise ValueError("n must be positive")
+    _check_search(seed, n=n)
     return Random(n, seed)
 
 
@@ -247,6 +265,7 @@ def optuna(n: int = 32, batch: int = 8, seed: int = 0, objective: str = "loss",
            lr: Range | None = None) -> Optuna:
     if n <= 0 or batch <= 0:
         raise ValueError("n and batch must be positive")
+    _check_search(seed, n=n, batch=batch)
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}")
     if lr is not None and not isinstance(lr, Range):
@@ -422,9 +441,11 @@ def load_suite(name: str) -> tuple[str, dict]:
     path = suite_path(name)
     where = f"suite {path.name}"
     try:
-        doc = tomllib.loads(path.read_text())
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as err:
         raise UserError(f"{where}: not valid TOML: {err}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"{where}: cannot read it ({err.__class__.__name__})") from None
     _check(doc, SUITE_KEYS, where)
     if not doc.get("tasks"):
         raise UserError(f"{where}: field 'tasks' must list at least one task")

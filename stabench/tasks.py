@@ -15,7 +15,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .registry import UserError, closest, parse_call
+from .registry import (INT_LIMIT, TOO_DEEP, TOO_LARGE, UserError, check_value, closest,
+                       parse_call)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -37,6 +38,15 @@ SCHEMA: dict[str, dict[str, tuple[type | tuple, bool]]] = {
     "target": {"metric": (str, True), "value": ((int, float), True)},
 }
 OPEN_SECTIONS = ("dataset", "model")  # their other keys are the factory's arguments
+# Far above any task's, low enough that a stray digit fails here rather than filling memory (the
+# telemetry holds every step of every run); other integers only have to fit JAX's int32.
+TRAIN_BOUNDS = {"seeds": 1000, "steps": 1_000_000}
+
+
+def positive_int(name: str, value: Any, most: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= most:
+        raise UserError(f"{name} must be positive and at most {most:,}, got {value!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -107,8 +117,8 @@ def validate(doc: dict, source: str) -> dict:
     ):
         raise UserError(f"{source}: field 'train.lrs' must be a non-empty list of positive numbers")
     for field in ("seeds", "steps", "batch_size", "eval_every"):
-        if train[field] <= 0:
-            raise UserError(f"{source}: field 'train.{field}' must be positive, got {train[field]}")
+        positive_int(f"{source}: field 'train.{field}'", train[field],
+                     TRAIN_BOUNDS.get(field, INT_LIMIT))
     if doc["loss"] not in LOSSES:
         raise UserError(f"{source}: field 'loss' must be one of {', '.join(LOSSES)}")
     if doc["target"]["metric"] not in TARGET_METRICS:
@@ -185,14 +195,19 @@ def get_task(name: str) -> TaskSpec:
     return tasks[name]
 
 
-def parse_value(text: str) -> Any:
+def parse_value(text: str, where: str = "--set") -> Any:
     """A --set value: a TOML literal (number, bool, list, quoted string); comma-separated literals
     are a list, as in --lrs (model.depth=4,16 is model.depth=[4,16]); else a bare string."""
     for literal in [text, f"[{text}]"] if "," in text else [text]:
         try:
-            return tomllib.loads(f"v = {literal}")["v"]
+            value = tomllib.loads(f"v = {literal}")["v"]
         except tomllib.TOMLDecodeError:
-            pass
+            continue
+        except RecursionError:
+            raise UserError(f"{where}: {TOO_DEEP}") from None
+        except ValueError:  # an integer past the digits Python converts
+            raise UserError(f"{where}: {TOO_LARGE}") from None
+        return check_value(value, where)
     return text
 
 

@@ -92,7 +92,11 @@ def test_list_shows_every_entry_with_help():
     for entry in METHODS.entries():
         assert entry.name in proc.stdout and entry.help in proc.stdout
     tasks = run_cli("list", "tasks")
-    assert "digits" in tasks.stdout
+    rows = {line.split()[0]: line for line in tasks.stdout.splitlines() if line.strip()}
+    assert "digits" in rows
+    aliases = {"imdb": "imdb_reviews", "ag_news": "ag_news_subset", "cifar10": "cifar"}
+    for task, alias in aliases.items():  # names tfds and papers use: they work as --task too
+        assert rows[task].endswith(f"(alias: {alias})")
 
 
 def test_fresh_process_rerun_hits_persistent_compilation_cache(tmp_path):

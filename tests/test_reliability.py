@@ -3,8 +3,10 @@ every command (and random bad input), user task files, unwritable or full disks,
 locks and temp files, numerical extremes in telemetry and reports. Faults injected into running
 sweeps are in test_sweep_faults.py."""
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +20,8 @@ from hypothesis import strategies as st
 from conftest import ROOT, run_cli
 
 FAST = ("--steps", "40", "--seeds", "2", "--lrs", "0.1,3")
+ZEROS = "1" + "0" * 400  # past a float's range
+HUGE = "99999999999999999999"  # past int64
 
 
 def test_sigint_stops_within_a_chunk_writes_nothing_and_exits_130(tmp_path):
@@ -97,9 +101,20 @@ TOKENS = st.sampled_from(["run", "list", "rerun", "report", "merge", "diagnose",
                           "0", "nan", "inf", "1e400", "model.depth=0", "train.x=1", "tasks", "", "--"])
 METHOD = st.text(alphabet="abcdefghijklmnopqrstuvwxyz_()=+,.[]'\"0123456789-e ", max_size=30)
 
+# Bad values of the shapes that once ended in a traceback or started training: numbers past int32,
+# a float's range or Python's 4300-digit limit, deep signs and brackets, unhashable containers.
+DIGITS = st.builds(lambda lead, zeros: lead + "0" * zeros, st.sampled_from("123456789"),
+                   st.integers(10, 5000))
+BAD_VALUE = st.one_of(
+    st.builds(str.__add__, st.sampled_from(["", "-"]),
+              DIGITS | st.integers(8, 5000).map(lambda n: "0x" + "f" * n)),
+    st.builds(str.__add__, st.text("-+~", min_size=2, max_size=5000), st.sampled_from("17")),
+    st.integers(2, 300).map(lambda depth: "[" * depth + "1" + "]" * depth),
+    st.sampled_from(["{[1]: 2}", "{[1]}", "{(1, [2]): 3}", "{1: {[1]: 2}}"]))
+
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(argv=st.lists(st.one_of(TOKENS, METHOD), max_size=8))
+@given(argv=st.lists(st.one_of(TOKENS, METHOD, BAD_VALUE), max_size=8))
 def test_random_command_lines_never_end_in_a_traceback(argv, monkeypatch, tmp_path):
     """Parsing and validation of any argument list ends in exit 0, 2 or --help's SystemExit,
     never an exception. Training itself is replaced: it is tested elsewhere."""
@@ -116,6 +131,107 @@ def test_random_command_lines_never_end_in_a_traceback(argv, monkeypatch, tmp_pa
     except SystemExit as exit_:
         status = exit_.code
     assert status in (0, 2, 130)
+
+
+SWEEP = ("sweep", "--task", "digits", "--dry-run")
+VALUE_SLOTS = [("run", "--method", "clip_norm(max_norm={})"),
+               ("run", "--optimizer", "sgd(momentum={})"),
+               ("run", "--init", "normal(std={})"), ("run", "--method", "warmup(steps={})"),
+               ("run", "--set", "model.width={}"), ("run", "--set", "train.seeds={}"),
+               ("diagnose", "--task", "digits", "--method", "clip_norm(max_norm={})"),
+               (*SWEEP, "--method", "clip_norm(max_norm=[{}, 1])"),
+               (*SWEEP, "--method", "clip_norm(max_norm=loguniform(0.1, {}))"),
+               (*SWEEP, "--method", "clip_norm(max_norm=[1, 2])", "--search", "random(n={})"),
+               (*SWEEP, "--method", "clip_norm(max_norm=[1, 2])", "--search",
+                "random(n=2, seed={})"),
+               (*SWEEP, "--set", "model.depth={}")]
+# Integer options and fields with their largest valid value; anything below 0 is bad in each.
+INT_SLOTS = [(("run", "--seeds", "{}"), 1000), ((*SWEEP, "--seeds", "{}"), 1000),
+             (("run", "--set", "train.seeds={}"), 1000), (("run", "--steps", "{}"), 10**6),
+             (("run", "--set", "train.steps={}"), 10**6),
+             (("diagnose", "--task", "digits", "--steps", "2", "--seed", "{}"), 2**31 - 1),
+             ((*SWEEP, "--workers", "{}"), 1024),
+             ((*SWEEP, "--method", "clip_norm(max_norm=[1, 2])", "--search", "random(n={})"), 1000)]
+
+
+def _filled(slot, value):
+    return [arg.replace("{}", value) for arg in slot]
+
+
+BAD_SHARD = st.sampled_from(["", " ", "0/1", "2/1", "1/0", "-1/2", "1/2/3", "/", "a/b"]) \
+    | DIGITS.map("{}/1".format)
+
+
+def _bad_int(most):
+    return st.integers(-10**30, -1).map(str) | st.integers(most + 1, 10**30).map(str) | DIGITS
+
+
+BAD_ARGV = st.one_of(
+    st.builds(_filled, st.sampled_from(VALUE_SLOTS), BAD_VALUE),
+    st.sampled_from(INT_SLOTS).flatmap(
+        lambda slot: st.builds(_filled, st.just(slot[0]), _bad_int(slot[1]))),
+    st.one_of(  # one branch for the rest, so the two above get two thirds of the examples
+        st.builds(_filled, st.just((*SWEEP, "--shard", "{}")), BAD_SHARD),
+        st.tuples(st.binary(max_size=200), st.binary(max_size=200)).map(
+            lambda parts: ("suite", parts[0] + b"\xff" + parts[1])),  # \xff is never UTF-8
+        st.just(("read-only record",))))
+
+
+@pytest.fixture(scope="module")
+def read_only_record(tmp_path_factory):
+    """A record in a directory no one can write into, or None where that cannot be made."""
+    from test_report import fake_record
+
+    from stabench.store import Store
+
+    record = fake_record(Store(tmp_path_factory.mktemp("read-only")), seeds=1)
+    with read_only(record.path.parent) as made:
+        yield record.path if made else None
+
+
+@contextlib.contextmanager
+def read_only(directory):
+    """Yields whether `directory` is read-only now: by its mode, and for root (which ignores the
+    mode) by the immutable attribute, where the file system has one."""
+    directory.chmod(0o500)
+    immutable = os.geteuid() == 0 and shutil.which("chattr") is not None and subprocess.run(
+        ["chattr", "+i", directory], capture_output=True).returncode == 0
+    try:
+        yield os.geteuid() != 0 or immutable
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", directory], check=True)
+        directory.chmod(0o700)
+
+
+@settings(max_examples=1000, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(argv=BAD_ARGV)
+def test_random_bad_values_exit_2_with_one_line_before_anything_starts(
+        argv, monkeypatch, tmp_path, capsys, read_only_record):
+    """Each bad value above, in every option that parses it: exit 2 and one line naming the bound
+    or the valid form; no data loaded, nothing trained or diagnosed, nothing written."""
+    from stabench import cli, runner
+
+    for name in ("load_data", "run_cell", "train_spec", "diagnose_run", "rerun"):
+        monkeypatch.setattr(runner, name, lambda *a, name=name, **k: pytest.fail(f"{name} ran"))
+    sandbox = tmp_path / "sandbox"
+    sandbox.mkdir(exist_ok=True)
+    monkeypatch.chdir(sandbox)  # default results directories would appear here
+    if argv[0] == "suite":
+        suite = tmp_path / "suite.toml"
+        suite.write_bytes(argv[1])
+        argv = ["sweep", "--suite", str(suite), "--dry-run"]
+    elif argv[0] == "read-only record":
+        if read_only_record is None:
+            return  # root on a file system without the immutable attribute
+        argv = ["diagnose", str(read_only_record)]
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert code == 2 and out == "" and len(lines) == 1 and lines[0].startswith("error: "), \
+        (argv, err)
+    assert not any(sandbox.iterdir())
 
 
 @settings(max_examples=300, deadline=None)
@@ -186,6 +302,36 @@ def test_random_method_strings_raise_only_user_errors(spec):
     (["rerun", "nowhere.json"], "nowhere.json: unreadable record"),
     (["list", "taskz"], "invalid choice: 'taskz'"),
     (["sweeep"], "invalid choice: 'sweeep'"),
+    # values past what Python, numpy or JAX take: refused where they are parsed, with the bound
+    (["run", "--method", f"clip_norm(max_norm={ZEROS})"], "integers must lie within ±2147483647"),
+    (["run", "--optimizer", f"sgd(momentum={ZEROS})"], "integers must lie within ±2147483647"),
+    (["run", "--method", "clip_norm(max_norm={[1]: 2})"], "'{[1]: 2}' is not a literal value"),
+    (["run", "--init", "normal(std={[1]: 1})"], "'{[1]: 1}' is not a literal value"),
+    (["run", "--method", f"clip_norm(max_norm={'-' * 3000}1)"], "nest at most 32 deep"),
+    (["sweep", "--task", "digits", "--method", "clip_norm(max_norm=[[1],[2]])", "--dry-run"],
+     "max_norm must be float, got [1]"),
+    (["sweep", "--task", "digits", "--method", "clip_norm(max_norm=[1,2])", "--search",
+      "random(n=2, seed=-1)", "--dry-run"], "seed must be >= 0"),
+    (["sweep", "--task", "digits", "--method", "clip_norm(max_norm=[1,2])", "--search",
+      f"random(n={'9' * 300})", "--dry-run"], "integers must lie within ±2147483647"),
+    (["sweep", "--task", "digits", "--method", "clip_norm(max_norm=[1,2])", "--search",
+      "random(n=5000)", "--dry-run"], "n must be at most 1000"),
+    (["run", "--set", f"model.width={ZEROS}"], "--set model.width: integers must lie within"),
+    (["run", "--set", "model.width=2000000000"], "parameters: at most 100,000,000"),
+    (["run", "--task", "adding", "--set", "dataset.n_train=2000000000"],
+     "input values: at most 2,000,000,000"),
+    (["run", "--seeds", HUGE], "--seeds must be positive and at most 1,000, got"),
+    (["sweep", "--task", "digits", "--seeds", HUGE, "--dry-run"], "--seeds must be positive and"),
+    (["run", "--set", f"train.seeds={HUGE}"], "--set train.seeds: integers must lie within"),
+    (["run", "--set", "train.seeds=5000"], "'train.seeds' must be positive and at most 1,000"),
+    (["run", "--steps", HUGE], "--steps must be positive and at most 1,000,000, got"),
+    (["diagnose", "--task", "digits", "--seed", HUGE, "--steps", "2"],
+     "--seed must be >= 0 and at most 2,147,483,647"),
+    (["sweep", "--task", "digits", "--shard", ""], "--shard must be i/N"),
+    (["sweep", "--task", "digits", "--workers", HUGE], "--workers must be positive and at most"),
+    (["sweep", "--task", "digits", "--method", "none,clip_norm(max_norm=1)"],
+     "space-separated values, e.g. --method none 'clip_norm(max_norm=1)' (--lrs and --set take "
+     "commas)"),
 ])
 def test_bad_input_to_any_command_exits_2_with_one_line_and_writes_nothing(
         tmp_path, monkeypatch, capsys, argv, expected):
@@ -350,6 +496,22 @@ def test_unwritable_output_fails_before_any_training(tmp_path, monkeypatch, caps
     assert trained == []
 
 
+def test_diagnose_of_a_record_in_a_read_only_directory_fails_before_any_work(
+        read_only_record, monkeypatch, capsys):
+    """The report goes beside the record, so that directory is checked before the diagnosis."""
+    from stabench import runner
+    from stabench.cli import main
+
+    if read_only_record is None:
+        pytest.skip("root writes here: the file system has no immutable attribute")
+    for name in ("load_data", "diagnose_run"):
+        monkeypatch.setattr(runner, name, lambda *a, name=name, **k: pytest.fail(f"{name} ran"))
+    assert main(["diagnose", str(read_only_record)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.splitlines()) == 1
+    assert err.startswith(f"error: cannot write results to {read_only_record.parent}: ")
+
+
 @pytest.fixture
 def tiny_records(tmp_path):
     """A results directory with one hand-made record."""
@@ -449,7 +611,8 @@ def test_a_lock_file_that_cannot_be_removed_does_not_hide_the_cells_own_error(tm
 def save_stub(store, spec):
     """A record of `spec` with stub metrics, written through the store."""
     runs = [{"seed": s, "lr": lr, "diverged": 0.0} for s, lr in spec.runs]
-    return store.save(spec, {"runs": runs}, {"loss": np.zeros((len(runs), 3), np.float32)})
+    body = {"runs": runs, "timing": {}, "provenance": {}, "layer_names": []}
+    return store.save(spec, body, {"loss": np.zeros((len(runs), 3), np.float32)})
 
 
 @pytest.mark.parametrize("holder_stores", [True, False])
@@ -535,6 +698,17 @@ def test_stale_temp_files_are_removed_only_when_their_writer_is_gone(tmp_path):
      "spec hash does not match"),
     (lambda p: edit_json(p, lambda d: d.pop("spec")), "record lacks a valid spec"),
     (lambda p: edit_json(p, lambda d: d["spec"].update(seeds=3)), "record lacks a valid spec"),
+    (lambda p: edit_json(p, lambda d: d.update(spec="digits")), "record lacks a valid spec"),
+    (lambda p: edit_json(p, lambda d: d.update(spec=[1, 2])), "record lacks a valid spec"),
+    (lambda p: edit_json(p, lambda d: d["spec"].update(lrs=["0.1"])),
+     "record lacks a valid spec.lrs"),
+    (lambda p: edit_json(p, lambda d: d["spec"]["task_config"].pop("train")),
+     "record lacks a valid spec.task_config: missing section [train]"),
+    (lambda p: edit_json(p, lambda d: d.update(runs={"seed": 0})), "record lacks a valid runs"),
+    (lambda p: edit_json(p, lambda d: d.update(timing=[])), "record lacks a valid timing"),
+    (lambda p: edit_json(p, lambda d: d.update(layer_names="hidden")),
+     "record lacks a valid layer_names"),
+    (lambda p: p.write_text("[" * 100_000), "unreadable record"),
     (lambda p: p.with_suffix(".npz").write_bytes(b"PK\x03\x04"), "does not match its checksum"),
     (lambda p: edit_json(p, lambda d: d["runs"][0].update(test_accuracy=1.0)),
      "its content does not match its checksum (edited after it was written)"),
@@ -562,6 +736,35 @@ def test_damaged_records_are_named_and_skipped(tmp_path, capsys, damage, problem
     err = capsys.readouterr().err
     assert "skipped" in err and problem in err and "Traceback" not in err
     assert store.load(bad.spec) is None  # a sweep trains that cell again
+
+
+@pytest.mark.parametrize("spec", ["digits", ["digits"]])
+def test_a_record_whose_spec_is_not_a_table_is_named_by_every_reader(tmp_path, capsys, spec):
+    """report skips it, sweep --dry-run retrains it, rerun and diagnose refuse it in one line."""
+    from test_report import LRS, fake_record
+
+    from stabench.cli import main
+    from stabench.store import Store, content_sha256
+
+    bad = fake_record(Store(tmp_path), seeds=2)
+    fake_record(Store(tmp_path), "clip_norm", seeds=2)  # the report still has a record to show
+    data = json.loads(bad.path.read_text())
+    data["spec"] = spec
+    data["record_sha256"] = content_sha256(data)  # well formed JSON, checksummed, wrong shape
+    bad.path.write_text(json.dumps(data))
+    problem = f"{bad.path}: record lacks a valid spec"
+
+    assert main(["report", str(tmp_path), "--no-plots"]) == 0
+    assert f"skipped {problem}" in capsys.readouterr().err
+    assert main(["sweep", "--task", "digits", "--seeds", "2", "--lrs", ",".join(map(str, LRS)),
+                 "--set", "train.steps=30", "--set", "train.eval_every=10", "--out", str(tmp_path),
+                 "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("to train ") and f"(retrains: {problem})\n1 cells" in out
+    for argv in (["rerun", bad.path], ["diagnose", bad.path]):
+        assert main([str(a) for a in argv]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err == f"error: {problem}\n"
 
 
 def edit_json(path, change):

@@ -114,6 +114,8 @@ def test_optuna_batches_of_8_compile_each_cell_shape_once_and_replay_from_the_st
 @pytest.mark.parametrize("text, message", [
     ("optuna(n=0)", "n and batch must be positive"),
     ("optuna(batch=-2)", "n and batch must be positive"),
+    ("optuna(batch=5000)", "batch must be at most 1000"),
+    ("optuna(seed=-1)", "seed must be >= 0"),
     ("optuna(n=8, lr=0.1)", "lr must be a range: lr=loguniform(a,b)"),
     ("optuna(n=loguniform(1,9))", "n takes a number, not a range"),
     ("optuna(n=[4,8])", "arguments take one value, not a list"),

@@ -79,6 +79,10 @@ def test_random_search_draws_in_range_and_is_reproducible():
     ("clip_nrm(max_norm=[1,2])", "grid", "Did you mean 'clip_norm'"),
     ("none", "randm(n=2)", "Did you mean 'random'"),
     ("none", "random(n=0)", "n must be positive"),
+    ("none", "random(n=1001)", "n must be at most 1000"),
+    ("none", "random(n=2, seed=-1)", "seed must be >= 0"),
+    ("clip_norm(max_norm=[[1],[2]])", "grid", "max_norm must be float, got [1]"),
+    (f"clip_norm(max_norm=uniform(0,1{'0' * 400}))", "random(n=2)", "integers must lie within"),
 ])
 def test_bad_sweep_input_is_a_user_error(method, search, message):
     with pytest.raises(UserError, match=re.escape(message)):
@@ -151,10 +155,11 @@ def test_default_suite_crosses_the_main_methods_and_inits_on_every_task_family()
     ('tasks = [3]', r"tasks\[0\]: write a task name"),
     ('tasks = ["digits"]\nlrs = [0.1, -1]', "'lrs' must list positive numbers"),
     ('tasks = ["digits"', "not valid TOML"),
+    (b'tasks = ["digits"]\n# caf\xe9 in Latin-1', r"cannot read it \(UnicodeDecodeError\)"),
 ])
 def test_bad_suite_files_name_the_field(tmp_path, text, message):
     path = tmp_path / "bad.toml"
-    path.write_text(text)
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
     with pytest.raises(UserError, match=message):
         sw.load_suite(str(path))
     with pytest.raises(UserError, match="unknown suite 'nope'"):
