@@ -8,9 +8,11 @@ import shlex
 import sys
 from pathlib import Path
 
-from .registry import UserError
+from . import signals
+from .registry import INT_LIMIT, UserError
 
 DEFAULT_OUT = "runs"
+MAX_WORKERS = 1024  # more processes than any host has cores
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -26,26 +28,27 @@ def _parse_set(items: list[str]) -> dict:
         key, eq, value = item.partition("=")
         if not eq or not key.strip():
             raise UserError(f"--set expects key=value, got '{item}'")
-        out[key.strip()] = parse_value(value.strip())
+        out[key.strip()] = parse_value(value.strip(), f"--set {key.strip()}")
     return out
 
 
 def _overrides(args) -> dict:
     """--set items plus --steps and --batch-size; checks --seeds where the command has it."""
+    from .tasks import TRAIN_BOUNDS, positive_int
+
     overrides = _parse_set(args.set)
     for flag, key in (("steps", "train.steps"), ("batch_size", "train.batch_size")):
         value = getattr(args, flag)
         if value is not None:
             option = f"--{flag.replace('_', '-')}"
-            if value <= 0:
-                raise UserError(f"{option} must be positive, got {value}")
+            positive_int(option, value, TRAIN_BOUNDS.get(flag, INT_LIMIT))
             if overrides.get(key, value) != value:
                 raise UserError(f"{option} {value} and --set {key}={overrides[key]} disagree: "
                                 f"give one of them")
             overrides[key] = value
     seeds = getattr(args, "seeds", None)  # diagnose takes one --seed instead
-    if seeds is not None and seeds <= 0:
-        raise UserError(f"--seeds must be positive, got {seeds}")
+    if seeds is not None:
+        positive_int("--seeds", seeds, TRAIN_BOUNDS["seeds"])
     return overrides
 
 
@@ -98,10 +101,9 @@ def cmd_run(args) -> int:
 def _train_and_print(args, spec, store, data) -> int:
     from tqdm import tqdm
 
-    from .runner import enable_compilation_cache, run_cell
+    from .runner import run_cell
 
     store.check_writable(spec)
-    enable_compilation_cache()
     steps = spec.train["steps"]
     if store.is_claimed(spec):
         print(f"another process is training this cell into {args.out}; waiting for it",
@@ -128,22 +130,17 @@ def _train_and_print(args, spec, store, data) -> int:
 
 
 def cmd_rerun(args) -> int:
-    from .runner import enable_compilation_cache, rerun
+    from .runner import rerun
     from .store import BadRecord, read_record
 
     try:
         record = read_record(Path(args.record))
     except BadRecord as err:
         raise UserError(str(err)) from None
-    enable_compilation_cache()
-    differences = rerun(record, args.data_dir)
-    if differences:
-        print(f"{record.path}: NOT reproduced ({len(differences)} differences)")
-        print("\n".join(differences[:20]))
-        return 1
-    print(f"{record.path}: reproduced exactly ({len(record.runs)} runs: every metric equal, "
-          f"telemetry bit-identical)")
-    return 0
+    outcome = rerun(record, args.data_dir)
+    lines = outcome.summary(len(record.runs))
+    print(f"{record.path}: {lines[0]}", *lines[1:], sep="\n")
+    return 0 if outcome.ok else 1
 
 
 def _sweep_from_args(args):
@@ -178,10 +175,11 @@ def cmd_sweep(args) -> int:
                            run_sweep)
     from .store import Store
     from .sweep import Optuna, parse_search, parse_shard, shard
+    from .tasks import positive_int
 
-    if args.workers is not None and args.workers <= 0:
-        raise UserError(f"--workers must be positive, got {args.workers}")
-    part = parse_shard(args.shard) if args.shard else None
+    if args.workers is not None:
+        positive_int("--workers", args.workers, MAX_WORKERS)
+    part = parse_shard(args.shard) if args.shard is not None else None
     spec, out = _sweep_from_args(args)
     search = parse_search(spec.search)
     if isinstance(search, Optuna):
@@ -232,7 +230,8 @@ def _optuna_sweep(args, spec, search, out: str) -> int:
     """A Bayesian search: its trials depend on each other, so they train in this process."""
     from .search import run_search, studies
 
-    for flag, given in (("--shard", args.shard), ("--executor ray", args.executor == "ray"),
+    for flag, given in (("--shard", args.shard is not None),
+                        ("--executor ray", args.executor == "ray"),
                         ("--workers", args.workers), ("--address", args.address)):
         if given:
             raise UserError(f"{flag} does not apply to --search optuna: a study asks each batch "
@@ -284,8 +283,8 @@ def _diagnose_spec(args):
 
     from .config import make_spec, parse_lrs
 
-    if args.seed < 0:
-        raise UserError(f"--seed must be >= 0, got {args.seed}")
+    if not 0 <= args.seed <= INT_LIMIT:  # the engine's seeds are int32
+        raise UserError(f"--seed must be >= 0 and at most {INT_LIMIT:,}, got {args.seed}")
     overrides = _overrides(args)
     if args.at_init:  # one step records the step-0 gradients; nothing after it is looked at
         overrides.update({"train.steps": 1, "train.eval_every": 1})
@@ -309,7 +308,7 @@ def cmd_diagnose(args) -> int:
 def _diagnose(args) -> int:
     from .data import DataMissing
     from .plots import diagnosis_figure, save_png
-    from .runner import diagnose_run, enable_compilation_cache, load_data, train_spec
+    from .runner import diagnose_run, load_data, train_spec
     from .store import BadRecord, Store, check_writable, read_record, tidy_dirs
 
     training = [f"--{k.replace('_', '-')}" for k in ("task", "method", "init", "optimizer", "lr",
@@ -332,14 +331,16 @@ def _diagnose(args) -> int:
         if not 0 <= args.run < len(spec.runs):
             raise UserError(f"--run must lie in 0..{len(spec.runs) - 1}: the record has "
                             f"{len(spec.runs)} run{'' if len(spec.runs) == 1 else 's'}")
+        where, stem = record.path.parent, f"{record.path.stem}.run{args.run}"
+        if args.at_init:  # beside, not over, the run's full diagnosis
+            stem += ".at-init"
+        if not args.report:  # the report goes beside the record
+            check_writable(where)
         try:
             data = load_data(spec, args.data_dir)
         except DataMissing as err:
             print(f"note: activation stds need the data: {err}", file=sys.stderr)
             data = None
-        where, stem = record.path.parent, f"{record.path.stem}.run{args.run}"
-        if args.at_init:  # beside, not over, the run's full diagnosis
-            stem += ".at-init"
     else:
         if args.run != 0:
             raise UserError("--run picks a run of a stored record; a trained diagnosis has one run")
@@ -350,6 +351,8 @@ def _diagnose(args) -> int:
         if args.at_init:
             stem += ".at-init"
         if record is not None:
+            if not args.report:  # the report goes beside the record
+                check_writable(where)
             arrays, layer_names = record.telemetry(), record.data["layer_names"]
             print(f"reused stored record {record.path}; --force retrains", file=sys.stderr)
             data = load_data(spec, args.data_dir)
@@ -359,7 +362,6 @@ def _diagnose(args) -> int:
             data = load_data(spec, args.data_dir)
             with tidy_dirs(where):  # bad input found while tracing leaves no directory
                 store.check_writable(spec)
-                enable_compilation_cache()
                 with tqdm(total=spec.train["steps"], desc=f"{spec.task} {spec.method}",
                           unit="step", file=sys.stderr, leave=False) as bar:
                     body, arrays = train_spec(spec, data, lambda done: bar.update(done - bar.n))
@@ -397,7 +399,9 @@ def cmd_list(args) -> int:
         for task in all_tasks().values():
             status = data_source(task).availability(args.data_dir)
             missing |= status == "missing"
-            print(f"{task.name:{width}s}  {status:9s}  {task.description}")
+            aliases = task.config.get("aliases")
+            names = f" (alias{'es' * (len(aliases) > 1)}: {', '.join(aliases)})" if aliases else ""
+            print(f"{task.name:{width}s}  {status:9s}  {task.description}{names}")
         if missing:
             print("missing: `python -m stabench data TASK` says how to get the data; "
                   "--fake-data runs the task without it")
@@ -462,12 +466,12 @@ def build_parser() -> ArgumentParser:
     run.add_argument("--data-dir", default=None, help="TFDS data directory (else $TFDS_DATA_DIR)")
     run.add_argument("--out", default=DEFAULT_OUT, help=f"results directory (default {DEFAULT_OUT}/)")
     run.add_argument("--force", action="store_true", help="retrain even if a record exists")
-    run.set_defaults(func=cmd_run)
+    run.set_defaults(func=cmd_run, trains=True)
 
     rerun = sub.add_parser("rerun", help="retrain a stored record and check it reproduces")
     rerun.add_argument("record", help="path of a record (.json) written by run or sweep")
     rerun.add_argument("--data-dir", default=None, help="TFDS data directory")
-    rerun.set_defaults(func=cmd_rerun)
+    rerun.set_defaults(func=cmd_rerun, trains=True)
 
     sweep = sub.add_parser("sweep", help="train many cells: lists and grids of tasks, methods, "
                                           "inits and optimizers; resumable")
@@ -507,7 +511,7 @@ def build_parser() -> ArgumentParser:
                        help=f"results directory (default results/SUITE or {DEFAULT_OUT}/)")
     sweep.add_argument("--dry-run", action="store_true",
                        help="list the cells and whether each is stored; train nothing")
-    sweep.set_defaults(func=cmd_sweep)
+    sweep.set_defaults(func=cmd_sweep, trains=True)
 
     report = sub.add_parser("report", help="leaderboards (Markdown, LaTeX, CSV, Parquet) and plots "
                                            "from a results directory")
@@ -551,7 +555,7 @@ def build_parser() -> ArgumentParser:
                            "(default results/); without one, rule-based recommendations")
     diag.add_argument("--report", default=None,
                       help="directory for the report and figure (default: beside the record)")
-    diag.set_defaults(func=cmd_diagnose)
+    diag.set_defaults(func=cmd_diagnose, trains=True)
 
     lst = sub.add_parser("list", help="list tasks, methods, inits, optimizers, models or datasets")
     lst.add_argument("what", choices=["tasks", "methods", "inits", "optimizers", "models",
@@ -571,18 +575,23 @@ def build_parser() -> ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    from .hardware import code_state
-
-    code_state()  # the code this process runs, before anything can change the checkout
     try:
-        args = build_parser().parse_args(argv)
-        args.argv = argv
-        return args.func(args)
+        with signals.handling():  # Ctrl-C: a KeyboardInterrupt where it propagates, once
+            from .hardware import code_state
+
+            code_state()  # the code this process runs, before anything can change the checkout
+            args = build_parser().parse_args(argv)
+            args.argv = argv
+            if getattr(args, "trains", False):
+                from .process import prepare
+
+                prepare()  # before anything starts JAX: one intra-op thread, the compile cache
+            return args.func(args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; nothing partial was written", file=sys.stderr)
+        print(signals.MESSAGE, file=sys.stderr)
         return 130
     except OSError as err:  # the disk or file system failed under a command: say what, where
         print(f"error: {err}", file=sys.stderr)

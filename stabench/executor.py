@@ -17,7 +17,6 @@ dataset and JAX's in-memory caches across cells and uses the persistent compilat
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import multiprocessing as mp
 import os
@@ -27,13 +26,13 @@ import signal
 import socket
 import sys
 import tempfile
-import threading
 import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Protocol, Sequence
 
+from . import signals
 from .config import RunSpec, task_of
 from .hardware import code_state, usable_cores
 from .registry import UserError
@@ -128,9 +127,9 @@ class SerialExecutor:
         self.data_dir = data_dir
 
     def run(self, cells, out, listener=None):
-        from .runner import enable_compilation_cache
+        from .process import prepare
 
-        enable_compilation_cache()
+        prepare()
         store, data = Store(out), DataCache(self.data_dir)
         for index, spec in enumerate(cells):
             if listener:
@@ -139,24 +138,16 @@ class SerialExecutor:
             yield train_one(index, spec, store, data, on_chunk)
 
 
-def _die_with_parent() -> None:
-    """Linux: the kernel sends this worker SIGTERM when the sweep process dies, so a sweep killed
-    with kill -9 leaves no worker training for nobody."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-
-
 def _worker(slot: int, cpu: int | None, out: str, data_dir: str | None, inbox, results) -> None:
     """A worker process: pin to its core, then train the cells the parent sends until None."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops workers
+    # The parent handles Ctrl-C and stops its workers (SIGINT was blocked from the start: see
+    # LocalExecutor.run)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     stopped: list[int] = []
 
     def stop(signum, frame):
-        # Interrupted (the parent stops its workers) or orphaned: leave at the next safe point, a
-        # finished chunk or between cells. Raising here instead could land in a callback whose
+        # The parent stops its workers: leave at the next safe point, a finished chunk or between
+        # cells, having written nothing. Raising here instead could land in a callback whose
         # exceptions Python ignores (a gc callback), and the worker would train on.
         stopped.append(signum)
         results.cancel_join_thread()
@@ -167,23 +158,17 @@ def _worker(slot: int, cpu: int | None, out: str, data_dir: str | None, inbox, r
         results.put(("progress", slot, index, steps))
 
     signal.signal(signal.SIGTERM, stop)
-    _die_with_parent()
-    if mp.parent_process() is not None and not mp.parent_process().is_alive():
-        return
     if cpu is not None and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {cpu})
     code_state()  # the code this worker runs, as it starts
-    from .runner import enable_compilation_cache
+    from .process import prepare
 
-    enable_compilation_cache()
+    prepare()
     store, data = Store(out), DataCache(data_dir)
-    parent = mp.parent_process()
     while not stopped:
         try:
-            item = inbox.get(timeout=1.0)
+            item = inbox.get(timeout=1.0)  # a timeout, to see `stopped`
         except queue.Empty:
-            if parent is not None and not parent.is_alive():
-                return  # the sweep was killed: stop rather than linger
             continue
         if item is None:
             return
@@ -219,9 +204,13 @@ class LocalExecutor:
         def start(slot_id: int) -> None:
             slot = slots[slot_id]
             slot.inbox = ctx.Queue()
-            slot.process = ctx.Process(target=_worker, daemon=True, args=(
+            slot.process = ctx.Process(target=signals.sweep_worker, daemon=True, args=(
                 slot_id, slot.cpu, str(out), self.data_dir, slot.inbox, results))
-            slot.process.start()
+            # Ctrl-C in a terminal reaches the workers too: each starts with SIGINT blocked, as
+            # this thread has it here, so it prints no traceback before it ignores SIGINT; and
+            # this process is not interrupted halfway through starting one.
+            with signals.uncut(), signals.sigint_blocked():
+                slot.process.start()
 
         def feed(slot_id: int) -> None:
             slot = slots[slot_id]
@@ -264,18 +253,21 @@ class LocalExecutor:
                             start(slot_id)
                             feed(slot_id)
         finally:
-            # Idle workers were sent None and exit; busy ones (an interrupt) are told to stop and
-            # finish their chunk, writing nothing; one that does not within STOP_WAIT_S is killed.
-            live = [slot for slot in slots if slot.process is not None and slot.process.is_alive()]
-            for slot in live:
-                if slot.index is not None:
+            # Every worker is told to stop: an idle one (sent None, or not yet fed: an interrupt)
+            # exits, a busy one finishes its chunk and writes nothing; one that does not within
+            # STOP_WAIT_S is killed. A Ctrl-C waits for this: cut short, it would leave workers
+            # that the kernel kills when this process exits, perhaps in the middle of a write.
+            with signals.uncut():
+                live = [slot for slot in slots
+                        if slot.process is not None and slot.process.is_alive()]
+                for slot in live:
                     slot.process.terminate()
-            deadline = time.monotonic() + STOP_WAIT_S
-            for slot in live:
-                slot.process.join(max(0.0, deadline - time.monotonic()))
-                if slot.process.is_alive():
-                    slot.process.kill()
-                    slot.process.join()
+                deadline = time.monotonic() + STOP_WAIT_S
+                for slot in live:
+                    slot.process.join(max(0.0, deadline - time.monotonic()))
+                    if slot.process.is_alive():
+                        slot.process.kill()
+                        slot.process.join()
 
 
 def make_executor(workers: int | None, data_dir: str | None = None) -> Executor:
@@ -291,9 +283,9 @@ _RAY_WORKER: dict = {}  # per Ray worker process: its DataCache, kept across the
 def _ray_cell(index: int, spec: RunSpec, out: str, data_dir: str | None) -> Outcome:
     """A Ray task: train and store one cell in this worker process."""
     if "data" not in _RAY_WORKER or _RAY_WORKER["data"].data_dir != data_dir:
-        from .runner import enable_compilation_cache
+        from .process import prepare
 
-        enable_compilation_cache()
+        prepare()
         _RAY_WORKER["data"] = DataCache(data_dir)
     return train_one(index, spec, Store(out), _RAY_WORKER["data"], None)
 
@@ -468,46 +460,20 @@ class SweepInterrupted(KeyboardInterrupt):
 
 class _Relay:
     """The listener an executor gets: passes a subset of the cells on under their indices in the
-    whole list, and re-raises a Ctrl-C that Python dropped (see `_sticky_interrupt`)."""
+    whole list, and raises a Ctrl-C that Python dropped or deferred (`signals.check`)."""
 
-    def __init__(self, listener: Listener | None, indices: list[int], interrupted: list):
-        self.listener, self.indices, self.interrupted = listener, indices, interrupted
+    def __init__(self, listener: Listener | None, indices: list[int]):
+        self.listener, self.indices = listener, indices
 
     def started(self, index: int, slot: int) -> None:
-        if self.interrupted:
-            raise KeyboardInterrupt
+        signals.check()
         if self.listener:
             self.listener.started(self.indices[index], slot)
 
     def progressed(self, index: int, slot: int, steps: int) -> None:
-        if self.interrupted:
-            raise KeyboardInterrupt
+        signals.check()
         if self.listener:
             self.listener.progressed(self.indices[index], slot, steps)
-
-
-@contextlib.contextmanager
-def _sticky_interrupt() -> Iterator[list]:
-    """Ctrl-C raises KeyboardInterrupt as usual and is also noted: raised inside a callback whose
-    exceptions Python ignores (a garbage-collector callback of JAX's), it would be lost and the
-    sweep would go on; the relay raises it again at the next chunk. A process started with
-    SIGINT ignored (a background job of a shell without job control) keeps ignoring it, as
-    `stabench run` does."""
-    interrupted: list = []
-    if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGINT) is signal.SIG_IGN):
-        yield interrupted
-        return
-
-    def handler(signum, frame):
-        interrupted.append(signum)
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        yield interrupted
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def run_sweep(cells: list[RunSpec], out: str, executor: Executor,
@@ -549,17 +515,16 @@ def run_sweep(cells: list[RunSpec], out: str, executor: Executor,
 
     pending, waiting = list(range(len(todo))), []
     try:
-        with _sticky_interrupt() as interrupted:
+        with signals.handling():
             while pending:
                 for outcome in executor.run([todo[i] for i in pending], out,
-                                            _Relay(progress, pending, interrupted)):
+                                            _Relay(progress, pending)):
                     outcome = dataclasses.replace(outcome, index=pending[outcome.index])
                     if outcome.status == BUSY:
                         waiting.append(outcome.index)
                     else:
                         count(outcome)
-                    if interrupted:
-                        raise KeyboardInterrupt
+                    signals.check()
                 pending = []
                 if waiting:
                     warn(f"waiting for {len(waiting)} cells that another process is training "
