@@ -47,7 +47,8 @@ from stabench.executor import LocalExecutor, default_workers
 from stabench.process import prepare
 from stabench.runner import load_data
 from stabench.store import commit_label, provenance, read_record
-from stabench.train import EVAL_BATCH, RUNS, Carry, Engine
+from stabench.program import RUNS, Carry, RunProgram
+from stabench.train import EVAL_BATCH, Engine
 
 ROOT = Path(__file__).resolve().parent.parent
 EVERY_CORE = "stabench sweep executor, {} workers"
@@ -93,13 +94,13 @@ def naive_jax(spec, engine: Engine, repeats: int) -> dict:
     cell = engine.cell
 
     def init(seed, lr, idx, arrays):
-        carry = engine._init_run(seed, lr, idx, arrays)
-        return carry.params, carry.rest, carry.opt_state, carry.key
+        carry = engine.program.init_run(seed, lr, idx, arrays)
+        return carry.params, carry.model_state, carry.opt_state, carry.key
 
     @jax.jit
     def step(params, rest, state, key, idx, lr, arrays):
-        x, y = engine._inputs(arrays["x_train"][idx], arrays), arrays["y_train"][idx]
-        (loss, rest), grads = jax.value_and_grad(engine._forward_loss, has_aux=True)(
+        x, y = engine.program.inputs(arrays["x_train"][idx], arrays), arrays["y_train"][idx]
+        (loss, rest), grads = jax.value_and_grad(engine.program.forward_loss, has_aux=True)(
             params, rest, x, y)
         updates, state = cell.transform.build(lr, key).update(grads, state, params)
         return optax.apply_updates(params, updates), rest, state, loss
@@ -107,7 +108,7 @@ def naive_jax(spec, engine: Engine, repeats: int) -> dict:
     @jax.jit
     def evaluate(params, rest, arrays):
         alive, never = jnp.array(True), jnp.array(-1, jnp.int32)
-        return engine._evaluate(Carry(params, rest, None, None, alive, never), arrays)
+        return engine.program.evaluate(Carry(params, rest, None, None, alive, never), arrays)
 
     init_jit = jax.jit(init)
     evals, order = set(engine.eval_steps), data_order(engine, spec.seeds)
@@ -181,10 +182,10 @@ def sweep_flops(engine: Engine, seeds, lrs) -> tuple[float, float]:
     their loops unrolled; the steps' and evaluations' own loops are multiplied out by the caller."""
     seeds_d, lrs_d = jax.device_put((np.asarray(seeds, np.int32), np.asarray(lrs, np.float32)))
     idx = jax.ShapeDtypeStruct((len(lrs), engine.cell.batch_size), jnp.int32)
-    carry = jax.eval_shape(jax.vmap(engine._init_run, in_axes=(0, 0, 0, None)), seeds_d, lrs_d,
+    carry = jax.eval_shape(jax.vmap(engine.program.init_run, in_axes=(0, 0, 0, None)), seeds_d, lrs_d,
                            idx, engine.arrays)
-    step = jax.vmap(engine._step, in_axes=(0, None, 0, 0, None), axis_name=RUNS)
-    evaluate = jax.vmap(engine._evaluate, in_axes=(0, None))
+    step = jax.vmap(engine.program.step, in_axes=(0, None, 0, 0, None), axis_name=RUNS)
+    evaluate = jax.vmap(engine.program.evaluate, in_axes=(0, None))
     return (counted_flops(step, carry, jax.ShapeDtypeStruct((), jnp.int32), idx, lrs_d,
                           engine.arrays),
             counted_flops(evaluate, carry, engine.arrays))
@@ -217,27 +218,24 @@ def executor_every_core(make, lrs, repeats: int, workers: int, scratch: Path) ->
 
 
 # ---- (e) the training math alone, in the executor's layout -------------------------------------
-def bare_step(engine: Engine):
+class BareProgram(RunProgram):
     """The engine's step cut to the training math: forward, backward, the cell's transform and
     the update; no telemetry, no divergence check, no freezing of diverged runs."""
-    def step(carry: Carry, t, idx, lr, arrays, values=None):
-        x, y = engine._inputs(arrays["x_train"][idx], arrays), arrays["y_train"][idx]
-        (loss, rest), grads = jax.value_and_grad(engine._forward_loss, has_aux=True)(
-            carry.params, carry.rest, x, y)
-        updates, opt_state = engine.cell.transform.build(lr, carry.key, values).update(
-            grads, carry.opt_state, carry.params)
-        return carry._replace(params=optax.apply_updates(carry.params, updates), rest=rest,
-                              opt_state=opt_state), {"loss": loss}
 
-    return step
+    def step(self, carry: Carry, t, idx, lr, arrays, values=None):
+        x, y = self.inputs(arrays["x_train"][idx], arrays), arrays["y_train"][idx]
+        (loss, state), grads = jax.value_and_grad(self.forward_loss, has_aux=True)(
+            carry.params, carry.model_state, x, y)
+        updates, opt_state = self.cell.transform.build(lr, carry.key, values).update(
+            grads, carry.opt_state, carry.params)
+        return carry._replace(params=optax.apply_updates(carry.params, updates),
+                              model_state=state, opt_state=opt_state), {"loss": loss}
 
 
 def bare_run(engine: Engine, seeds: np.ndarray,
              lrs: np.ndarray) -> tuple[float, float, np.ndarray]:
-    """(compile s, steady s, losses [runs, steps]) of the engine's chunk program with `bare_step`
-    as its step, trained and evaluated chunk by chunk as Engine.run does (the same run groups,
+    """(compile s, steady s, losses [runs, steps]) of an engine whose program is a BareProgram, trained and evaluated chunk by chunk as Engine.run does (the same run groups,
     data order and host loop)."""
-    engine._step = bare_step(engine)  # the instance's programs only: _chunk_run calls it
     seeds_d, lrs_d = jax.device_put((seeds.astype(np.int32), lrs.astype(np.float32)))
     init, chunk, compile_s = engine.compile(seeds_d, lrs_d)
     idx = engine.batch_indices(seeds, 0)
@@ -258,7 +256,8 @@ def _bare_worker(cpu: int | None, spec, cache_dir: str, results) -> None:
         os.sched_setaffinity(0, {cpu})  # before JAX starts its threads, as executor workers do
     prepare(cache_dir)
     try:
-        engine = Engine(build_cell(spec, data_source(task_of(spec))), load_data(spec))
+        cell = build_cell(spec, data_source(task_of(spec)))
+        engine = Engine(cell, load_data(spec), program=BareProgram(cell))
         seeds, lrs = (np.array(x) for x in zip(*spec.runs))
         results.put(bare_run(engine, seeds, lrs)[:2])
     except Exception as error:  # the parent waits for one message from every worker
@@ -516,6 +515,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=default_workers())
     parser.add_argument("--out", default=str(ROOT / "results" / "bench" / "throughput.md"))
     args = parser.parse_args()
+    prepare()  # as every stabench process that trains: one intra-op thread
     # caches and sweep outputs live only as long as the run
     with tempfile.TemporaryDirectory(prefix="bench-throughput-") as scratch:
         text, headline = measure(args, Path(scratch))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-from bench_throughput import bare_run, counted_flops, unrolled  # noqa: E402
+from bench_throughput import BareProgram, bare_run, counted_flops, unrolled  # noqa: E402
 
 from stabench.config import build_cell, data_source, make_spec, task_of  # noqa: E402
 from stabench.runner import load_data  # noqa: E402
@@ -67,11 +67,9 @@ def test_training_math_alone_trains_as_the_engine_does():
                                                          "train.eval_every": 10})
     seeds, lrs = (np.array(x) for x in zip(*spec.runs))
 
-    def engine():
-        return Engine(build_cell(spec, data_source(task_of(spec))), load_data(spec))
-
-    expected = engine().run(seeds, lrs).telemetry["loss"]
-    _, _, losses = bare_run(engine(), seeds, lrs)
+    cell, data = build_cell(spec, data_source(task_of(spec))), load_data(spec)
+    expected = Engine(cell, data).run(seeds, lrs).telemetry["loss"]
+    _, _, losses = bare_run(Engine(cell, data, program=BareProgram(cell)), seeds, lrs)
     assert losses.shape == expected.shape == (4, 30)
     assert np.all(np.isfinite(expected))
     np.testing.assert_allclose(losses, expected, rtol=1e-5)

@@ -9,8 +9,9 @@ import pytest
 from stabench import hardware
 from stabench.config import build_cell, data_source, task_of
 from stabench.reproduce import FIRST_STEP_RTOL
-from stabench.train import (GROUP_CACHE_BYTES, RUNS, Engine, _new_state_finite, compiled_names,
-                            cpu_group)
+from stabench.grouping import GROUP_CACHE_BYTES, cpu_group
+from stabench.program import RUNS, new_state_finite
+from stabench.train import Engine, compiled_names
 
 from conftest import engine_for, tiny_spec
 
@@ -49,7 +50,7 @@ def test_divergent_lane_leaves_other_lanes_bit_identical(digits_data):
 
 
 def test_finite_check_is_exact_when_a_sum_overflows_and_for_a_group_of_runs():
-    """_new_state_finite(params, updates, ...) says whether params + updates and the state are all
+    """new_state_finite(params, updates, ...) says whether params + updates and the state are all
     finite, whichever of its cheap sums or its exact check decides."""
     big = np.float32(3e38)  # finite, but two of them sum to inf
     inf, nan = np.float32(np.inf), np.float32(np.nan)
@@ -70,7 +71,7 @@ def test_finite_check_is_exact_when_a_sum_overflows_and_for_a_group_of_runs():
 
     def check(group, first=False):
         def one(p, u, s, k):
-            return _new_state_finite(p, u, jnp.sum(u * u), s, k, jnp.array(first), group)
+            return new_state_finite(p, u, jnp.sum(u * u), s, k, jnp.array(first), group)
 
         def batch(p, u, s, k=None):
             k = np.ones(len(p), bool) if k is None else k
@@ -106,7 +107,7 @@ def test_cell_compiles_once_whatever_the_number_of_runs(digits_data):
         before = compiled_names()
         result = engine_for(spec, digits_data).run(np.arange(n) % 3, np.full(n, 0.1))
         # one init program and one chunk program, whatever the number of runs and chunks
-        assert compiled_names()[len(before):] == ["jit(_init_run)", "jit(_chunk_run)"]
+        assert compiled_names()[len(before):] == ["jit(init_run)", "jit(_chunk_run)"]
         assert result.timing["steady_compiles"] == 0
 
 

@@ -300,11 +300,11 @@ def test_lsuv_gives_unit_output_variance_on_its_calibration_batch(digits_data):
     engine = engine_for(spec, digits_data)
     seeds = np.array([0, 1], np.int32)
     first = engine.batch_indices(seeds, 0)[:, 0]
-    init = jax.jit(jax.vmap(engine._init_run, in_axes=(0, 0, 0, None)))  # the engine's init program
+    init = jax.jit(jax.vmap(engine.program.init_run, in_axes=(0, 0, 0, None)))  # as the engine's
     carry = init(seeds, np.full(2, 0.05, np.float32), first, engine.arrays)
     for run in range(2):
-        params, rest = jax.tree.map(lambda a: a[run], (carry.params, carry.rest))
-        model = nnx.merge(engine.graphdef, params, rest)
+        params, state = jax.tree.map(lambda a: a[run], (carry.params, carry.model_state))
+        model = nnx.merge(engine.program.graphdef, params, state)
         stds = np.asarray(activation_stds(model, jnp.asarray(digits_data.x_train[first[run]]),
                                           engine.layout))
         assert len(stds) == 6 and np.isfinite(stds).all()  # input, 4 blocks, head

@@ -275,9 +275,9 @@ def test_batch_statistics_update_in_training_and_serve_evaluation(digits_data):
     init, chunk, _ = engine.compile(*jax.device_put((seeds, lrs)))
     idx = engine.batch_indices(seeds, 0)
     carry0 = init(seeds, lrs, idx[:, 0], engine.arrays)
-    params0, rest0 = jax.device_get((carry0.params, carry0.rest))
+    params0, rest0 = jax.device_get((carry0.params, carry0.model_state))
     carry, _, ev = chunk(carry0, idx, lrs, np.int32(0), engine.arrays)
-    rest = jax.device_get(carry.rest)
+    rest = jax.device_get(carry.model_state)
 
     # one step of momentum 0.9: running mean = 0.1 x the batch mean of the first norm's input,
     # computed with the parameters before the update
@@ -290,7 +290,7 @@ def test_batch_statistics_update_in_training_and_serve_evaluation(digits_data):
 
     # evaluation uses the running averages, not the test batch's own statistics
     one = lambda tree: jax.tree.map(lambda a: jnp.asarray(a[0]), tree)  # noqa: E731
-    model = nnx.merge(engine.graphdef, one(jax.device_get(carry.params)), one(rest))
+    model = nnx.merge(engine.program.graphdef, one(jax.device_get(carry.params)), one(rest))
     xt, yt = digits_data.x_test, digits_data.y_test
     loss = lambda m: float(optax_ce(m(xt), yt))  # noqa: E731
     model.eval()
