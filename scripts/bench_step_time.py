@@ -1,8 +1,9 @@
 """Time per training step of a task's cell on --fake-data (same shapes, so the same program).
 
-For each number of runs (seeds; the task's default cell has seeds x learning rates), trains the cell for `--steps` and for twice as many steps, evaluating
-once at the end, and takes the difference: the steady time of `--steps` steps without compile,
-initialization or evaluation. Compile time is reported separately (no persistent cache).
+For each number of runs (seeds; the task's default cell has seeds x learning rates), trains the
+cell for `--steps` and for twice as many steps, evaluating once at the end, and takes the
+difference: the steady time of `--steps` steps without compile, initialization or evaluation.
+Compile time is reported separately (no persistent cache).
 
     python scripts/bench_step_time.py --task cifar --runs 1,18 --steps 10
 """

@@ -75,7 +75,8 @@ def table_from(runs: pd.DataFrame, grads: pd.DataFrame) -> pd.DataFrame:
             "init": INITS[init], "best lr": lr, "seeds": len(b),
             "initial loss": float(b["init_loss"].mean()),
             "final train loss": float(b["final_train_loss"].mean()),
-            "loss removed": float(b["removed"].mean()), "test acc": float(b["test_accuracy"].mean()),
+            "loss removed": float(b["removed"].mean()),
+            "test acc": float(b["test_accuracy"].mean()),
             "diverged": int(b["diverged"].sum()),
             "first-layer grad at init": first, "first/last grad at init": ratio,
             "zero first-layer grads": int((at0["first_grad"] == 0).sum()),
@@ -154,7 +155,8 @@ def main(argv=None) -> bool:
         records=records, figure=path,
         notes=[f"Glorot (Var = 2/(fan_in + fan_out)) removes "
                f"{_repro.fmt(glorot['loss removed'])} of the initial loss; the paper reports that "
-               f"Xavier init stalls at 30 layers ({'held' if glorot['loss removed'] < STALLS else 'not seen'} "
+               f"Xavier init stalls at 30 layers "
+               f"({'held' if glorot['loss removed'] < STALLS else 'not seen'} "
                f"here by the same < {STALLS} criterion)."])
     return _repro.verdict(checks)
 

@@ -1,4 +1,5 @@
-"""He et al. 2016 in small form: a plain deep net trains worse as depth grows, its residual twin does not.
+"""He et al. 2016 in small form: a plain deep net trains worse as depth grows, its residual twin
+does not.
 
 The twin tasks `deep_plain` and `deep_residual` (digits, a batch-normalized ReLU MLP of width 128
 whose hidden blocks are identical except for the identity shortcut) at several depths
@@ -79,7 +80,8 @@ def evaluate(table: pd.DataFrame) -> list[Check]:
         Check(f"depth {deep}: residual training loss {_repro.fmt(r_deep['train loss'])} below "
               f"plain {_repro.fmt(p_deep['train loss'])}, Welch p = "
               f"{_repro.fmt(r_deep['p plain vs residual'])} < {ALPHA}",
-              r_deep["train loss"] < p_deep["train loss"] and r_deep["p plain vs residual"] < ALPHA),
+              r_deep["train loss"] < p_deep["train loss"]
+              and r_deep["p plain vs residual"] < ALPHA),
         Check(f"residual does not degrade: depth {deep} training loss "
               f"{_repro.fmt(r_deep['train loss'])} not significantly above depth {shallow}'s "
               f"{_repro.fmt(r_shallow['train loss'])} (lower, or Welch p = "

@@ -118,11 +118,13 @@ def main(argv=None) -> bool:
     table = table_from(_repro.frame(records))
     checks = evaluate(table)
     path = _repro.save_figure(figure(table), args.out, NAME)
-    n_div = {m: int(table.loc[table["method"] == m, "diverged"].sum()) for m in table["method"].unique()}
-    n_runs = {m: int(table.loc[table["method"] == m, "runs"].sum()) for m in table["method"].unique()}
+    methods = table["method"].unique()
+    n_div = {m: int(table.loc[table["method"] == m, "diverged"].sum()) for m in methods}
+    n_runs = {m: int(table.loc[table["method"] == m, "runs"].sum()) for m in methods}
     from stabench.metrics import fisher_p
 
-    p = fisher_p(n_div["clip_norm(1)"], n_runs["clip_norm(1)"], n_div["plain SGD"], n_runs["plain SGD"])
+    p = fisher_p(n_div["clip_norm(1)"], n_runs["clip_norm(1)"], n_div["plain SGD"],
+                 n_runs["plain SGD"])
     _repro.write_report(
         args.out, NAME, command=_repro.command(__file__, args.tiny),
         title="Gradient clipping on a tanh RNN (Pascanu et al. 2013)", paper=PAPER,
@@ -139,8 +141,9 @@ def main(argv=None) -> bool:
                "above max(2 L0, L0 + 1))"],
         table=table, checks=checks, wall_s=time.perf_counter() - t0, trained=trained,
         records=records, figure=path,
-        notes=[f"Divergences over all runs: clipped {n_div['clip_norm(1)']}/{n_runs['clip_norm(1)']}"
-               f", plain {n_div['plain SGD']}/{n_runs['plain SGD']} (Fisher exact p = {p:.3g})",
+        notes=[f"Divergences over all runs: clipped "
+               f"{n_div['clip_norm(1)']}/{n_runs['clip_norm(1)']}, plain "
+               f"{n_div['plain SGD']}/{n_runs['plain SGD']} (Fisher exact p = {p:.3g})",
                f"The paper trains for up to millions of sequences; here each run sees "
                f"{c['steps'] * 20} sequences, so only the easier settings can be solved."])
     return _repro.verdict(checks)

@@ -1,21 +1,22 @@
-"""Run specs: what a cell is, validated up front, with a stable hash; and building a cell from one."""
+"""Run specs: what a cell is, validated up front, with a stable hash; and building a cell from
+one."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from . import methods
+from . import methods, plugins
 from .data import DATASETS, Source, fake_sizes
 from .inits import INITS
 from .models import MODELS
 from .optimizers import OPTIMIZERS
 from .registry import Call, UserError, closest
-from .tasks import (LOSS_OF, TARGET_METRICS, TRAIN_BOUNDS, TaskSpec, all_tasks, get_task,
-                    positive_int, with_overrides)
+from .tasks import (LOSS_OF, TARGET_METRICS, TRAIN_BOUNDS, TaskSpec, all_tasks, check_lrs,
+                    get_task, positive_int, with_overrides)
 
 FORMAT_VERSION = 2
 # The input values of a cell's dataset: over 10 times CIFAR-10's, 8 GB as float32, so a size past
@@ -35,12 +36,17 @@ class RunSpec:
     seeds: tuple[int, ...]
     lrs: tuple[float, ...]
     fake_data: bool = False
+    # package -> sha256 of its source, for each plugin the cell's entries come from
+    plugins: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"format_version": FORMAT_VERSION, **asdict(self)}
+        d = {"format_version": FORMAT_VERSION, **asdict(self)}
+        if not self.plugins:  # a cell of built-ins hashes as it did before plugins existed
+            del d["plugins"]
+        return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "RunSpec":
+    def from_dict(cls, d: dict) -> RunSpec:
         d = {k: v for k, v in d.items() if k != "format_version"}
         return cls(**{**d, "seeds": tuple(d["seeds"]), "lrs": tuple(d["lrs"])})
 
@@ -75,15 +81,24 @@ def program_key(spec: RunSpec) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 
+def plugin_hashes(spec: RunSpec) -> dict[str, str]:
+    """The source hashes of the plugins that a cell's method, init, optimizer, model and dataset
+    come from: part of its identity, so a changed plugin retrains the cells that use it."""
+    entries = [methods.METHODS.entry(c.name) for c in methods.resolve(spec.method)]
+    entries += [registry.entry(registry.resolve(text).name)
+                for registry, text in ((INITS, spec.init), (OPTIMIZERS, spec.optimizer))]
+    entries += [registry.entry(spec.task_config[section]["name"])
+                for registry, section in ((MODELS, "model"), (DATASETS, "dataset"))]
+    return plugins.identity(entry.factory for entry in entries)
+
+
 def parse_lrs(text: str, flag: str = "--lrs") -> tuple[float, ...]:
     try:
         # an empty entry ("0.1,,1") is a typo, not a value to drop
         lrs = tuple(float(x) for x in text.split(",")) if text.strip() else ()
     except ValueError:
         raise UserError(f"{flag} must be comma-separated numbers, got '{text}'") from None
-    if not lrs or not all(math.isfinite(x) and x > 0 for x in lrs):
-        raise UserError(f"{flag} must be positive finite numbers, got '{text}'")
-    return lrs
+    return check_lrs(lrs, flag)
 
 
 def make_spec(task: str, method: str = "none", init: str = "default", optimizer: str | None = None,
@@ -93,12 +108,7 @@ def make_spec(task: str, method: str = "none", init: str = "default", optimizer:
     spec_task = with_overrides(get_task(task), overrides or {})
     train = spec_task.train
     seeds = positive_int("seeds", train["seeds"] if seeds is None else seeds, TRAIN_BOUNDS["seeds"])
-    lrs = tuple(float(x) for x in (train["lrs"] if lrs is None else lrs))
-    if not lrs or not all(math.isfinite(x) and x > 0 for x in lrs):
-        raise UserError(f"learning rates must be positive and finite, got {list(lrs)}")
-    if len(set(lrs)) < len(lrs):  # a repeated one would train the same runs and count them twice
-        raise UserError(f"learning rates must be distinct, got {list(lrs)}")
-    lrs = tuple(sorted(lrs))  # one grid is one cell, whatever order it was written in
+    lrs = check_lrs(train["lrs"] if lrs is None else lrs)
     try:  # a wrong dataset or model argument is an error in the task file (or in --set)
         source = data_source(spec_task)
         MODELS.get(spec_task.component("model"))
@@ -127,12 +137,13 @@ def make_spec(task: str, method: str = "none", init: str = "default", optimizer:
         lrs=lrs,
         fake_data=fake_data,
     )
+    spec = replace(spec, plugins=plugin_hashes(spec))
     cell = build_cell(spec, source)  # factories check their own arguments now, not mid-sweep
     model = _check_model_fits(cell, spec_task)
     # a layer is looked up when the update is traced: trace it now (0.2 s for a ResNet, so only
     # for the methods that name one)
     if any(dict(c.kwargs).get("layer") for c in calls):
-        _trace_first_update(cell, model)
+        trace_first_update(cell, model)
     return spec
 
 
@@ -169,9 +180,10 @@ def _check_model_fits(cell, task: TaskSpec):
     return model
 
 
-def _trace_first_update(cell, model) -> None:
-    """Trace the cell's first update on the abstract model's parameter shapes: a method naming a
-    layer the model lacks fails here, not once training starts."""
+def trace_first_update(cell, model) -> None:
+    """Trace the cell's first update on the abstract model's parameter shapes, compiling nothing:
+    a method naming a layer the model lacks, or whose state does not fit the methods composed with
+    it, fails here, not once training starts."""
     import jax
     from flax import nnx
 
@@ -211,7 +223,7 @@ def build_cell(spec: RunSpec, source: Source):
     model lacks fails now with a UserError."""
     from flax import nnx
 
-    from .train import Cell
+    from .program import Cell
 
     task = task_of(spec)
     init = INITS.get(spec.init)

@@ -16,6 +16,7 @@ import numpy as np
 
 from .metrics import divergence_step
 from .registry import parse_call, split_plus
+from .text import format_number, plural
 
 EXPLODE_FACTOR = 10.0  # explosion: grad norm above 10x ...
 MEDIAN_WINDOW = 50  # ... its median over the previous 50 steps
@@ -283,7 +284,8 @@ def diagnose(telemetry: dict[str, np.ndarray], layer_names: list[str], run: dict
 
 # ---- recommendations ---------------------------------------------------------------------------
 EXPLOSION_ADVICE = (
-    ("method", "clip_norm", "bounds every update when the global gradient norm spikes, as it did here"),
+    ("method", "clip_norm", "bounds every update when the global gradient norm spikes, as it did "
+                            "here"),
     ("method", "agc", "clips each layer's gradient relative to its weight norm, so the layer that "
                       "jumped first is held back without slowing the others"),
     ("method", "warmup", "small steps while early curvature is high; explosions early in training "
@@ -291,7 +293,8 @@ EXPLOSION_ADVICE = (
     ("lr", "", "the size of the step that blew up scales with the learning rate"),
 )
 VANISHING_ADVICE = (
-    ("init", "he_normal", None, "variance 2/fan_in keeps each layer's signal from shrinking with depth"),
+    ("init", "he_normal", None, "variance 2/fan_in keeps each layer's signal from shrinking with "
+                                "depth"),
     ("model", "residual", True, "identity paths carry the gradient past layers where it shrinks"),
     ("model", "norm", "layer", "normalization rescales every layer's input to unit variance"),
 )
@@ -346,40 +349,30 @@ def _num(x) -> float:
 
 
 # ---- the report ----------------------------------------------------------------------------------
-def _g(x: float) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "-"
-    if math.isinf(x):
-        return "inf" if x > 0 else "-inf"
-    return f"{x:.3g}"
-
-
 def _names(items, limit: int = SHOW_LAYERS) -> str:
     items = list(items)
     more = f" and {len(items) - limit} more" if len(items) > limit else ""
     return ", ".join(items[:limit]) + more
 
 
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}{'' if n == 1 else 's'}"
-
-
 def _what(e: Explosion) -> str:
-    return "non-finite values" if e.cause == "non-finite" else f"grad norm {_g(e.ratio)}x its median"
+    if e.cause == "non-finite":
+        return "non-finite values"
+    return f"grad norm {format_number(e.ratio)}x its median"
 
 
 def summary(diag: Diagnosis) -> str:
     """One line: the verdict."""
     if diag.at_init_only:
         v = diag.vanishing
-        return f"at init: first/last layer grad-norm ratio {_g(v.ratio_init)}"
+        return f"at init: first/last layer grad-norm ratio {format_number(v.ratio_init)}"
     parts = []
     spikes = [e for e in diag.events if e.transient]
     if spikes:
         e = spikes[0]
         where = f", in {_names(e.layers, 3)}" if e.layers else ""
         first = "first at step" if len(spikes) > 1 else "at step"
-        parts.append(f"{_plural(len(spikes), 'transient gradient spike')} the loss recovered from "
+        parts.append(f"{plural(len(spikes), 'transient gradient spike')} the loss recovered from "
                      f"({first} {e.step}, {_what(e)}{where})")
     e = diag.harmful
     if e is not None:
@@ -397,7 +390,7 @@ def summary(diag: Diagnosis) -> str:
 def to_markdown(diag: Diagnosis, figure: str | None = None) -> str:
     run = diag.run
     lines = [f"# Diagnosis: {run['task']}, method {run['method']}", "",
-             f"init {run['init']} | optimizer {run['optimizer']} | lr {_g(run['lr'])} | "
+             f"init {run['init']} | optimizer {run['optimizer']} | lr {format_number(run['lr'])} | "
              f"seed {run['seed']} | {run['steps']} steps"
              + (f" | record `{run['record']}` run {run['run']}" if run.get("record") else ""),
              "", f"**{summary(diag)}**", ""]
@@ -410,8 +403,8 @@ def to_markdown(diag: Diagnosis, figure: str | None = None) -> str:
     elif diag.healthy:
         lines += ["- nothing to fix: no explosion, divergence or vanishing gradients"]
     elif not diag.needs_fix:
-        lines += [f"- nothing to fix: every spike was transient (the loss recovered within {AROUND} "
-                  f"steps) and nothing diverged or vanished"]
+        lines += [f"- nothing to fix: every spike was transient (the loss recovered within "
+                  f"{AROUND} steps) and nothing diverged or vanished"]
     else:
         lines += ["- no registered technique left to suggest beyond what this run already uses"]
     lines.append("")
@@ -429,15 +422,15 @@ def _explosion_lines(diag: Diagnosis) -> list[str]:
     if spikes:
         later = [str(e.step) for e in spikes[1:]]
         then = f" (then at step{'s' if len(later) > 1 else ''} {', '.join(later)})" if later else ""
-        lines += [f"### {_plural(len(spikes), 'transient spike')}: the loss recovered within "
+        lines += [f"### {plural(len(spikes), 'transient spike')}: the loss recovered within "
                   f"{AROUND} steps", "", f"The first, at step {spikes[0].step}{then}:", ""]
         lines += _event_lines(spikes[0]) + [""]
     if diag.harmful is not None:
         lines += [f"### Explosion at step {diag.harmful.step}", ""]
         lines += _event_lines(diag.harmful) + [""]
     if diag.divergence is not None:
-        lines += [f"Diverged at step {diag.divergence} (a non-finite loss or gradient, or the 20-step "
-                  f"mean loss above max(2 L0, L0 + 1)).", ""]
+        lines += [f"Diverged at step {diag.divergence} (a non-finite loss or gradient, or the "
+                  f"20-step mean loss above max(2 L0, L0 + 1)).", ""]
     else:
         lines += ["Did not diverge (no non-finite loss or gradient; the 20-step mean loss stayed "
                   "at most max(2 L0, L0 + 1)).", ""]
@@ -448,11 +441,13 @@ def _event_lines(e: Explosion) -> list[str]:
     lines = []
     if e.cause == "non-finite":
         lines.append(f"- step {e.step}: first non-finite loss, gradient or parameters "
-                     f"(grad norm {_g(e.grad_norm)}, running median {_g(e.median)})")
+                     f"(grad norm {format_number(e.grad_norm)}, running median "
+                     f"{format_number(e.median)})")
     else:
         window = min(e.step, MEDIAN_WINDOW)
-        lines.append(f"- step {e.step}: global grad norm {_g(e.grad_norm)} = {_g(e.ratio)}x its "
-                     f"median over the previous {_plural(window, 'step')} ({_g(e.median)})")
+        lines.append(f"- step {e.step}: global grad norm {format_number(e.grad_norm)} = "
+                     f"{format_number(e.ratio)}x its median over the previous "
+                     f"{plural(window, 'step')} ({format_number(e.median)})")
     when = "at that step" if e.onset == e.step else f"at step {e.onset}"
     history = any(math.isfinite(r) for _, r in e.layer_ratios)
     lines.append(f"- started in: {_names(e.layers)} (first to exceed {EXPLODE_FACTOR:g}x "
@@ -460,10 +455,10 @@ def _event_lines(e: Explosion) -> list[str]:
                  f"- started in: undetermined (no layer's grad norm exceeded {EXPLODE_FACTOR:g}x "
                  f"its own median at the step)" if history else
                  "- started in: undetermined (too little history before the step)")
-    top = ", ".join(f"{n} {_g(r)}x" for n, r in e.layer_ratios[:SHOW_LAYERS])
+    top = ", ".join(f"{n} {format_number(r)}x" for n, r in e.layer_ratios[:SHOW_LAYERS])
     lines.append(f"- layer ratios to their own median at step {e.onset}: {top}")
-    lines.append(f"- loss: mean {_g(e.loss_before)} over the {AROUND} steps before, "
-                 f"{_g(e.loss_after)} over the {AROUND} steps from it")
+    lines.append(f"- loss: mean {format_number(e.loss_before)} over the {AROUND} steps before, "
+                 f"{format_number(e.loss_after)} over the {AROUND} steps from it")
     if e.recovered_at is not None:
         lines.append(f"- recovered: a {RECOVER_WINDOW}-step loss mean is back within "
                      f"{RECOVER_TOL:.0%} of the pre-event mean from step {e.recovered_at}")
@@ -478,17 +473,17 @@ def _vanishing_lines(v: Vanishing, n_layers: int) -> list[str]:
     if v.layers:
         shown = ", ".join(f"{n} ({s:.0%})" for n, s in v.layers[:SHOW_LAYERS])
         more = f" and {len(v.layers) - SHOW_LAYERS} more" if len(v.layers) > SHOW_LAYERS else ""
-        lines.append(f"- {len(v.layers)} of {n_layers} layers had a grad norm below {VANISH_REL:g}x "
-                     f"the largest layer's or below {VANISH_ABS:g} on most steps (share of "
-                     f"steps): {shown}{more}")
+        lines.append(f"- {len(v.layers)} of {n_layers} layers had a grad norm below "
+                     f"{VANISH_REL:g}x the largest layer's or below {VANISH_ABS:g} on most steps "
+                     f"(share of steps): {shown}{more}")
         if v.after_explosion is not None:
             lines.append(f"- none of them was vanishing before the explosion at step "
                          f"{v.after_explosion}: a consequence of it (dead units), not a cause")
     else:
         lines.append(f"- no layer's grad norm stayed below {VANISH_REL:g}x the largest layer's "
                      f"(or {VANISH_ABS:g}) for most of the {v.steps} finite steps")
-    lines += [f"- first/last layer grad-norm ratio: {_g(v.ratio_init)} at init, {_g(v.ratio_end)} "
-              f"at the end", ""]
+    lines += [f"- first/last layer grad-norm ratio: {format_number(v.ratio_init)} at init, "
+              f"{format_number(v.ratio_end)} at the end", ""]
     return lines
 
 
@@ -496,10 +491,12 @@ def _signal_lines(diag: Diagnosis) -> list[str]:
     s = diag.signal
     lines = ["## Signal propagation at init", ""]
     if diag.at_init_only:
-        lines += [f"- first/last layer grad-norm ratio at step 0: {_g(diag.vanishing.ratio_init)}", ""]
+        lines += [f"- first/last layer grad-norm ratio at step 0: "
+                  f"{format_number(diag.vanishing.ratio_init)}", ""]
     lines += ["| layer | activation std | grad norm at step 0 |", "|---|---|---|"]
     stds = s.activation_std or (None,) * len(s.layers)
-    lines += [f"| {n} | {_g(a)} | {_g(g)} |" for n, a, g in zip(s.layers, stds, s.grad_norm)]
+    lines += [f"| {n} | {format_number(a)} | {format_number(g)} |"
+              for n, a, g in zip(s.layers, stds, s.grad_norm)]
     if s.activation_std is None:
         lines += ["", "Activation stds need the task's data, which is not available here."]
     lines.append("")

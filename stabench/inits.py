@@ -12,8 +12,9 @@ Residual inits read the model's residual structure as `models` documents it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +35,8 @@ class Init:
     after: Callable[[nnx.Module, jax.Array], None] | None = None
 
 
-@INITS.register("default", help="each layer's own default (Flax: LeCun normal kernels, zero biases)",
+@INITS.register("default",
+                help="each layer's own default (Flax: LeCun normal kernels, zero biases)",
                 ref="the model's layer defaults")
 def default() -> Init:
     return Init()

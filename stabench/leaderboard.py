@@ -1,5 +1,6 @@
-"""Tables from stored records: a cell's per-learning-rate table, per-task and overall leaderboards,
-and the report's files (Markdown, LaTeX via pandas Styler, CSV, long-form Parquet).
+"""Tables from stored records: a cell's per-learning-rate table, per-task and overall leaderboards
+(DataFrames), and their renderings as Markdown and LaTeX (via pandas Styler) text. Writing them to
+files is report.py's job.
 
 Definitions of every column are in the captions the tables carry (and in the README).
 """
@@ -11,8 +12,6 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -20,21 +19,16 @@ import pandas as pd
 from .metrics import (MA_START, METRIC_RANGES, fisher_p, improvement, lr_sensitivity, mean_ci,
                       performance_ratios, profile_score, stable_width, welch_p, wilson)
 from .reproduce import numerics_facts
-from .store import Store, check_writable, commit_label
-
-
-def _fmt(x: float, digits: int = 3) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "-"
-    if math.isinf(x):
-        return "inf" if x > 0 else "-inf"
-    return f"{x:.{digits}g}"
+from .store import commit_label
+from .tasks import flatten
+from .text import format_number, plural
 
 
 def _ci(mean: float, lo: float, hi: float, digits: int = 3) -> str:
     if math.isnan(lo):
-        return _fmt(mean, digits)
-    return f"{_fmt(mean, digits)} [{_fmt(lo, digits)}, {_fmt(hi, digits)}]"
+        return format_number(mean, digits)
+    low, high = format_number(lo, digits), format_number(hi, digits)
+    return f"{format_number(mean, digits)} [{low}, {high}]"
 
 
 def short_run_note(steps: int) -> str:
@@ -51,13 +45,13 @@ def lr_table(runs: list[dict]) -> pd.DataFrame:
     df = pd.DataFrame(runs)
     rows = []
     for lr, g in df.groupby("lr", sort=True):
-        row = {"lr": _fmt(lr), "diverged": f"{int(g['diverged'].sum())}/{len(g)}",
-               "final loss": _fmt(float(np.median(g["final_train_loss"])))}
+        row = {"lr": format_number(lr), "diverged": f"{int(g['diverged'].sum())}/{len(g)}",
+               "final loss": format_number(float(np.median(g["final_train_loss"])))}
         metric, label = (("test_accuracy", "test acc") if "test_accuracy" in g
                          else ("test_loss", "test loss"))
         row[f"{label} (95% CI)"] = _ci(*mean_ci(g[metric], bounds=METRIC_RANGES[metric]))
-        row["steps to target"] = _fmt_steps(float(np.median(g["steps_to_target"])))
-        row["clipped share"] = _fmt(float(g["clipped_share"].mean()), 2)
+        row["steps to target"] = _steps_text(float(np.median(g["steps_to_target"])))
+        row["clipped share"] = format_number(float(g["clipped_share"].mean()), 2)
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -68,17 +62,6 @@ MARK = "\u2020"  # dagger: not significantly different from the column's best
 ENTRY = ["method", "init", "optimizer"]
 PROVENANCE = ("git_commit", "git_dirty", "device_kind", "backend", "device_count", "cpu_count",
               "cpu_model", "date")
-
-
-def flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in d.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{name}."))
-        else:
-            out[name] = value
-    return out
 
 
 def variant_labels(specs: list) -> dict[str, str]:
@@ -140,14 +123,16 @@ def runs_frame(records: list) -> pd.DataFrame:
             rows.append({**cell, **run, "init_loss": float(loss0)})
     df = pd.DataFrame(rows)
     for col in df.columns:  # a field typed differently by different tasks: keep it as text
-        types = {type(v) for v in df[col] if v is not None and not (isinstance(v, float) and math.isnan(v))}
+        types = {type(v) for v in df[col]
+                 if v is not None and not (isinstance(v, float) and math.isnan(v))}
         if len(types) > 1 and not types <= {int, float}:
             df[col] = df[col].map(lambda v: None if v is None else str(v))
     return df
 
 
 def dedupe_runs(df: pd.DataFrame) -> tuple[pd.DataFrame, int]:
-    """One run per (task variant, entry, seed, lr): a cell trained twice counts once (the newest)."""
+    """One run per (task variant, entry, seed, lr): a cell trained twice counts once (the
+    newest)."""
     key = ["variant", *ENTRY, "seed", "lr"]
     ordered = df.sort_values("date", kind="stable")
     kept = ordered.drop_duplicates(key, keep="last").sort_index()
@@ -356,39 +341,40 @@ def _bold_mask(values: pd.Series, direction: str | None) -> pd.Series:
     return v == best
 
 
-def _entry_columns(board: pd.DataFrame) -> list[str]:
-    """method always; init and optimizer where they vary."""
-    return ["method"] + [c for c in ("init", "optimizer") if board[c].nunique() > 1]
+def _rank_and_entry(board: pd.DataFrame) -> pd.DataFrame:
+    """A table's first columns: rank, method, and init and optimizer where they vary."""
+    frame = pd.DataFrame({"rank": board["rank"].map(format_number)})
+    for c in ["method"] + [c for c in ("init", "optimizer") if board[c].nunique() > 1]:
+        frame[c] = board[c]
+    return frame
 
 
 def _marked(text: str, tie) -> str:
     return text + MARK if tie is True else text
 
 
-def _fmt_steps(x: float) -> str:
-    return "never" if math.isinf(x) else _fmt(x, 6)
+def _steps_text(x: float) -> str:
+    return "never" if math.isinf(x) else format_number(x, 6)
 
 
 def render_task(variant: str, board: pd.DataFrame, runs: pd.DataFrame) -> Table:
     metric, mode = board["quality_metric"].iloc[0], board["quality_mode"].iloc[0]
     quality_header = f"{metric.replace('test_', 'test ')} (95% CI)"
-    names = _entry_columns(board)
-    frame = pd.DataFrame({"rank": board["rank"].map(lambda r: _fmt(r, 3))})
-    for c in names:
-        frame[c] = board[c]
+    frame = _rank_and_entry(board)
     frame[quality_header] = [
         _marked(_ci(m, lo, hi), t) for m, lo, hi, t in
         zip(board["quality_mean"], board["quality_lo"], board["quality_hi"], board["quality_tie"])]
-    frame["best LR"] = board["best_lr"].map(_fmt)
+    frame["best LR"] = board["best_lr"].map(format_number)
     frame[COLUMNS["diverged"][0]] = [
-        _marked(f"{_fmt(p, 2)} [{_fmt(lo, 2)}, {_fmt(hi, 2)}]", t) for p, lo, hi, t in
-        zip(board["diverged_rate"], board["diverged_lo"], board["diverged_hi"], board["diverged_tie"])]
+        _marked(_ci(p, lo, hi, 2), t) for p, lo, hi, t in zip(
+            board["diverged_rate"], board["diverged_lo"], board["diverged_hi"],
+            board["diverged_tie"])]
     for col in ("lr_sensitivity", "max_stable_lr", "stable_width"):
-        frame[COLUMNS[col][0]] = board[col].map(_fmt)
-    frame[COLUMNS["steps_to_target"][0]] = board["steps_to_target"].map(_fmt_steps)
-    frame[COLUMNS["clipped_share"][0]] = board["clipped_share"].map(lambda x: _fmt(x, 2))
-    frame[COLUMNS["max_grad_norm"][0]] = board["max_grad_norm"].map(_fmt)
-    frame[COLUMNS["stability"][0]] = [_marked(_fmt(s), t) for s, t in
+        frame[COLUMNS[col][0]] = board[col].map(format_number)
+    frame[COLUMNS["steps_to_target"][0]] = board["steps_to_target"].map(_steps_text)
+    frame[COLUMNS["clipped_share"][0]] = board["clipped_share"].map(lambda x: format_number(x, 2))
+    frame[COLUMNS["max_grad_norm"][0]] = board["max_grad_norm"].map(format_number)
+    frame[COLUMNS["stability"][0]] = [_marked(format_number(s), t) for s, t in
                                       zip(board["stability"], board["stability_tie"])]
     numeric = {"rank": board["rank"], quality_header: board["quality_mean"],
                COLUMNS["diverged"][0]: board["diverged_rate"]}
@@ -399,7 +385,7 @@ def render_task(variant: str, board: pd.DataFrame, runs: pd.DataFrame) -> Table:
         directions[COLUMNS[col][0]] = COLUMNS[col][1]
     bold = pd.DataFrame({c: _bold_mask(numeric[c], directions[c]) if c in numeric
                          else pd.Series(False, index=frame.index) for c in frame.columns})
-    return Table(frame, bold, task_caption(variant, board, runs), f"tab:{_label(variant)}")
+    return Table(frame, bold, task_caption(variant, board, runs), f"tab:{slug(variant)}")
 
 
 def task_caption(variant: str, board: pd.DataFrame, runs: pd.DataFrame) -> str:
@@ -411,9 +397,10 @@ def task_caption(variant: str, board: pd.DataFrame, runs: pd.DataFrame) -> str:
     short = f" {note}" if (note := short_run_note(int(runs["steps"].max()))) else ""
     return (
         f"Task {variant}: {_entries(len(board))}, {runs['seed'].nunique()} seeds x {len(lrs)} "
-        f"learning rates ({', '.join(_fmt(x) for x in lrs)}), {int(runs['steps'].max())} steps"
+        f"learning rates ({', '.join(format_number(x) for x in lrs)}), "
+        f"{int(runs['steps'].max())} steps"
         f"{'; ' + ', '.join(fixed) if fixed else ''}. Target: {metric} "
-        f"{'at least' if mode == 'max' else 'at most'} {_fmt(value)}. "
+        f"{'at least' if mode == 'max' else 'at most'} {format_number(value)}. "
         f"{metric} at each entry's best learning rate: mean over seeds with a 95% Student-t "
         f"interval (the best learning rate is the one with the best mean {metric} over seeds: "
         f"chosen on the data it is reported on, with no validation split, so optimistic where "
@@ -437,16 +424,13 @@ def task_caption(variant: str, board: pd.DataFrame, runs: pd.DataFrame) -> str:
 
 
 def render_overall(board: pd.DataFrame, unsolved: list[str], n_variants: int) -> Table:
-    names = _entry_columns(board)
-    frame = pd.DataFrame({"rank": board["rank"].map(lambda r: _fmt(r, 3))})
-    for c in names:
-        frame[c] = board[c]
+    frame = _rank_and_entry(board)
     frame["tasks"] = board["tasks"].astype(str)
-    frame["stability"] = board["stability"].map(_fmt)
-    frame["profile score"] = board["profile_score"].map(_fmt)
-    frame["mean rank"] = board["mean_rank"].map(lambda x: _fmt(x, 3))
+    frame["stability"] = board["stability"].map(format_number)
+    frame["profile score"] = board["profile_score"].map(format_number)
+    frame["mean rank"] = board["mean_rank"].map(lambda x: format_number(x, 3))
     frame[OVERALL["diverged"][0]] = [
-        f"{_fmt(p, 2)} [{_fmt(lo, 2)}, {_fmt(hi, 2)}]" for p, lo, hi in
+        _ci(p, lo, hi, 2) for p, lo, hi in
         zip(board["diverged_rate"], board["diverged_lo"], board["diverged_hi"])]
     numeric = {"rank": board["rank"], "stability": board["stability"],
                "profile score": board["profile_score"], "mean rank": board["mean_rank"],
@@ -457,7 +441,7 @@ def render_overall(board: pd.DataFrame, unsolved: list[str], n_variants: int) ->
     bold = pd.DataFrame({c: _bold_mask(numeric[c].where(ranked), directions[c]) if c in numeric
                          else pd.Series(False, index=frame.index) for c in frame.columns})
     caption = (
-        f"Overall, across {_plural(n_variants, 'task variant')} (each task counts once; its "
+        f"Overall, across {plural(n_variants, 'task variant')} (each task counts once; its "
         f"variants share its weight). Tasks: the task variants an entry ran. Stability: weighted "
         f"mean of the per-task stability scores. Profile score (AlgoPerf): (1/3) times the "
         f"integral from 1 to 4 of rho(tau), the weighted share of tasks an entry brings to the "
@@ -480,15 +464,12 @@ def render_overall(board: pd.DataFrame, unsolved: list[str], n_variants: int) ->
     return Table(frame, bold, caption, "tab:overall")
 
 
-def _plural(n: int, noun: str) -> str:
-    return f"{n} {noun}{'' if n == 1 else 's'}"
-
-
 def _entries(n: int) -> str:
-    return f"{n} {'entry' if n == 1 else 'entries'}"
+    return plural(n, "entry", "entries")
 
 
-def _label(text: str) -> str:
+def slug(text: str) -> str:
+    """Lower-case letters and digits joined by '-': a LaTeX label or a file name."""
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
@@ -499,7 +480,8 @@ def to_markdown(table: Table) -> str:
     esc = lambda s: str(s).replace("|", "\\|")  # noqa: E731
     lines = ["| " + " | ".join(esc(c) for c in cells.columns) + " |",
              "|" + "|".join("---" for _ in cells.columns) + "|"]
-    lines += ["| " + " | ".join(esc(v) for v in row) + " |" for row in cells.itertuples(index=False)]
+    lines += ["| " + " | ".join(esc(v) for v in row) + " |"
+              for row in cells.itertuples(index=False)]
     return "\n".join(lines)
 
 
@@ -523,9 +505,9 @@ def escape_latex(text: str) -> str:
         axis="columns").to_latex().split("\n")[1].rsplit(" \\\\", 1)[0]
 
 
-# ---- the report ----------------------------------------------------------------------------------
+# ---- every table of a set of records -------------------------------------------------------------
 @dataclass
-class Report:
+class Leaderboards:
     runs: pd.DataFrame  # every run, as stored
     used: pd.DataFrame  # duplicates removed: what the tables count
     boards: dict[str, pd.DataFrame]  # variant -> task board
@@ -535,7 +517,7 @@ class Report:
     notes: list[str]
 
 
-def build_report(records: list) -> Report:
+def build_leaderboards(records: list) -> Leaderboards:
     runs = runs_frame(records)
     used, duplicates = dedupe_runs(runs)
     notes = []
@@ -551,7 +533,7 @@ def build_report(records: list) -> Report:
     boards = {v: task_board(g) for v, g in used.groupby("variant", sort=True)}
     task_of_variant = dict(zip(used["variant"], used["task"]))
     overall, ratios, unsolved = overall_board(boards, task_of_variant)
-    return Report(runs, used, boards, overall, ratios, unsolved, notes)
+    return Leaderboards(runs, used, boards, overall, ratios, unsolved, notes)
 
 
 def grid_notes(used: pd.DataFrame) -> list[str]:
@@ -569,132 +551,46 @@ def grid_notes(used: pd.DataFrame) -> list[str]:
         for grid, entries in sorted(grids.items(), key=lambda kv: -len(kv[1])):
             seeds, lrs = {s for s, _ in grid}, sorted({lr for _, lr in grid})
             parts.append(f"{len(grid)} runs ({len(seeds)} seeds, learning rates "
-                         f"{', '.join(_fmt(lr) for lr in lrs)}) for {'; '.join(entries)}")
+                         f"{', '.join(format_number(lr) for lr in lrs)}) for {'; '.join(entries)}")
         notes.append(f"{variant}: its entries ran different grids of seeds and learning rates, so "
                      f"its columns compare different runs: {' | '.join(parts)}.")
     return notes
 
 
-def _provenance(runs: pd.DataFrame, directory: Path) -> list[str]:
-    cells = runs.drop_duplicates("spec_hash")
-    # records written before provenance had cpu_model read None (NaN in the frame)
-    model = [f" ({m})" if isinstance(m, str) else "" for m in cells["cpu_model"]]
-    devices = sorted({f"{n}x {k} ({b}), {c} CPU cores{m}" for n, k, b, c, m in zip(
-        cells["device_count"], cells["device_kind"], cells["backend"], cells["cpu_count"], model)})
-    versions = sorted({f"jax {j}, flax {f}, optax {o}" for j, f, o in zip(
-        cells["version.jax"], cells["version.flax"], cells["version.optax"])})
-    commits = sorted({commit_label(c, d)
-                      for c, d in zip(cells["git_commit"], cells["git_dirty"])})
-    setups = cells["numerics"].nunique() if "numerics" in cells else 1
-    rounding = [] if setups <= 1 else [
-        f"- rounding: the records come from {setups} different host configurations (CPU, caches, "
-        f"threads, flags, versions, devices or run group; see Reproducibility in the README): "
-        f"their numbers agree within float32 rounding, not bit for bit"]
-    return [
-        f"- records: {len(cells)} cells, {len(runs)} runs stored, read from `{directory}`",
-        *rounding,
-        f"- hardware: {'; '.join(devices)}",
-        f"- software: {'; '.join(versions)}; stabench git {', '.join(commits)}",
-        f"- trained: {cells['date'].min()} to {cells['date'].max()}; compile "
-        f"{cells['timing.compile_s'].sum():.0f} s, training {cells['timing.steady_s'].sum():.0f} s "
-        f"(summed over cells)",
-    ]
-
-
-CSV_DROP = ("quality_seeds", "stability_seeds")
-
-
-def write_report(directory: str | Path, out: str | Path | None = None, plots: bool = True,
-                 warn: Callable[[str], None] = print) -> str:
-    """Read every record under `directory`, write the report files to `out` (default: the same
-    directory) and return the Markdown. Untrustworthy records are reported through `warn` and
-    left out; a directory with none that can be used is a UserError."""
+def depth_points(tables: Leaderboards, specs: dict) -> pd.DataFrame | None:
+    """Best-LR results of the task variants whose model has `depth` and `residual` arguments, for
+    the model families (dataset and model but depth and residual) run plain and residual: one row
+    per (variant, entry). `specs`: spec hash -> RunSpec. None without two depths of such twins."""
+    from .config import task_of
+    from .models import MODELS
     from .registry import UserError
 
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise UserError(f"no results directory {directory}")
-    records, bad = Store(directory).records()
-    for message in bad:
-        warn(f"skipped {message}")
-    if not records:
-        raise UserError(f"no usable records in {directory}"
-                        + (f" ({len(bad)} skipped, listed above)" if bad else "")
-                        + f"; write some with: python -m stabench sweep ... --out {directory}")
-    out = Path(out or directory)
-    check_writable(out)
-    report = build_report(records)
-    for note in report.notes:
-        warn(f"note: {note}")
-    figures = {}
-    if plots:
-        from . import plots as plotting
-
-        figures = plotting.report_figures(report, records, out / "plots")
-
-    tables = [render_overall(report.overall, report.unsolved, len(report.boards))]
-    tables += [render_task(v, b, report.used[report.used["variant"] == v])
-               for v, b in report.boards.items()]
-    lines = ["# stabench report", ""]
-    lines += [f"> Note: {n}" for n in report.notes] + ([""] if report.notes else [])
-    repeats = len(report.runs) - len(report.used)
-    counted = f" counted ({len(report.runs)} stored, {repeats} of them repeats)" if repeats else ""
-    lines += [f"{_plural(report.runs['spec_hash'].nunique(), 'cell')}, "
-              f"{_plural(len(report.used), 'run')}{counted}, "
-              f"{_plural(len(report.boards), 'task variant')}.", ""]
-    for table, key in zip(tables, ["overall", *report.boards]):
-        lines += [f"## {'Overall' if key == 'overall' else key}", "", to_markdown(table), "",
-                  table.caption, ""]
-        lines += [f"![{title}]({path.relative_to(out).as_posix()}.png)" for title, path in
-                  figures.get(key, [])]
-        lines += [""] if figures.get(key) else []
-    lines += ["## Provenance", "", *_provenance(report.runs, directory), ""]
-    markdown = "\n".join(lines)
-    (out / "report.md").write_text(markdown)
-    (out / "leaderboards.tex").write_text(
-        "% needs \\usepackage{booktabs}\n" + "\n".join(to_latex(t) for t in tables))
-    pd.concat([b.drop(columns=list(CSV_DROP)).assign(variant=v) for v, b in report.boards.items()],
-              ignore_index=True).to_csv(out / "leaderboard.csv", index=False)
-    report.overall.to_csv(out / "overall.csv", index=False)
-    parquet = report.runs.assign(record=[str(Path(p).relative_to(directory))
-                                         for p in report.runs["record"]])
-    parquet.to_parquet(out / "runs.parquet", index=False)
-    return markdown
-
-
-# ---- reading a report back: what did best on a task ----------------------------------------------
-PROBLEM = ("loss", "dataset.", "model.")  # the config fields that make two variants the same problem
-
-
-def _same_value(stored, value) -> bool:
-    """A runs.parquet cell (lists and dicts as JSON, mixed-type columns as text) vs a config value."""
-    if isinstance(value, (list, dict)):
-        return stored == json.dumps(value)
-    return stored == value or str(stored) == str(value)
-
-
-def board_rows_for(directory: str | Path, spec) -> tuple[list[dict], Path | None]:
-    """Leaderboard rows (a report's leaderboard.csv) of the task variant that is this spec's problem:
-    same task, data (real or fake), loss, dataset and model, found through the report's
-    runs.parquet beside it (the first such variant by name if there are several).
-    ([], None) if no report under `directory` ranks it."""
-    root = Path(directory)
-    if not root.is_dir():
-        return [], None
-    wanted = {k: v for k, v in flatten(spec.task_config).items() if k.startswith(PROBLEM)}
-    for path in sorted(root.rglob("leaderboard.csv")):
+    rows = []
+    for variant, board in tables.boards.items():
+        spec = specs[tables.used.loc[tables.used["variant"] == variant, "spec_hash"].iloc[0]]
         try:
-            board = pd.read_csv(path)
-            runs = pd.read_parquet(path.with_name("runs.parquet"))
-        except (OSError, ValueError, ImportError):
+            args = dict(MODELS.resolve(task_of(spec).component("model")).kwargs)
+        except UserError:  # a model this version no longer has: no depth to read
             continue
-        if not {"variant", *ENTRY, "rank"} <= set(board.columns):
+        if "depth" not in args or "residual" not in args:
             continue
-        cells = runs[(runs["task"] == spec.task) & (runs["fake_data"] == spec.fake_data)]
-        variants = {row["variant"] for _, row in cells.drop_duplicates("variant").iterrows()
-                    if all(f"config.{k}" in row and _same_value(row[f"config.{k}"], v)
-                           for k, v in wanted.items())}
-        ranked = sorted(variants & set(board["variant"]))
-        if ranked:  # several variants of one problem (other steps, batch sizes): the first
-            return board[board["variant"] == ranked[0]].to_dict("records"), path
-    return [], None
+        family = json.dumps([spec.task_config.get("dataset"), {
+            k: v for k, v in spec.task_config["model"].items() if k not in ("depth", "residual")}],
+            sort_keys=True, default=str)
+        for _, r in board.iterrows():
+            rows.append({"depth": args["depth"], "family": family,
+                         "family_label": f"{spec.task_config['dataset']['name']} "
+                                         f"{spec.task_config['model']['name']}",
+                         "architecture": "residual" if args["residual"] else "plain",
+                         "method": r["method"], "init": r["init"], "metric": r["quality_metric"],
+                         "quality_mean": r["quality_mean"], "quality_lo": r["quality_lo"],
+                         "quality_hi": r["quality_hi"]})
+    points = pd.DataFrame(rows)
+    if points.empty:
+        return None
+    # twins only: a model family with both architectures, and methods run on both
+    keep = points.groupby(["family", "method"])["architecture"].transform("nunique") == 2
+    points = points[keep]
+    if points.empty or points["depth"].nunique() < 2:
+        return None
+    return points

@@ -33,14 +33,16 @@ from __future__ import annotations
 import functools
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from .optimizers import Optimizer
+from .models import key_names
+from .optimizers import Optimizer, check_positive
 from .registry import Call, Registry, UserError, split_plus
 
 METHODS = Registry("method")
@@ -243,13 +245,9 @@ def _check_acts(calls: tuple[Call, ...], cell: CellTransform) -> None:
 
 
 # ---- helpers ---------------------------------------------------------------------------------
-def _key_name(key) -> str:
-    return str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key))))
-
-
 def _part(path) -> str:
     """The top-level part a parameter path belongs to."""
-    return _key_name(path[0])
+    return str(key_names(path)[0])
 
 
 def _per_layer(tx: optax.GradientTransformation, stacked: tuple[str, ...]):
@@ -268,14 +266,6 @@ def _per_layer(tx: optax.GradientTransformation, stacked: tuple[str, ...]):
         return jax.tree_util.tree_map_with_path(one, updates, params), state
 
     return optax.GradientTransformation(optax.init_empty_state, update)
-
-
-def _positive(**values) -> None:
-    for name, value in values.items():
-        if isinstance(value, jax.core.Tracer):  # a traced argument: checked as a number (Traced)
-            continue
-        if not value > 0:
-            raise ValueError(f"{name} must be positive")
 
 
 # ---- gradient methods ("pre") ----------------------------------------------------------------
@@ -308,7 +298,7 @@ def clip_to_norm(updates, threshold) -> tuple[Any, ClipState]:
 @METHODS.register("clip_norm", help="rescale the gradient so its global L2 norm is <= max_norm",
                   ref="Pascanu et al. 2013", stage="pre", traced=("max_norm",))
 def clip_norm(max_norm: float = 1.0) -> optax.GradientTransformation:
-    _positive(max_norm=max_norm)
+    check_positive(max_norm=max_norm)
 
     def update(updates, state, params=None):
         return clip_to_norm(updates, max_norm)
@@ -320,7 +310,7 @@ def clip_norm(max_norm: float = 1.0) -> optax.GradientTransformation:
 @METHODS.register("clip_value", help="clip every gradient element to [-limit, limit]",
                   ref="Mikolov 2012 (PhD thesis)", stage="pre", traced=("limit",))
 def clip_value(limit: float = 1.0) -> optax.GradientTransformation:
-    _positive(limit=limit)
+    check_positive(limit=limit)
     return optax.clip(limit)
 
 
@@ -328,7 +318,7 @@ def clip_value(limit: float = 1.0) -> optax.GradientTransformation:
                   ref="Shazeer & Stern 2018 (Adafactor update clipping)", stage="pre",
                   traced=("threshold",))
 def clip_block_rms(threshold: float = 1.0):
-    _positive(threshold=threshold)
+    check_positive(threshold=threshold)
     return lambda ctx: _per_layer(optax.clip_by_block_rms(threshold), ctx.stacked)
 
 
@@ -336,7 +326,7 @@ def clip_block_rms(threshold: float = 1.0):
                   "max(||W||, eps); the final layer is not clipped",
                   ref="Brock et al. 2021 (NFNets)", stage="pre", traced=("clip",))
 def agc(clip: float = 0.01, eps: float = 1e-3):
-    _positive(clip=clip, eps=eps)
+    check_positive(clip=clip, eps=eps)
 
     def make(ctx: Context):
         final = ctx.layer_order[-1] if ctx.layer_order else None
@@ -369,7 +359,7 @@ def masked_percentile(values: jax.Array, n: jax.Array, q: float) -> jax.Array:
 def autoclip(percentile: float = 10.0, history: int = 1000) -> optax.GradientTransformation:
     if not 0.0 < percentile <= 100.0:
         raise ValueError("percentile must lie in (0, 100]")
-    _positive(history=history)
+    check_positive(history=history)
 
     def init(params):
         return AutoClipState(jnp.zeros([history], jnp.float32), jnp.zeros([], jnp.int32))
@@ -400,7 +390,7 @@ class ZClipState(NamedTuple):
                   ref="Kumar et al. 2025 (ZClip)", stage="pre")
 def zclip(z: float = 2.5, alpha: float = 0.97, warmup: int = 25,
           eps: float = 1e-6) -> optax.GradientTransformation:
-    _positive(z=z, warmup=warmup, eps=eps)
+    check_positive(z=z, warmup=warmup, eps=eps)
     if not 0.0 < alpha < 1.0:
         raise ValueError("alpha must lie in (0, 1)")
 
@@ -434,7 +424,7 @@ def _trust_ratio(trust: float):
     """Each layer's input rescaled to norm trust * ||W||: LARS before the optimizer, LAMB after.
     As optax's lars and lamb: every parameter, biases and norm scales included, and a parameter
     (or input) of norm 0 passes unscaled, so a zero-initialized bias takes one raw step first."""
-    _positive(trust=trust)
+    check_positive(trust=trust)
     return lambda ctx: _per_layer(optax.scale_by_trust_ratio(trust_coefficient=trust), ctx.stacked)
 
 
@@ -453,7 +443,8 @@ LOOKUP_TABLES = ("embedding", "positions")
 
 def _centralize(updates, state, params=None):
     def one(u):
-        # Flax kernels are (..., fan_in, fan_out): each output unit's weights span all but the last axis
+        # Flax kernels are (..., fan_in, fan_out): each output unit's weights span all but the
+        # last axis
         return u - u.mean(tuple(range(u.ndim - 1)), keepdims=True) if u.ndim > 1 else u
 
     return jax.tree.map(one, updates), state
@@ -461,7 +452,7 @@ def _centralize(updates, state, params=None):
 
 def _not_lookup_table(params):
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: _key_name(path[-1]) not in LOOKUP_TABLES, params)
+        lambda path, _: key_names(path)[-1] not in LOOKUP_TABLES, params)
 
 
 @METHODS.register("centralize", help="gradient centralization: subtract from each output unit's "
@@ -477,7 +468,7 @@ def centralize():
                   "gradient (t = update count, a random key per run)",
                   ref="Neelakantan et al. 2015", stage="pre", traced=("eta",))
 def grad_noise(eta: float = 0.01, gamma: float = 0.55):
-    _positive(eta=eta)
+    check_positive(eta=eta)
     if gamma < 0:
         raise ValueError("gamma must be >= 0")
     return lambda ctx: optax.add_noise(eta, gamma, ctx.key)
@@ -496,7 +487,7 @@ def lamb(trust: float = 1.0):
                   "direction, scaled by the learning rate (adam + weight_decay = adamw)",
                   ref="Loshchilov & Hutter 2019", stage="direction", traced=("wd",))
 def weight_decay(wd: float = 1e-4) -> optax.GradientTransformation:
-    _positive(wd=wd)
+    check_positive(wd=wd)
     return optax.add_decayed_weights(wd)
 
 
@@ -509,7 +500,7 @@ SCHEDULES = ("cosine", "step", "constant")
                   "optimizer updates (shape linear or cosine)",
                   ref="Goyal et al. 2017", stage="post")
 def warmup(steps: int = 100, shape: str = "linear") -> optax.GradientTransformation:
-    _positive(steps=steps)
+    check_positive(steps=steps)
     if shape == "linear":
         multiplier = optax.linear_schedule(0.0, 1.0, steps)
     elif shape == "cosine":
@@ -564,7 +555,7 @@ def schedule(kind: str = "cosine"):
                   ref="Micikevicius et al. 2018 (skipped overflow steps); optax.apply_if_finite",
                   stage="wrap")
 def skip_nonfinite(max_skips: int = 10) -> Wrap:
-    _positive(max_skips=max_skips)
+    check_positive(max_skips=max_skips)
     return Wrap(lambda tx: optax.apply_if_finite(tx, max_skips), lambda s: s.inner_state)
 
 
@@ -572,7 +563,7 @@ def skip_nonfinite(max_skips: int = 10) -> Wrap:
                   "norm is >= max_sq_norm (NaN included)",
                   ref="optax.skip_large_updates (via optax.MultiSteps)", stage="wrap")
 def skip_large_updates(max_sq_norm: float = 1e4) -> Wrap:
-    _positive(max_sq_norm=max_sq_norm)
+    check_positive(max_sq_norm=max_sq_norm)
     skip = functools.partial(optax.skip_large_updates, max_squared_norm=max_sq_norm)
     return Wrap(lambda tx: optax.MultiSteps(tx, 1, should_skip_update_fn=skip)
                 .gradient_transformation(), lambda s: s.inner_opt_state)
@@ -582,7 +573,7 @@ def skip_large_updates(max_sq_norm: float = 1e4) -> Wrap:
                   "gradient of k successive batches (effective batch k x the task's)",
                   ref="Ott et al. 2018 (delayed updates); optax.MultiSteps", stage="wrap")
 def accumulate(k: int = 4) -> Wrap:
-    _positive(k=k)
+    check_positive(k=k)
 
     def holds(old, new):
         return (new.mini_step != old.mini_step) & (new.mini_step != 0)
@@ -631,7 +622,7 @@ def _scale_layer(tree, layer: str, on: jax.Array, factor: float):
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
     out, hit, parts = [], False, set()
     for path, g in flat:
-        names = tuple(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in path)
+        names = key_names(path)
         parts.add(str(names[0]))
         if target is None or (names[:len(target[0])] == target[0] and target[1] is None):
             g, hit = jnp.where(on, g * factor, g), True
@@ -655,8 +646,9 @@ def _spike_args(step: int, factor: float, steps: int) -> None:
 
 
 @METHODS.register("inject_spike", stage="fault", ref="a planted fault (tests of diagnose)",
-                  help="fault injection to test detectors, not a stabilizer: multiplies the computed "
-                       "gradient of `layer` ('' = all) by `factor` for `steps` steps from `step`")
+                  help="fault injection to test detectors, not a stabilizer: multiplies the "
+                       "computed gradient of `layer` ('' = all) by `factor` for `steps` steps from "
+                       "`step`")
 def inject_spike(step: int = 100, factor: float = 100.0, layer: str = "", steps: int = 1):
     _spike_args(step, factor, steps)
     if layer:
@@ -669,9 +661,9 @@ def inject_spike(step: int = 100, factor: float = 100.0, layer: str = "", steps:
 
 
 @METHODS.register("inject_lr_spike", stage="pre", ref="a planted fault (tests of diagnose)",
-                  help="fault injection to test detectors, not a stabilizer: multiplies the gradient "
-                       "the optimizer gets for `layer` ('' = all) by `factor` for `steps` steps from "
-                       "`step` (a learning-rate spike, for SGD)")
+                  help="fault injection to test detectors, not a stabilizer: multiplies the "
+                       "gradient the optimizer gets for `layer` ('' = all) by `factor` for `steps` "
+                       "steps from `step` (a learning-rate spike, for SGD)")
 def inject_lr_spike(step: int = 100, factor: float = 100.0, layer: str = "",
                     steps: int = 1) -> optax.GradientTransformation:
     _spike_args(step, factor, steps)

@@ -65,7 +65,8 @@ def divergence_step(loss: np.ndarray, frozen_at: int) -> int | None:
 
 
 def loss_spikes(loss: np.ndarray) -> int:
-    """Steps whose loss exceeds 1.5x the mean of the previous 50; spikes within 50 steps count once."""
+    """Steps whose loss exceeds 1.5x the mean of the previous 50; spikes within 50 steps count
+    once."""
     count, last = 0, -SPIKE_WINDOW - 1
     finite = np.where(np.isfinite(loss), loss, np.nan)
     c = np.concatenate([[0.0], np.nancumsum(finite)])
@@ -133,21 +134,19 @@ def mean_ci(x, level: float = 0.95,
     m = float(x.mean())
     if x.size == 1 or not np.isfinite(x).all():
         return m, math.nan, math.nan
-    half = float(stats.t.ppf(0.5 + level / 2, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size))
+    # symmetric: the upper bound of the standard t interval sets both sides (the lower bound, in
+    # floating point, is not exactly its negative)
+    _, t_upper = stats.t.interval(level, x.size - 1)
+    half = float(t_upper * x.std(ddof=1) / math.sqrt(x.size))
     return m, max(bounds[0], m - half), min(bounds[1], m + half)
 
 
 def wilson(k: int, n: int, level: float = 0.95) -> tuple[float, float, float]:
-    """Proportion k/n with its Wilson score interval."""
+    """Proportion k/n with its Wilson score interval (0 and 1 exactly at k = 0 and k = n)."""
     if n == 0:
         return math.nan, 0.0, 1.0
-    z = float(stats.norm.ppf(0.5 + level / 2))
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    # at k = 0 (k = n) the bound is 0 (1) exactly; computed, it rounds to about 1e-17 off
-    return (p, 0.0 if k == 0 else max(0.0, centre - half),
-            1.0 if k == n else min(1.0, centre + half))
+    ci = stats.binomtest(k, n).proportion_ci(confidence_level=level, method="wilson")
+    return k / n, float(ci.low), float(ci.high)
 
 
 # ---- across runs: learning-rate grids, tasks, comparisons (the leaderboard's statistics) ---------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import jax
 import optax
 
 from .registry import Registry
@@ -30,9 +31,13 @@ def _unit_interval(name: str, value: float, closed: bool = False) -> None:
         raise ValueError(f"{name} must lie in [0, 1{']' if closed else ')'}")
 
 
-def _positive(name: str, value: float) -> None:
-    if not value > 0:
-        raise ValueError(f"{name} must be positive")
+def check_positive(**values) -> None:
+    """Each argument named must be positive (the methods' factories check theirs with it too)."""
+    for name, value in values.items():
+        if isinstance(value, jax.core.Tracer):  # a method's traced argument has no value yet
+            continue
+        if not value > 0:
+            raise ValueError(f"{name} must be positive")
 
 
 @OPTIMIZERS.register("sgd", help="stochastic gradient descent with optional (Nesterov) momentum",
@@ -49,7 +54,7 @@ def sgd(momentum: float = 0.0, nesterov: bool = False) -> Optimizer:
 def adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Optimizer:
     _unit_interval("b1", b1)
     _unit_interval("b2", b2)
-    _positive("eps", eps)
+    check_positive(eps=eps)
     return Optimizer(optax.scale_by_adam(b1, b2, eps))
 
 
@@ -59,7 +64,7 @@ def adamw(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
           weight_decay: float = 1e-4) -> Optimizer:
     _unit_interval("b1", b1)
     _unit_interval("b2", b2)
-    _positive("eps", eps)
+    check_positive(eps=eps)
     if weight_decay < 0:
         raise ValueError("weight_decay must be >= 0")
     return Optimizer(optax.chain(optax.scale_by_adam(b1, b2, eps),
@@ -70,7 +75,7 @@ def adamw(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
                      ref="Tieleman & Hinton 2012 (Lecture 6.5)")
 def rmsprop(decay: float = 0.9, eps: float = 1e-8, centered: bool = False) -> Optimizer:
     _unit_interval("decay", decay)
-    _positive("eps", eps)
+    check_positive(eps=eps)
     scale = optax.scale_by_stddev if centered else optax.scale_by_rms
     return Optimizer(scale(decay=decay, eps=eps))
 
@@ -80,7 +85,7 @@ def rmsprop(decay: float = 0.9, eps: float = 1e-8, centered: bool = False) -> Op
 def adagrad(initial_accumulator: float = 0.1, eps: float = 1e-7) -> Optimizer:
     if initial_accumulator < 0:
         raise ValueError("initial_accumulator must be >= 0")
-    _positive("eps", eps)
+    check_positive(eps=eps)
     return Optimizer(optax.scale_by_rss(initial_accumulator, eps))
 
 

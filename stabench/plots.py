@@ -1,17 +1,15 @@
-"""Figures (seaborn styling on matplotlib `Figure`s; no pyplot state), saved as PNG and PDF at a
-size that prints in one column of a paper.
+"""Figures (seaborn styling on matplotlib `Figure`s; no pyplot state) drawn from tables, at a size
+that prints in one column of a paper. Nothing here writes a file: report.py saves them.
 
 Bands are the same 95% Student-t intervals over seeds that the tables report.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import textwrap
 import warnings
 from contextlib import contextmanager
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -30,15 +28,6 @@ PROFILE_ENTRIES = 12  # more lines than this are unreadable in print
 def style():
     with sns.axes_style("whitegrid"), sns.plotting_context("paper", font_scale=1.0):
         yield
-
-
-def save(fig: Figure, stem: Path) -> Path:
-    """Write stem.png and stem.pdf; returns the stem."""
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(stem.with_suffix(".png"), dpi=150, bbox_inches="tight")
-    # no creation date: the same figure gives the same bytes, so regenerated results diff cleanly
-    fig.savefig(stem.with_suffix(".pdf"), bbox_inches="tight", metadata={"CreationDate": None})
-    return stem
 
 
 def _palette(labels) -> dict:
@@ -73,8 +62,8 @@ def _entry_label(df: pd.DataFrame) -> pd.Series:
 
 
 def lr_curves(runs: pd.DataFrame, title: str) -> Figure:
-    """Final training loss (capped at the loss at initialization, as LR sensitivity counts it) and the
-    target metric against learning rate: one line per method, one column per init."""
+    """Final training loss (capped at the loss at initialization, as LR sensitivity counts it) and
+    the target metric against learning rate: one line per method, one column per init."""
     metric = runs["target_metric"].iloc[0]
     runs = runs.assign(capped_loss=np.minimum(runs["final_train_loss"], runs["init_loss"]),
                        entry=_entry_label(runs))
@@ -214,104 +203,7 @@ def grad_norm_traces(traces: dict[str, np.ndarray], title: str) -> Figure:
     return fig
 
 
-# ---- which figures a report draws ------------------------------------------------------------------
-def trace_lr(runs: pd.DataFrame) -> float:
-    """The learning rate whose traces separate methods best: the smallest at which the baseline
-    (method none) diverged, else the largest of the grid."""
-    base = runs[runs["method"] == "none"]
-    bad = base.groupby("lr")["diverged"].max()
-    bad = bad[bad > 0]
-    return float(bad.index.min()) if len(bad) else float(runs["lr"].max())
-
-
-def _traces(runs: pd.DataFrame, records_by_hash: dict, lr: float) -> dict[str, np.ndarray]:
-    init = "default" if "default" in set(runs["init"]) else sorted(runs["init"].unique())[0]
-    sub = runs[(runs["init"] == init) & (runs["lr"] == lr)]
-    traces = {}
-    for (h, method, optimizer), _ in sub.groupby(["spec_hash", "method", "optimizer"], sort=True):
-        tel = records_by_hash[h].telemetry()
-        rows = np.flatnonzero(np.isclose(tel["lrs"], lr))
-        label = method if sub["optimizer"].nunique() == 1 else f"{method} / {optimizer}"
-        traces[label] = tel["grad_norm"][rows]
-    return traces
-
-
-def _depth_points(report, by_hash: dict) -> pd.DataFrame | None:
-    """Best-LR results of task variants whose model has `depth` and `residual` arguments."""
-    from .config import task_of
-    from .models import MODELS
-    from .registry import UserError
-
-    rows = []
-    for variant, board in report.boards.items():
-        spec = by_hash[report.used.loc[report.used["variant"] == variant, "spec_hash"].iloc[0]].spec
-        try:
-            args = dict(MODELS.resolve(task_of(spec).component("model")).kwargs)
-        except UserError:  # a model this version no longer has: no depth to read
-            continue
-        if "depth" not in args or "residual" not in args:
-            continue
-        family = json.dumps([spec.task_config.get("dataset"), {
-            k: v for k, v in spec.task_config["model"].items() if k not in ("depth", "residual")}],
-            sort_keys=True, default=str)
-        for _, r in board.iterrows():
-            rows.append({"depth": args["depth"], "family": family,
-                         "family_label": f"{spec.task_config['dataset']['name']} "
-                                         f"{spec.task_config['model']['name']}",
-                         "architecture": "residual" if args["residual"] else "plain",
-                         "method": r["method"], "init": r["init"], "metric": r["quality_metric"],
-                         "quality_mean": r["quality_mean"], "quality_lo": r["quality_lo"],
-                         "quality_hi": r["quality_hi"]})
-    points = pd.DataFrame(rows)
-    if points.empty:
-        return None
-    # twins only: a model family (dataset and model but depth and residual) with both
-    # architectures, and methods run on both
-    keep = points.groupby(["family", "method"])["architecture"].transform("nunique") == 2
-    points = points[keep]
-    if points.empty or points["depth"].nunique() < 2:
-        return None
-    return points
-
-
-def report_figures(report, records: list, directory: Path) -> dict[str, list[tuple[str, Path]]]:
-    """Draw the report's figures into `directory`; returns section -> [(title, path stem)]."""
-    from .leaderboard import _label, profile_weights
-
-    figures: dict[str, list[tuple[str, Path]]] = {"overall": []}
-    by_hash = {r.spec.hash: r for r in records}
-    for variant in report.boards:
-        runs = report.used[report.used["variant"] == variant]
-        name = _label(variant)
-        out = figures.setdefault(variant, [])
-        out.append(("loss and result vs learning rate",
-                    save(lr_curves(runs, variant), directory / f"{name}-lr")))
-        out.append(("divergence rate", save(divergence_heatmap(runs, variant),
-                                            directory / f"{name}-divergence")))
-        lr = trace_lr(runs)
-        traces = _traces(runs, by_hash, lr)
-        if traces:
-            out.append((f"grad norm at lr {lr:g}", save(grad_norm_traces(
-                traces, f"{variant}, lr {lr:g}"), directory / f"{name}-gradnorm")))
-    overall = report.overall
-    if len(report.unsolved) < len(report.boards):
-        labels = [" / ".join(str(r[c]) for c in ("method", "init", "optimizer")
-                             if overall[c].nunique() > 1) or r["method"]
-                  for _, r in overall.iterrows()]
-        variants = sorted(report.boards)
-        task_of = dict(zip(report.used["variant"], report.used["task"]))
-        figures["overall"].append(("performance profiles", save(performance_profiles(
-            labels, report.ratios, profile_weights(variants, task_of, report.ratios),
-            overall["profile_score"].to_numpy()), directory / "profiles")))
-    points = _depth_points(report, by_hash)
-    if points is not None:
-        for metric, g in points.groupby("metric"):
-            figures["overall"].append((f"depth vs {metric}", save(
-                depth_accuracy(g, metric), directory / f"depth-{_label(metric)}")))
-    return figures
-
-
-# ---- diagnose: one run's per-layer gradient norms over training ------------------------------------
+# ---- diagnose: one run's per-layer gradient norms over training ---------------------------------
 HEATMAP_LABELS = 16  # layer names on the heatmap's axis; more are thinned out
 
 
@@ -323,7 +215,7 @@ def diagnosis_figure(diag, loss: np.ndarray, layer_grad_norm: np.ndarray) -> Fig
     first spike if nothing exploded). Layers with vanishing gradients have blue names."""
     from matplotlib.colors import LogNorm
 
-    from .diagnose import AROUND
+    from .diagnosis import AROUND
     from .metrics import moving_average
 
     names = list(diag.signal.layers)
@@ -381,7 +273,8 @@ def diagnosis_figure(diag, loss: np.ndarray, layer_grad_norm: np.ndarray) -> Fig
             if e.onset != e.step:
                 events.append((e.onset, "tab:red", ":", f"first layer jump, step {e.onset}"))
             if e.recovered_at is not None:
-                events.append((e.recovered_at, "tab:green", ":", f"recovered, step {e.recovered_at}"))
+                events.append((e.recovered_at, "tab:green", ":",
+                               f"recovered, step {e.recovered_at}"))
         first = e or diag.explosion
         if first is not None:
             # where it started: arrows in the left margin, so the heatmap cells stay visible
@@ -404,9 +297,3 @@ def diagnosis_figure(diag, loss: np.ndarray, layer_grad_norm: np.ndarray) -> Fig
                                         f"lr {run['lr']:g}, seed {run['seed']}", 110),
                           fontsize="small")
     return fig
-
-
-def save_png(fig: Figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=150, bbox_inches="tight")
-    return path

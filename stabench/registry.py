@@ -1,8 +1,8 @@
 """One registry class for every concept: tasks' datasets, models, methods, inits, optimizers.
 
 Entries are factories registered under a name. A spec string names an entry with optional literal
-keyword arguments, `clip_norm(max_norm=0.5)`; `Registry.get` parses it, checks every argument against
-the factory's signature and calls the factory.
+keyword arguments, `clip_norm(max_norm=0.5)`; `Registry.get` parses it, checks every argument
+against the factory's signature and calls the factory.
 """
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ import ast
 import difflib
 import inspect
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 
 class UserError(ValueError):
@@ -108,7 +109,8 @@ def parse_expression(text: str, kind: str) -> ast.expr:
     return node
 
 
-def _literal(node: ast.AST, where: str) -> Any:
+def literal_value(node: ast.AST, where: str) -> Any:
+    """The value of an argument's expression node: a Python literal, or a bare word as a string."""
     if isinstance(node, ast.Name):  # a bare word is a string: shape=cosine
         if node.id in ("True", "False", "None"):
             return {"True": True, "False": False, "None": None}[node.id]
@@ -137,7 +139,7 @@ def parse_call(spec: str, kind: str = "entry") -> tuple[str, dict[str, Any]]:
             raise UserError(f"{kind} '{spec}': '**' is not allowed")
         if kw.arg in kwargs:
             raise UserError(f"{kind} '{spec}': argument '{kw.arg}' is given twice")
-        kwargs[kw.arg] = _literal(kw.value, f"{kind} '{spec}'")
+        kwargs[kw.arg] = literal_value(kw.value, f"{kind} '{spec}'")
     return node.func.id, kwargs
 
 
@@ -212,7 +214,8 @@ class Registry:
         if name not in self._entries:
             raise UserError(
                 f"unknown {self.kind} '{name}'.{closest(name, self._entries)}"
-                f" Valid {self.kind}s: {', '.join(self.names())}"
+                f" Valid {self.kind}s: {', '.join(self.names())} (and those of plugins, once "
+                f"loaded: --plugin MODULE, STABENCH_PLUGINS or an installed entry point)"
             )
         return self._entries[name]
 

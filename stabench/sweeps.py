@@ -19,22 +19,17 @@ import hashlib
 import itertools
 import math
 import shlex
-import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
 from .config import RunSpec, make_spec
-from .registry import (Call, Registry, UserError, _literal, parse_call, parse_expression,
+from .registry import (Call, Registry, UserError, literal_value, parse_call, parse_expression,
                        split_plus)
-from .tasks import get_task, task_dir
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from .tasks import TRAIN_BOUNDS, check_lrs, get_task, positive_int, read_toml, task_dir
 
 RANGES = ("loguniform", "uniform")
 LIST_OPTIONS = ("method", "init", "optimizer")  # sweep flags taking several values
@@ -72,8 +67,9 @@ def _range(node: ast.Call, where: str) -> Range:
     kind = node.func.id
     bounds = []
     for arg in node.args:
-        value = _literal(arg, where)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        value = literal_value(arg, where)
+        if (isinstance(value, bool) or not isinstance(value, (int, float))
+                or not math.isfinite(value)):
             raise UserError(f"{where}: {kind} bounds must be numbers, got '{ast.unparse(arg)}'")
         bounds.append(value)
     if len(bounds) != 2 or node.keywords:
@@ -136,7 +132,7 @@ def parse_term(text: str, kind: str) -> Term:
             if not value.elts:
                 raise UserError(f"{where}: the list for '{kw.arg}' is empty")
             distinct = []  # by equality, as values may be unhashable lists
-            for item in (_literal(e, where) for e in value.elts):
+            for item in (literal_value(e, where) for e in value.elts):
                 if item not in distinct:
                     distinct.append(item)
             kwargs.append((kw.arg, Choices(tuple(distinct))))
@@ -144,7 +140,7 @@ def parse_term(text: str, kind: str) -> Term:
                 and value.func.id in RANGES:
             kwargs.append((kw.arg, _range(value, where)))
         else:
-            kwargs.append((kw.arg, _literal(value, where)))
+            kwargs.append((kw.arg, literal_value(value, where)))
     return Term(node.func.id, tuple(kwargs))
 
 
@@ -156,7 +152,7 @@ class Template:
     terms: tuple[Term, ...]
 
     @classmethod
-    def parse(cls, text: str, kind: str) -> "Template":
+    def parse(cls, text: str, kind: str) -> Template:
         parts = split_plus(text) if kind == "method" else [text]
         return cls(text, tuple(parse_term(p, kind) for p in parts))
 
@@ -420,15 +416,12 @@ def _check(table: dict, keys: dict, where: str) -> None:
             raise UserError(f"{where}: unknown field '{key}'; valid: {', '.join(keys)}")
         if isinstance(value, bool) or not isinstance(value, keys[key]):
             raise UserError(f"{where}: field '{key}' must be {keys[key].__name__}, got {value!r}")
-        if keys[key] is list and key != "tasks" and not all(
-                isinstance(x, (int, float) if key == "lrs" else str) and not isinstance(x, bool)
-                for x in value):
-            raise UserError(f"{where}: field '{key}' must list "
-                            f"{'numbers' if key == 'lrs' else 'strings'}")
-        if key == "seeds" and value <= 0:
-            raise UserError(f"{where}: field 'seeds' must be positive")
-        if key == "lrs" and not (value and all(math.isfinite(x) and x > 0 for x in value)):
-            raise UserError(f"{where}: field 'lrs' must list positive numbers")
+        if key == "lrs":
+            check_lrs(value, f"{where}: field 'lrs'")
+        elif keys[key] is list and key != "tasks" and not all(isinstance(x, str) for x in value):
+            raise UserError(f"{where}: field '{key}' must list strings")
+        if key == "seeds":
+            positive_int(f"{where}: field 'seeds'", value, TRAIN_BOUNDS["seeds"])
 
 
 def load_suite(name: str) -> tuple[str, dict]:
@@ -440,12 +433,7 @@ def load_suite(name: str) -> tuple[str, dict]:
     """
     path = suite_path(name)
     where = f"suite {path.name}"
-    try:
-        doc = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as err:
-        raise UserError(f"{where}: not valid TOML: {err}") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise UserError(f"{where}: cannot read it ({err.__class__.__name__})") from None
+    doc = read_toml(path, where)
     _check(doc, SUITE_KEYS, where)
     if not doc.get("tasks"):
         raise UserError(f"{where}: field 'tasks' must list at least one task")

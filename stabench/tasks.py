@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 import os
 import sys
 from dataclasses import dataclass
@@ -47,6 +48,20 @@ def positive_int(name: str, value: Any, most: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= most:
         raise UserError(f"{name} must be positive and at most {most:,}, got {value!r}")
     return value
+
+
+def check_lrs(values, where: str = "") -> tuple[float, ...]:
+    """A learning-rate grid, sorted (one grid in any order is one cell): one or more distinct,
+    positive, finite numbers. `where` (a flag, a file's field) starts the error message."""
+    values = list(values)
+    prefix = f"{where}: " if where else ""
+    if not values or not all(isinstance(x, numbers.Real) and not isinstance(x, bool)
+                             and math.isfinite(x) and x > 0 for x in values):
+        raise UserError(f"{prefix}learning rates must be positive finite numbers, got {values}")
+    lrs = [float(x) for x in values]
+    if len(set(lrs)) < len(lrs):  # a repeated one would train the same runs and count them twice
+        raise UserError(f"{prefix}learning rates must be distinct, got {lrs}")
+    return tuple(sorted(lrs))
 
 
 @dataclass(frozen=True)
@@ -110,12 +125,7 @@ def validate(doc: dict, source: str) -> dict:
             if extra:
                 raise UserError(f"{source}: unknown field(s) {sorted(extra)} in [{section}]")
     train = doc["train"]
-    lrs = train["lrs"]
-    if not lrs or not all(
-        isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
-        for x in lrs
-    ):
-        raise UserError(f"{source}: field 'train.lrs' must be a non-empty list of positive numbers")
+    check_lrs(train["lrs"], f"{source}: field 'train.lrs'")
     for field in ("seeds", "steps", "batch_size", "eval_every"):
         positive_int(f"{source}: field 'train.{field}'", train[field],
                      TRAIN_BOUNDS.get(field, INT_LIMIT))
@@ -159,14 +169,24 @@ def _load_all(user_dirs: list[Path]) -> dict[str, TaskSpec]:
             if name in tasks:
                 raise UserError(f"{source}: task '{name}' is already defined by "
                                 f"{tasks[name].source}; rename one of them")
-            try:
-                doc = tomllib.loads(path.read_text())
-            except tomllib.TOMLDecodeError as err:
-                raise UserError(f"{source}: not valid TOML: {err}") from None
-            except (OSError, UnicodeDecodeError) as err:
-                raise UserError(f"{source}: cannot read it ({err.__class__.__name__})") from None
-            tasks[name] = TaskSpec(name, validate(doc, source), source)
+            tasks[name] = _read_task(path, source)
     return tasks
+
+
+def read_toml(path: Path, where: str) -> dict:
+    """A TOML file's document (task files, suites); `where` names the file in errors."""
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as err:
+        raise UserError(f"{where}: not valid TOML: {err}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"{where}: cannot read it ({err.__class__.__name__})") from None
+
+
+def _read_task(path: Path, source: str) -> TaskSpec:
+    """The task a file defines, named by the file's stem; `source` names the file in errors."""
+    doc = read_toml(path, source)
+    return TaskSpec(path.name[: -len(".toml")], validate(doc, source), source)
 
 
 _CACHE: dict[tuple[Path, ...], dict[str, TaskSpec]] = {}
@@ -185,14 +205,32 @@ def aliases() -> dict[str, str]:
 
 
 def get_task(name: str) -> TaskSpec:
+    """A task by name or alias, or the task file at a path ending in .toml (a spec holds the
+    file's content, so its records reproduce without the file)."""
     tasks = all_tasks()
+    if name.endswith(".toml"):
+        return _task_file(Path(name), tasks)
     name = aliases().get(name, name)
     if name not in tasks:
         choices = sorted(tasks) + sorted(aliases())
         raise UserError(
-            f"unknown task '{name}'.{closest(name, choices)} Valid tasks: {', '.join(sorted(tasks))}"
+            f"unknown task '{name}'.{closest(name, choices)} Valid tasks: "
+            f"{', '.join(sorted(tasks))}; or give a task file's path (--task FILE.toml), or name "
+            f"directories of task files in {TASKS_DIR_ENV}"
         )
     return tasks[name]
+
+
+def _task_file(path: Path, tasks: dict[str, TaskSpec]) -> TaskSpec:
+    if not path.is_file():
+        raise UserError(f"no task file {path}")
+    task = _read_task(path, str(path))
+    known = tasks.get(task.name)
+    # one name, two definitions: their records would share a directory and a leaderboard row
+    if known is not None and known.config != task.config:
+        raise UserError(f"{path}: task '{task.name}' is already defined by {known.source}; "
+                        f"rename the file")
+    return task
 
 
 def parse_value(text: str, where: str = "--set") -> Any:
@@ -219,6 +257,19 @@ def _factory_arguments(doc: dict, section: str) -> set[str]:
     registry = {"dataset": DATASETS, "model": MODELS}[section]
     name = doc.get(section, {}).get("name")
     return set(registry.entry(name).parameters()) if name in registry else set()
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """A task document with dotted keys, one level deep: {"model": {"depth": 4}} gives
+    {"model.depth": 4}."""
+    out = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
 
 
 def with_overrides(task: TaskSpec, overrides: dict[str, Any]) -> TaskSpec:

@@ -28,14 +28,16 @@ def make_tree(key, scale=1.0):
               "head": {"kernel": (16, 4), "bias": (4,)}}
     leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
     keys = jax.random.split(key, len(leaves))
-    return jax.tree.unflatten(treedef, [scale * jax.random.normal(k, s) for k, s in zip(keys, leaves)])
+    return jax.tree.unflatten(treedef,
+                              [scale * jax.random.normal(k, s) for k, s in zip(keys, leaves)])
 
 
 PARAMS = make_tree(jax.random.key(1))
 
 
 def per_layer(tree):
-    """(part, array) for each parameter of each layer: stacked leaves split along their first axis."""
+    """(part, array) for each parameter of each layer: stacked leaves split along their first
+    axis."""
     out = []
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         part = path[0].key
@@ -70,7 +72,8 @@ def test_any_changed_is_true_iff_some_element_differs_nan_in_both_counting_as_eq
     one = {**same, "b": jnp.array([0.0, np.nextafter(np.float32(3.0), np.float32(4.0))])}
     assert methods.any_changed(base, one)  # a single element, by one ulp
     assert methods.any_changed(base, {**same, "w": same["w"].at[0, 1].set(5.0)})  # NaN -> number
-    assert methods.any_changed(base, {**same, "w": same["w"].at[0, 0].set(jnp.nan)})  # number -> NaN
+    # number -> NaN
+    assert methods.any_changed(base, {**same, "w": same["w"].at[0, 0].set(jnp.nan)})
     assert methods.any_changed(base, {**same, "w": same["w"].at[1, 0].set(-jnp.inf)})
 
 
@@ -210,7 +213,8 @@ def test_agc_bounds_every_units_ratio_except_the_final_layer():
 @covers("method", "autoclip")
 def test_autoclip_threshold_is_the_percentile_of_its_recorded_history():
     tx = pre("autoclip(percentile=25, history=5)")
-    unit = jax.tree.map(lambda x: x / norm(make_tree(jax.random.key(2))), make_tree(jax.random.key(2)))
+    unit = jax.tree.map(lambda x: x / norm(make_tree(jax.random.key(2))),
+                        make_tree(jax.random.key(2)))
     state = tx.init(PARAMS)
     seen = []
     for scale in [1.0, 3.0, 2.0, 8.0, 5.0, 0.5, 7.0, 4.0]:  # wraps around the 5-entry history
@@ -259,7 +263,8 @@ def test_lars_rescales_each_layers_gradient_to_trust_times_weight_norm():
     g = make_tree(jax.random.key(2))
     out, _ = pre("lars(trust=0.01)").update(g, None, PARAMS)
     for (_, y), (_, w) in zip(per_layer(out), per_layer(PARAMS)):
-        assert float(jnp.linalg.norm(y)) == pytest.approx(0.01 * float(jnp.linalg.norm(w)), rel=1e-5)
+        assert float(jnp.linalg.norm(y)) == pytest.approx(0.01 * float(jnp.linalg.norm(w)),
+                                                          rel=1e-5)
     for (_, x), (_, y) in zip(per_layer(g), per_layer(out)):  # direction kept
         cos = jnp.vdot(x, y) / (jnp.linalg.norm(x) * jnp.linalg.norm(y))
         assert float(cos) == pytest.approx(1.0, abs=1e-5)
@@ -281,6 +286,13 @@ def test_centralize_gives_each_output_unit_a_zero_mean_gradient():
                         "positions": jnp.zeros((4, 3)).at[0].set(2.0)}}
     out, _ = tx.update(tables, tx.init(tables), tables)
     jax.tree.map(np.testing.assert_array_equal, out, tables)
+    # the engine's trees are nnx states, whose key paths end in each Variable's `.value`
+    from flax import nnx
+
+    state = nnx.State({"embed": {"tokens": {"embedding": nnx.Param(tables["embed"]["tokens"][
+        "embedding"])}, "positions": nnx.Param(tables["embed"]["positions"])}})
+    out, _ = tx.update(state, tx.init(state), state)
+    jax.tree.map(np.testing.assert_array_equal, out, state)
 
 
 @covers("method", "grad_noise")

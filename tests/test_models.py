@@ -131,7 +131,8 @@ def test_resnet_depth_must_be_6n_plus_2(depth, bad):
     (f"{RESNET})", IMAGE, ["stem", "stage1[0]", "stage1[1]", "down2", "stage2[0]", "down3",
                                  "stage3[0]", "head"]),
     ("cnn(channels=[4, 8])", IMAGE, ["convs/0", "convs/1", "dense", "head"]),
-    ("rnn(hidden=4)", Meta((7, 2), "float32", 1, 8, 8, "regression"), ["input", "recurrent", "head"]),
+    ("rnn(hidden=4)", Meta((7, 2), "float32", 1, 8, 8, "regression"),
+     ["input", "recurrent", "head"]),
     (f"{TRANSFORMER})", TOKENS, ["embed", "blocks[0]", "blocks[1]", "final_norm", "head"]),
     ("mlp(depth=2, norm='layer')", Meta((5,), "float32", 2, 8, 8),
      ["input", "blocks[0]", "blocks[1]", "final_norm", "head"]),
@@ -209,7 +210,8 @@ def test_qk_norm_adds_one_layernorm_per_query_and_key():
     plain, normed = (nnx.eval_shape(lambda q=q: build(f"{TRANSFORMER}, qk_norm={q})", TOKENS))
                      for q in (False, True))
     head_dim = 4
-    assert n_params(normed) - n_params(plain) == 2 * 2 * (2 * head_dim)  # blocks x (q, k) x (scale, bias)
+    # blocks x (q, k) x (scale, bias)
+    assert n_params(normed) - n_params(plain) == 2 * 2 * (2 * head_dim)
 
 
 # ---- the canonical-layout convolution -----------------------------------------------------------

@@ -23,10 +23,12 @@ def make_registry():
 def test_get_parses_literals_and_fills_defaults():
     reg = make_registry()
     assert reg.get("scale") == (1.0, "x", False, ())
-    assert reg.get("scale(factor=2, name=y, flag=True, sizes=[1, 2.5])") == (2.0, "y", True, [1, 2.5])
+    assert (reg.get("scale(factor=2, name=y, flag=True, sizes=[1, 2.5])")
+            == (2.0, "y", True, [1, 2.5]))
     assert reg.get("scale(name='quoted')")[1] == "quoted"
     assert isinstance(reg.get("scale(factor=3)")[0], float)  # int literal widened to float
-    assert str(reg.resolve("scale(factor=2)")) == "scale(factor=2.0, name='x', flag=False, sizes=())"
+    assert (str(reg.resolve("scale(factor=2)"))
+            == "scale(factor=2.0, name='x', flag=False, sizes=())")
 
 
 def test_duplicate_name_is_an_error():
@@ -44,7 +46,8 @@ def test_unknown_name_lists_choices_and_closest():
 
 
 def test_wrong_argument_lists_accepted_ones():
-    with pytest.raises(UserError, match=r"unknown argument 'factr'.*Accepted: factor, name, flag, sizes"):
+    with pytest.raises(UserError,
+                       match=r"unknown argument 'factr'.*Accepted: factor, name, flag, sizes"):
         make_registry().get("scale(factr=2)")
 
 

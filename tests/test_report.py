@@ -15,10 +15,12 @@ from stabench import leaderboard as lb
 from stabench import metrics
 from stabench.config import make_spec
 from stabench.hardware import cpu_model
+from stabench.reports import write_report
 from stabench.store import Store, content_sha256, provenance
 
-RUN_DEFAULTS = {"initial_loss": 2.0, "diverged": 0.0, "divergence_step": 29.0, "final_train_loss": 1.0,
-                "test_loss": 1.0, "max_grad_norm": 1.0, "p99_grad_norm": 1.0, "clipped_share": 0.0,
+RUN_DEFAULTS = {"initial_loss": 2.0, "diverged": 0.0, "divergence_step": 29.0,
+                "final_train_loss": 1.0, "test_loss": 1.0, "max_grad_norm": 1.0,
+                "p99_grad_norm": 1.0, "clipped_share": 0.0,
                 "nonfinite_steps": 0.0, "loss_spikes": 0.0, "test_accuracy": 0.5,
                 "steps_to_target": math.inf}
 LRS = (0.1, 1.0, 10.0)
@@ -80,7 +82,7 @@ def task_dir(tmp_path_factory):
 def board(task_dir):
     records, bad = Store(task_dir).records()
     assert not bad
-    report = lb.build_report(records)
+    report = lb.build_leaderboards(records)
     (variant, b), = report.boards.items()
     assert variant == "digits"
     return b.set_index(pd.Index(short(b["method"])))
@@ -175,7 +177,8 @@ def test_task_board_columns_match_hand_computation(board):
 def test_significance_marks(board):
     a, b, c = board.loc["none"], board.loc["clip_norm"], board.loc["clip_value"]
     # accuracy: best is none (0.96); clip_norm 0.95 with the same spread: Welch p = 0.29 -> tie
-    assert metrics.welch_p(b["quality_seeds"], a["quality_seeds"]) == pytest.approx(0.2879, abs=1e-3)
+    assert (metrics.welch_p(b["quality_seeds"], a["quality_seeds"])
+            == pytest.approx(0.2879, abs=1e-3))
     assert b["quality_tie"] is True and c["quality_tie"] is False
     assert math.isnan(a["quality_tie"])  # the best itself is bold, not marked
     # divergence: best 0/9 (clip_norm, clip_value: both bold); none 3/9, Fisher p = 0.206 -> tie
@@ -193,7 +196,7 @@ def test_no_bold_where_every_entry_never_reached_the_target():
 
 def test_rendered_table_bolds_the_best_and_marks_ties(board, task_dir):
     records, _ = Store(task_dir).records()
-    report = lb.build_report(records)
+    report = lb.build_leaderboards(records)
     table = lb.render_task("digits", report.boards["digits"], report.used)
     rows = table.frame.set_index(pd.Index(short(table.frame["method"])))
     bold = table.bold.set_index(pd.Index(short(table.frame["method"])))
@@ -216,7 +219,7 @@ def test_stability_measures_every_entry_from_one_starting_loss(tmp_path):
     fake_record(store, init="default", init_loss=2.0)
     fake_record(store, init="he_normal", init_loss=4.0)
     records, _ = store.records()
-    (board,) = lb.build_report(records).boards.values()
+    (board,) = lb.build_leaderboards(records).boards.values()
     assert board["stability"].tolist() == [1.0, 1.0] and board["rank"].tolist() == [1, 1]
 
 
@@ -226,11 +229,14 @@ def test_improvement_counts_a_nan_or_infinite_final_loss_as_none():
 
 def test_overall_board_weights_each_task_once():
     def board(rows):
-        return pd.DataFrame([dict(zip(["method", "init", "optimizer", "steps_to_target", "stability",
-                                       "rank", "diverged_runs", "runs"], r)) for r in rows])
+        return pd.DataFrame([dict(zip(["method", "init", "optimizer", "steps_to_target",
+                                       "stability", "rank", "diverged_runs", "runs"], r))
+                             for r in rows])
     boards = {  # two variants of task "a" share one weight; task "b" has the other
-        "a[depth=1]": board([("x", "d", "o", 100, 0.8, 1, 0, 10), ("y", "d", "o", 200, 0.4, 2, 5, 10)]),
-        "a[depth=2]": board([("x", "d", "o", 100, 0.6, 2, 0, 10), ("y", "d", "o", 100, 0.8, 1, 0, 10)]),
+        "a[depth=1]": board([("x", "d", "o", 100, 0.8, 1, 0, 10),
+                             ("y", "d", "o", 200, 0.4, 2, 5, 10)]),
+        "a[depth=2]": board([("x", "d", "o", 100, 0.6, 2, 0, 10),
+                             ("y", "d", "o", 100, 0.8, 1, 0, 10)]),
         "b": board([("x", "d", "o", INF, 0.2, 2, 1, 10), ("y", "d", "o", 50, 1.0, 1, 0, 10)]),
     }
     overall, ratios, unsolved = lb.overall_board(
@@ -263,9 +269,11 @@ def test_a_task_keeps_its_weight_when_one_of_its_variants_has_no_value():
     """Variant a[2] was brought to the target by no entry and improved by none: task a's weight
     goes to a[1] alone, so a and b still count once each."""
     def board(rows):
-        return pd.DataFrame([dict(zip(["method", "init", "optimizer", "steps_to_target", "stability",
-                                       "rank", "diverged_runs", "runs"], r)) for r in rows])
-    boards = {"a[1]": board([("x", "d", "o", 100, 0.8, 1, 0, 10), ("y", "d", "o", INF, 0.4, 2, 0, 10)]),
+        return pd.DataFrame([dict(zip(["method", "init", "optimizer", "steps_to_target",
+                                       "stability", "rank", "diverged_runs", "runs"], r))
+                             for r in rows])
+    boards = {"a[1]": board([("x", "d", "o", 100, 0.8, 1, 0, 10),
+                             ("y", "d", "o", INF, 0.4, 2, 0, 10)]),
               "a[2]": board([("x", "d", "o", INF, math.nan, math.nan, 10, 10),
                              ("y", "d", "o", INF, math.nan, math.nan, 10, 10)]),
               "b": board([("x", "d", "o", INF, 0.2, 2, 0, 10), ("y", "d", "o", 50, 1.0, 1, 0, 10)])}
@@ -278,7 +286,7 @@ def test_a_task_keeps_its_weight_when_one_of_its_variants_has_no_value():
     assert o.at["y", "mean_rank"] == pytest.approx((2 + 1) / 2)
 
 
-# ---- LaTeX ------------------------------------------------------------------------------------------
+# ---- LaTeX ---------------------------------------------------------------------------------------
 def test_latex_escapes_special_characters_and_balances_braces(board):
     frame = board.reset_index()
     frame["method"] = ["clip_norm 50% & more", "a_b", "{c}"]
@@ -303,7 +311,7 @@ def test_latex_escapes_special_characters_and_balances_braces(board):
     assert tex.count(r"\begin{") == tex.count(r"\end{")
 
 
-# ---- the report command ---------------------------------------------------------------------------
+# ---- the report command --------------------------------------------------------------------------
 def cli(capsys, *args):
     from stabench.cli import main
 
@@ -399,7 +407,7 @@ def test_report_on_partial_and_mixed_version_records(tmp_path, task_dir, capsys)
     assert (root / "leaderboards.tex").read_text().count(r"\begin{table}") == 2
 
 
-# ---- plots ------------------------------------------------------------------------------------------
+# ---- plots ---------------------------------------------------------------------------------------
 def test_report_draws_every_figure_as_png_and_pdf(tmp_path):
     store = Store(tmp_path / "depth")
     for depth in (1, 2):
@@ -407,12 +415,13 @@ def test_report_draws_every_figure_as_png_and_pdf(tmp_path):
             for method in ("none", "clip_norm"):
                 fake_record(store, method, metrics_fn=table_metrics(method), seeds=3,
                             overrides={"model.depth": depth, "model.residual": residual})
-    markdown = lb.write_report(tmp_path / "depth", tmp_path / "out", warn=pytest.fail)
+    markdown = write_report(tmp_path / "depth", tmp_path / "out", warn=pytest.fail)
     plots = tmp_path / "out" / "plots"
     stems = sorted(p.stem for p in plots.glob("*.png"))
     variants = [f"digits-depth-{d}-residual-{r}" for d in (1, 2) for r in ("false", "true")]
     assert stems == sorted(["profiles", "depth-test-accuracy"]
-                           + [f"{v}-{kind}" for v in variants for kind in ("lr", "divergence", "gradnorm")])
+                           + [f"{v}-{kind}" for v in variants
+                              for kind in ("lr", "divergence", "gradnorm")])
     for stem in stems:
         assert (plots / f"{stem}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert (plots / f"{stem}.pdf").read_bytes()[:5] == b"%PDF-"
@@ -422,13 +431,13 @@ def test_report_draws_every_figure_as_png_and_pdf(tmp_path):
 def test_saved_figures_do_not_depend_on_when_they_were_drawn(tmp_path, monkeypatch):
     from matplotlib.figure import Figure
 
-    from stabench.plots import save
+    from stabench.reports import save_figure
 
     def draw(stem, epoch):  # matplotlib dates a PDF by SOURCE_DATE_EPOCH when it is set
         monkeypatch.setenv("SOURCE_DATE_EPOCH", epoch)
         fig = Figure()
         fig.subplots().plot([0, 1], [1, 0])
-        return save(fig, tmp_path / stem)
+        return save_figure(fig, tmp_path / stem)
 
     first, second = draw("first", "0"), draw("second", "1000000000")
     for suffix in (".png", ".pdf"):
@@ -456,7 +465,7 @@ def test_lr_curves_draw_seed_means_per_method(task_dir):
     from stabench.plots import lr_curves
 
     records, _ = Store(task_dir).records()
-    used = lb.build_report(records).used
+    used = lb.build_leaderboards(records).used
     fig = lr_curves(used, "digits")
     loss_ax, acc_ax = fig.axes[0], fig.axes[1]
     by_label = {line.get_label(): line for line in acc_ax.lines}
@@ -485,16 +494,16 @@ def test_entries_on_different_grids_are_named_in_a_note(tmp_path):
     different seeds or learning rates are not compared on the same runs, and the report says so."""
     store = Store(tmp_path)
     same = [fake_record(store, m, seeds=2, lrs=(0.1, 1.0)) for m in ("none", "clip_norm")]
-    assert lb.grid_notes(lb.build_report(same).used) == []
+    assert lb.grid_notes(lb.build_leaderboards(same).used) == []
     wider = fake_record(store, "clip_value", seeds=3, lrs=(0.1, 1.0, 10.0))
-    notes = lb.grid_notes(lb.build_report([*same, wider]).used)
+    notes = lb.grid_notes(lb.build_leaderboards([*same, wider]).used)
     none, clip_norm, clip_value = (f"{r.spec.method} / default / {r.spec.optimizer}"
                                    for r in (*same, wider))
     assert notes == [
         "digits: its entries ran different grids of seeds and learning rates, so its columns "
         f"compare different runs: 4 runs (2 seeds, learning rates 0.1, 1) for {clip_norm}; {none}"
         f" | 9 runs (3 seeds, learning rates 0.1, 1, 10) for {clip_value}."]
-    assert notes[0] in lb.build_report([*same, wider]).notes
+    assert notes[0] in lb.build_leaderboards([*same, wider]).notes
 
 
 def test_report_of_a_task_where_every_run_diverged(tmp_path):

@@ -12,7 +12,8 @@ def test_digits_task_loads_with_alias():
 
 
 def test_unknown_task_lists_valid_ones():
-    with pytest.raises(UserError, match=r"unknown task 'digts'.*Did you mean 'digits'.*Valid tasks: .*digits"):
+    with pytest.raises(UserError,
+                       match=r"unknown task 'digts'.*Did you mean 'digits'.*Valid tasks: .*digits"):
         tasks.get_task("digts")
 
 

@@ -71,7 +71,8 @@ def test_prepared_images_load_exactly_as_written(prepared_dir):
     root, written = prepared_dir
     written = written["cifar10"]
     source = DATASETS.get("cifar10")
-    assert source.where(str(root)).startswith(str(root)) and source.availability(str(root)) == "prepared"
+    assert source.where(str(root)).startswith(str(root))
+    assert source.availability(str(root)) == "prepared"
     data = source.load(str(root))
     assert data.x_train.dtype == np.uint8 and data.x_train.shape == (12, 32, 32, 3)
     for split, x, y in (("train", data.x_train, data.y_train), ("test", data.x_test, data.y_test)):
@@ -188,8 +189,8 @@ def test_sweep_without_data_exits_2_before_training_any_cell(tmp_path):
 
 def test_run_with_fake_data_works_offline(tmp_path):
     out = tmp_path / "out"
-    proc = run_cli("run", "--task", "cifar", "--method", "clip_norm", "--fake-data", "--steps", "50",
-                   "--seeds", "1", "--lrs", "0.01,0.05", "--batch-size", "8",
+    proc = run_cli("run", "--task", "cifar", "--method", "clip_norm", "--fake-data",
+                   "--steps", "50", "--seeds", "1", "--lrs", "0.01,0.05", "--batch-size", "8",
                    "--set", "model.depth=8", "--set", "model.width=4", "--out", out)
     assert proc.returncode == 0, proc.stderr
     assert "record written to" in proc.stdout

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import DATASETS, Dataset, Meta, Source
+from .dataset import DATASETS, Dataset, Meta, Source
 
 DIGITS_N, DIGITS_FEATURES = 1797, 64
 

@@ -1,4 +1,5 @@
-"""Generated tasks: classic long-range and depth problems whose data is drawn from a seeded generator.
+"""Generated tasks: classic long-range and depth problems whose data is drawn from a seeded
+generator.
 
 Each factory takes the problem's size parameters (sequence length T, sample counts, seed) as
 arguments, so `--set dataset.T=200` makes the problem harder without any file on disk.
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import DATASETS, Dataset, Meta, Source
+from .dataset import DATASETS, Dataset, Meta, Source
 
 
 def _generated(name: str, meta: Meta, make) -> Source:
@@ -63,7 +64,8 @@ X_SYMBOL, Y_SYMBOL = 4, 5
 
 @DATASETS.register(
     "temporal_order",
-    help="temporal order: classify the order of two symbols (X/Y) hidden among distractors, 4 classes",
+    help="temporal order: classify the order of two symbols (X/Y) hidden among distractors, "
+         "4 classes",
     ref="Hochreiter & Schmidhuber 1997; Pascanu et al. 2013")
 def temporal_order(T: int = 100, n_train: int = 10000, n_test: int = 1000, seed: int = 0) -> Source:
     """One-hot inputs [T, 6]: random distractors, except one X-or-Y symbol at a random position in
@@ -175,7 +177,8 @@ def listops_longest(max_depth: int, max_args: int) -> int:
 def listops(max_depth: int = 5, max_args: int = 10, min_length: int = 16, max_length: int = 256,
             n_train: int = 10000, n_test: int = 1000, seed: int = 0) -> Source:
     """Expressions such as `[MAX 2 9 [MIN 4 7 ] 0 ]` drawn as in Long Range Arena (operator with
-    p = 0.25 below max_depth, 2..max_args arguments), distinct, padded with 0 to max_length tokens."""
+    p = 0.25 below max_depth, 2..max_args arguments), distinct, padded with 0 to max_length
+    tokens."""
     if max_depth < 2 or max_args < 2:
         raise ValueError("max_depth and max_args must be at least 2")
     if not 3 <= min_length <= max_length:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import DATASETS, DataMissing, Dataset, Meta, Source
+from .dataset import DATASETS, DataMissing, Dataset, Meta, Source
 from ..registry import UserError
 
 FILE_FORMAT = "array_record"
@@ -113,7 +113,8 @@ def describe(name: str, data_dir: str | None = None) -> str:
     directory, _ = resolve_data_dir(data_dir)
     return "\n".join([
         f"{name}: not prepared here; {found}.",
-        f"To prepare it once ({INFO[name].download} download, then read offline without TensorFlow):",
+        f"To prepare it once ({INFO[name].download} download, then read offline without "
+        f"TensorFlow):",
         f"  {install}",
         f"  {prep}",
         f"or with the TFDS command line: tfds build {name} --file_format={FILE_FORMAT} "

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from flax import nnx
 
-from . import MODELS, NORMS, dense, make_norm, observe
+from . import dense
+from .layers import MODELS, NORMS, make_norm, observe
 from .mlp import ACTIVATIONS, kernel_init_kwargs
 from .resnet import IMAGE_AXES, conv3x3
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from . import MODELS, NORMS, branch_gain_param, dense, gained, make_norm, observe, scan_layers
+from . import dense
+from .layers import MODELS, NORMS, branch_gain_param, gained, make_norm, observe, scan_layers
 
 ACTIVATIONS = {"relu": jax.nn.relu, "tanh": jax.nn.tanh, "sigmoid": jax.nn.sigmoid,
                "gelu": jax.nn.gelu, "linear": lambda x: x}

@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from . import MODELS, NORMS, branch_gain_param, dense, gained, make_norm, observe, scan_layers
+from . import dense
+from .layers import MODELS, NORMS, branch_gain_param, gained, make_norm, observe, scan_layers
 from .conv import conv_general_dilated
 from .mlp import kernel_init_kwargs
 
@@ -128,7 +129,8 @@ def resnet(depth: int = 20, width: int = 16, norm: str = "batch", residual: bool
 
     def build(meta, kernel_init, rngs):
         if len(meta.x_shape) != 3:
-            raise ValueError(f"resnet needs image inputs [height, width, channels], got {meta.x_shape}")
+            raise ValueError(f"resnet needs image inputs [height, width, channels], got "
+                             f"{meta.x_shape}")
         return ResNet(meta.x_shape[-1], meta.num_outputs, depth=depth, width=width, norm=norm,
                       residual=residual, branch_scale=branch_scale, branch_gain=branch_gain,
                       kernel_init=kernel_init, rngs=rngs)

@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from . import MODELS, dense, observe
+from . import dense
+from .layers import MODELS, observe
 from .mlp import kernel_init_kwargs
 
 

@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from . import MODELS, branch_gain_param, dense, gained, observe, scan_layers
+from . import dense
+from .layers import MODELS, branch_gain_param, gained, observe, scan_layers
 from .mlp import kernel_init_kwargs
 
 MASKED = -1e9  # attention logit of a padding key: softmax weight exactly 0 in float32
