@@ -25,11 +25,9 @@ if str(ROOT) not in sys.path:  # `python scripts/repro_x.py` from a checkout imp
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from stabench.config import RunSpec, make_spec  # noqa: E402
-from stabench.leaderboard import runs_frame  # noqa: E402
-from stabench.process import prepare  # noqa: E402
-from stabench.runner import load_data, run_cell  # noqa: E402
-from stabench.store import Record, Store  # noqa: E402
+from stabench.config import RunSpec  # noqa: E402
+import stabench  # noqa: E402
+from stabench.store import Record  # noqa: E402
 
 DEFAULT_OUT = ROOT / "results" / "repro"
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy", "scipy", "pandas", "matplotlib", "seaborn")
@@ -58,8 +56,8 @@ def spec(task: str, method: str = "none", init: str = "default", optimizer: str 
          seeds: int = 5, lrs=(0.1,), **overrides) -> RunSpec:
     """A validated cell; overrides use the task file's dotted keys with '__' for '.'
     (model__depth=20 sets model.depth)."""
-    return make_spec(task, method, init, optimizer, seeds=seeds, lrs=tuple(lrs),
-                     overrides={k.replace("__", "."): v for k, v in overrides.items()})
+    return stabench.spec(task, method, init, optimizer, seeds=seeds, lrs=tuple(lrs),
+                         overrides={k.replace("__", "."): v for k, v in overrides.items()})
 
 
 def start(doc: str, argv, config, specs):
@@ -76,21 +74,15 @@ def start(doc: str, argv, config, specs):
 
 def run_cells(specs: list[RunSpec], store_dir: Path, log=print) -> tuple[list[Record], int]:
     """Each cell's record, trained now or loaded from the store; also how many were trained."""
-    prepare()
-    store = Store(store_dir)
-    records, trained, data = [], 0, {}
+    records, trained = [], 0
     for i, s in enumerate(specs, 1):
-        record = store.load(s)
-        if record is None:
-            key = repr(sorted(s.task_config["dataset"].items()))
-            if key not in data:
-                data[key] = load_data(s)
-            t0 = time.perf_counter()
-            record = run_cell(s, store, data=data[key])
+        t0 = time.perf_counter()
+        result = stabench.run(s, out=store_dir)
+        if result.trained:
             trained += 1
             log(f"[{i}/{len(specs)}] {s.task} {s.method} {s.init} "
                 f"{model_args(s)}: {time.perf_counter() - t0:.1f} s")
-        records.append(record)
+        records.append(result.record)
     return records, trained
 
 
@@ -99,8 +91,9 @@ def model_args(s: RunSpec) -> str:
 
 
 def frame(records: list[Record]) -> pd.DataFrame:
-    """One row per run (the leaderboard's run table: spec fields as config.*, metrics, init_loss)."""
-    return runs_frame(records)
+    """One row per run (the leaderboard's run table: spec fields as config.*, metrics,
+    init_loss)."""
+    return stabench.runs(records)
 
 
 def cell_seconds(records: list[Record]) -> float:
@@ -190,8 +183,9 @@ def verdict(checks: list[Check]) -> bool:
     return all(c.held for c in checks)
 
 
-def write_report(out: Path, name: str, *, command: str, title: str, paper: str, claim: str, setup: list[str],
-                 table: pd.DataFrame, checks: list[Check], wall_s: float, trained: int,
+def write_report(out: Path, name: str, *, command: str, title: str, paper: str, claim: str,
+                 setup: list[str], table: pd.DataFrame, checks: list[Check], wall_s: float,
+                 trained: int,
                  records: list[Record], figure: Path, notes: list[str] = (),
                  extra: str = "") -> Path:
     """results/repro/NAME.md: setup, the table, the claim and each computed check, provenance."""

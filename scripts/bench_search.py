@@ -42,7 +42,7 @@ def one(strategy: str, seed: int, trials: int, batch: int, out: str) -> dict:
     from stabench.executor import SerialExecutor
     from stabench.search import run_search
     from stabench.store import Store
-    from stabench.sweep import Random, Range, SweepSpec, TaskEntry, Template, parse_search
+    from stabench.sweeps import Random, Range, SweepSpec, TaskEntry, Template, parse_search
     from stabench.config import make_spec
     from stabench.runner import load_data
     from stabench.train import backend_compiles

@@ -31,7 +31,8 @@ STEPS = {"digits MLP, 32 runs": 500, "ResNet-20 fake CIFAR-10, 4 runs": 20}
 CHILD = """
 import json, sys, time
 import numpy as np
-one_thread, name, steps, repeats = sys.argv[1] == "1", sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+one_thread, name = sys.argv[1] == "1", sys.argv[2]
+steps, repeats = int(sys.argv[3]), int(sys.argv[4])
 sys.path.insert(0, sys.argv[5])
 from stabench.process import enable_compilation_cache, start_backend
 if one_thread:

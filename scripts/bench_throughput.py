@@ -39,7 +39,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 from jax.extend.core import ClosedJaxpr, Jaxpr, jaxpr_as_fun
 
 from stabench.config import build_cell, data_source, make_spec, task_of
@@ -182,8 +181,8 @@ def sweep_flops(engine: Engine, seeds, lrs) -> tuple[float, float]:
     their loops unrolled; the steps' and evaluations' own loops are multiplied out by the caller."""
     seeds_d, lrs_d = jax.device_put((np.asarray(seeds, np.int32), np.asarray(lrs, np.float32)))
     idx = jax.ShapeDtypeStruct((len(lrs), engine.cell.batch_size), jnp.int32)
-    carry = jax.eval_shape(jax.vmap(engine.program.init_run, in_axes=(0, 0, 0, None)), seeds_d, lrs_d,
-                           idx, engine.arrays)
+    carry = jax.eval_shape(jax.vmap(engine.program.init_run, in_axes=(0, 0, 0, None)), seeds_d,
+                           lrs_d, idx, engine.arrays)
     step = jax.vmap(engine.program.step, in_axes=(0, None, 0, 0, None), axis_name=RUNS)
     evaluate = jax.vmap(engine.program.evaluate, in_axes=(0, None))
     return (counted_flops(step, carry, jax.ShapeDtypeStruct((), jnp.int32), idx, lrs_d,
@@ -234,8 +233,9 @@ class BareProgram(RunProgram):
 
 def bare_run(engine: Engine, seeds: np.ndarray,
              lrs: np.ndarray) -> tuple[float, float, np.ndarray]:
-    """(compile s, steady s, losses [runs, steps]) of an engine whose program is a BareProgram, trained and evaluated chunk by chunk as Engine.run does (the same run groups,
-    data order and host loop)."""
+    """(compile s, steady s, losses [runs, steps]) of an engine whose program is a BareProgram,
+    trained and evaluated chunk by chunk as Engine.run does (the same run groups, data order and
+    host loop)."""
     seeds_d, lrs_d = jax.device_put((seeds.astype(np.int32), lrs.astype(np.float32)))
     init, chunk, compile_s = engine.compile(seeds_d, lrs_d)
     idx = engine.batch_indices(seeds, 0)
@@ -425,8 +425,8 @@ def table(sweep: dict, peak: float) -> list[str]:
     samples = runs * sweep["steps"] * sweep["batch"]
     naive_s = rows["naive JAX loop"]["steady_s"]
     lines = [f"## {sweep['title']}: {runs} runs x {sweep['steps']} steps", "",
-             "| implementation | compile s | steady s | wall s | runs/s | samples/s | GFLOP/s | MFU "
-             "| vs naive |", "|---|---|---|---|---|---|---|---|---|"]
+             "| implementation | compile s | steady s | wall s | runs/s | samples/s | GFLOP/s "
+             "| MFU | vs naive |", "|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         gflops = flops / r["steady_s"] / 1e9
         wall = f"{r['wall_s']:.2f}" if "wall_s" in r else ""
@@ -492,9 +492,9 @@ def measure(args, scratch: Path) -> tuple[str, dict]:
     lines += ["## Compile time of a residual MLP by depth (seconds)", "",
               "| depth | compile s |", "|---|---|"]
     lines += [f"| {d} | {s:.2f} |" for d, s in depths.items()]
-    lines += ["", "Steady: best of {} (every run trained to the end, `block_until_ready`); the "
-              "executor's compile is its slowest worker's with an empty persistent cache, its "
-              "steady the slowest worker's.".format(repeats),
+    lines += ["", f"Steady: best of {repeats} (every run trained to the end, `block_until_ready`); "
+              "the executor's compile is its slowest worker's with an empty persistent cache, its "
+              "steady the slowest worker's.",
               f"Matmul peak (float32 1024x1024, jit, all cores, best of {PEAK_REPEATS}; the best "
               f"of {len(peaks)} such measurements before, between and after the sweeps): "
               f"{peak:.1f} GFLOP/s ({', '.join(f'{p:.1f}' for p in peaks)}). "

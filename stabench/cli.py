@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import shlex
 import sys
 from pathlib import Path
 
 from . import signals
+from .api import DEFAULT_OUT
 from .registry import INT_LIMIT, UserError
 
-DEFAULT_OUT = "runs"
 MAX_WORKERS = 1024  # more processes than any host has cores
 
 
@@ -56,8 +55,9 @@ def _spec_from_args(args):
     from .config import make_spec, parse_lrs
 
     overrides = _overrides(args)
-    return make_spec(args.task, args.method, args.init, args.optimizer, args.seeds,
-                     parse_lrs(args.lrs) if args.lrs is not None else None, overrides, args.fake_data)
+    lrs = parse_lrs(args.lrs) if args.lrs is not None else None
+    return make_spec(args.task, args.method, args.init, args.optimizer, args.seeds, lrs, overrides,
+                     args.fake_data)
 
 
 def print_record(record, reused: bool) -> None:
@@ -81,113 +81,85 @@ def print_record(record, reused: bool) -> None:
 
 
 def cmd_run(args) -> int:
-    from .store import Store, tidy_dirs
-
-    spec = _spec_from_args(args)
-    store = Store(args.out)
-    if not args.force:
-        record = store.load(spec)
-        if record is not None:
-            print_record(record, reused=True)
-            return 0
-
-    from .runner import load_data
-
-    data = load_data(spec, args.data_dir)  # absent data fails here, before anything is written
-    with tidy_dirs(store.path_for(spec).parent):
-        return _train_and_print(args, spec, store, data)
-
-
-def _train_and_print(args, spec, store, data) -> int:
     from tqdm import tqdm
 
-    from .runner import run_cell
+    from .api import run
 
-    store.check_writable(spec)
+    spec = _spec_from_args(args)
     steps = spec.train["steps"]
-    if store.is_claimed(spec):
+    bars = []  # made at the first chunk: a reused record shows none
+
+    def progress(step: int) -> None:
+        if not bars:
+            bars.append(tqdm(total=steps, desc=f"{spec.task} {spec.method}", unit="step",
+                             file=sys.stderr, leave=False))
+        bars[0].update(step - bars[0].n)
+
+    def waiting() -> None:
         print(f"another process is training this cell into {args.out}; waiting for it",
               file=sys.stderr)
-    with store.claim(spec, wait=True):  # never two writers of one record
-        if not args.force:
-            record = store.load(spec)  # stored by that other process meanwhile
-            if record is not None:
-                print_record(record, reused=True)
-                return 0
-        with tqdm(total=steps, desc=f"{spec.task} {spec.method}", unit="step", file=sys.stderr,
-                  leave=False) as bar:
-            try:
-                record = run_cell(spec, store, args.data_dir,
-                                  lambda done: bar.update(done - bar.n), data=data)
-            except KeyboardInterrupt:
-                bar.close()
-                print(f"interrupted at step {bar.n} of {steps}: nothing of this cell was saved "
-                      f"(records are written whole or not at all); run the same command again "
-                      f"to train it", file=sys.stderr)
-                return 130
-    print_record(record, reused=False)
+
+    try:
+        result = run(spec, out=args.out, force=args.force, data_dir=args.data_dir,
+                     on_chunk=progress, on_wait=waiting)
+    except KeyboardInterrupt:
+        done = bars[0].n if bars else 0
+        for bar in bars:  # before the message, which would otherwise follow the bar's line
+            bar.close()
+        print(f"interrupted at step {done} of {steps}: nothing of this cell was saved (records "
+              f"are written whole or not at all); run the same command again to train it",
+              file=sys.stderr)
+        return 130
+    for bar in bars:
+        bar.close()
+    print_record(result.record, reused=not result.trained)
     return 0
 
 
 def cmd_rerun(args) -> int:
-    from .runner import rerun
-    from .store import BadRecord, read_record
+    from .api import rerun
 
-    try:
-        record = read_record(Path(args.record))
-    except BadRecord as err:
-        raise UserError(str(err)) from None
-    outcome = rerun(record, args.data_dir)
-    lines = outcome.summary(len(record.runs))
-    print(f"{record.path}: {lines[0]}", *lines[1:], sep="\n")
+    outcome = rerun(args.record, args.data_dir)
+    lines = outcome.summary()
+    print(f"{args.record}: {lines[0]}", *lines[1:], sep="\n")
     return 0 if outcome.ok else 1
 
 
 def _sweep_from_args(args):
-    """The sweep and its results directory: a suite, or lists given on the command line."""
+    """The sweep's plan: a suite, or lists given on the command line."""
+    from .api import sweep_plan
     from .config import parse_lrs
-    from .sweep import SweepSpec, TaskEntry, load_suite, suite_spec
+    from .sweeps import parse_shard
 
-    overrides = _overrides(args)
-    lrs = parse_lrs(args.lrs) if args.lrs is not None else None
     if args.suite:
         given = [f"--{f}" for f in ("task", "method", "init", "optimizer") if getattr(args, f)]
         if given:
             raise UserError(f"--suite names the tasks, methods, inits and optimizers; drop "
                             f"{', '.join(given)} or drop --suite")
-        name, doc = load_suite(args.suite)
-        spec = suite_spec(doc, args.fake_data, overrides, args.seeds, lrs)
-        if args.search:
-            spec = dataclasses.replace(spec, search=args.search)
-        return spec, args.out or f"results/{name}"
-    if not args.task:
+    elif not args.task:
         raise UserError("give --suite NAME or at least one --task")
-    spec = SweepSpec(tasks=tuple(TaskEntry(t) for t in args.task),
-                     methods=tuple(args.method or ["none"]), inits=tuple(args.init or ["default"]),
-                     optimizers=tuple(args.optimizer or [None]), seeds=args.seeds, lrs=lrs,
-                     search=args.search or "grid", fake_data=args.fake_data,
-                     overrides=tuple(overrides.items()))
-    return spec, args.out or DEFAULT_OUT
+    return sweep_plan(args.suite, tasks=args.task or (), methods=args.method or ("none",),
+                      inits=args.init or ("default",), optimizers=args.optimizer or (None,),
+                      seeds=args.seeds, lrs=parse_lrs(args.lrs) if args.lrs is not None else None,
+                      overrides=_overrides(args), fake_data=args.fake_data, search=args.search,
+                      out=args.out,
+                      shard=parse_shard(args.shard) if args.shard is not None else None)
 
 
 def cmd_sweep(args) -> int:
-    from .executor import (Progress, SweepInterrupted, cell_label, make_sweep_executor,
-                           run_sweep)
+    from .api import run_plan
+    from .executor import Progress, SweepInterrupted, cell_label
     from .store import Store
-    from .sweep import Optuna, parse_search, parse_shard, shard
+    from .sweeps import Optuna, parse_search
     from .tasks import positive_int
 
     if args.workers is not None:
         positive_int("--workers", args.workers, MAX_WORKERS)
-    part = parse_shard(args.shard) if args.shard is not None else None
-    spec, out = _sweep_from_args(args)
-    search = parse_search(spec.search)
+    plan = _sweep_from_args(args)
+    search = parse_search(plan.spec.search)
     if isinstance(search, Optuna):
-        return _optuna_sweep(args, spec, search, out)
-    executor = make_sweep_executor(args.executor, args.workers, args.address, args.data_dir)
-    cells = spec.cells()
-    if part:
-        cells = shard(cells, *part)
+        return _optuna_sweep(args, plan.spec, search, plan.out)
+    cells, out = plan.cells, plan.out
     if args.dry_run:
         store = Store(out)
         for cell in cells:
@@ -198,11 +170,9 @@ def cmd_sweep(args) -> int:
                   f" | {cell.train['steps']} steps{why}")
         print(f"{len(cells)} cells; results in {out}")
         return 0
-    if args.executor == "local":  # Ray's workers read data directories of their own
-        _check_data(cells, out, args.data_dir)
     try:
-        summary = run_sweep(cells, out, executor, Progress(),
-                            warn=lambda message: print(message, file=sys.stderr))
+        summary = run_plan(plan, args.workers, args.executor, args.address, args.data_dir,
+                           Progress(), warn=lambda message: print(message, file=sys.stderr))
     except SweepInterrupted as stop:
         stored = sum(Store(out).load(cell) is not None for cell in cells)
         print(f"interrupted: {stored} of {len(cells)} cells are stored in {out} "
@@ -212,18 +182,6 @@ def cmd_sweep(args) -> int:
         return 130
     print("\n".join(summary.lines(out)))
     return 1 if summary.failed else 0
-
-
-def _check_data(cells, out: str, data_dir: str | None) -> None:
-    """Fail before any training when a cell still to train needs data that is not here."""
-    from .config import data_source, task_of
-    from .store import Store
-
-    store = Store(out)
-    for cell in cells:
-        source = data_source(task_of(cell))
-        if not cell.fake_data and not source.available(data_dir) and store.load(cell) is None:
-            source.load(data_dir)  # raises DataMissing, which says how to get the data
 
 
 def _optuna_sweep(args, spec, search, out: str) -> int:
@@ -252,7 +210,7 @@ def _optuna_sweep(args, spec, search, out: str) -> int:
 
 
 def cmd_report(args) -> int:
-    from .leaderboard import write_report
+    from .reports import write_report
 
     markdown = write_report(args.directory, args.out, plots=not args.no_plots,
                             warn=lambda m: print(m, file=sys.stderr))
@@ -279,21 +237,18 @@ def cmd_merge(args) -> int:
 
 def _diagnose_spec(args):
     """The one-run cell `diagnose --task ...` trains: the task's middle learning rate by default."""
-    from dataclasses import replace
+    from .api import diagnosis_spec
+    from .config import parse_lrs
 
-    from .config import make_spec, parse_lrs
-
-    if not 0 <= args.seed <= INT_LIMIT:  # the engine's seeds are int32
-        raise UserError(f"--seed must be >= 0 and at most {INT_LIMIT:,}, got {args.seed}")
-    overrides = _overrides(args)
-    if args.at_init:  # one step records the step-0 gradients; nothing after it is looked at
-        overrides.update({"train.steps": 1, "train.eval_every": 1})
     lrs = parse_lrs(args.lr, "--lr") if args.lr is not None else None
     if lrs is not None and len(lrs) != 1:
         raise UserError(f"--lr takes one learning rate, got '{args.lr}'")
-    spec = make_spec(args.task, args.method or "none", args.init or "default", args.optimizer, 1,
-                     lrs, overrides, args.fake_data)
-    return replace(spec, seeds=(args.seed,), lrs=(spec.lrs[len(spec.lrs) // 2],))
+    if not 0 <= args.seed <= INT_LIMIT:  # the engine's seeds are int32
+        raise UserError(f"--seed must be >= 0 and at most {INT_LIMIT:,}, got {args.seed}")
+    return diagnosis_spec(args.task, args.method or "none", args.init or "default",
+                          args.optimizer, seed=args.seed, lr=lrs[0] if lrs else None,
+                          at_init=args.at_init, overrides=_overrides(args),
+                          fake_data=args.fake_data)
 
 
 def cmd_diagnose(args) -> int:
@@ -307,8 +262,9 @@ def cmd_diagnose(args) -> int:
 
 def _diagnose(args) -> int:
     from .data import DataMissing
-    from .plots import diagnosis_figure, save_png
-    from .runner import diagnose_run, load_data, train_spec
+    from .plots import diagnosis_figure
+    from .reports import save_png
+    from .runner import TRAINED, diagnose_run, load_data, train_and_store, train_spec
     from .store import BadRecord, Store, check_writable, read_record, tidy_dirs
 
     training = [f"--{k.replace('_', '-')}" for k in ("task", "method", "init", "optimizer", "lr",
@@ -364,10 +320,16 @@ def _diagnose(args) -> int:
                 store.check_writable(spec)
                 with tqdm(total=spec.train["steps"], desc=f"{spec.task} {spec.method}",
                           unit="step", file=sys.stderr, leave=False) as bar:
-                    body, arrays = train_spec(spec, data, lambda done: bar.update(done - bar.n))
-                if not args.at_init:
-                    record = store.save(spec, body, arrays)
-                    print(f"record written to {record.path}", file=sys.stderr)
+                    progress = lambda done: bar.update(done - bar.n)  # noqa: E731
+                    if args.at_init:  # one step, not a result: nothing stored
+                        body, arrays = train_spec(spec, data, progress)
+                    else:
+                        done = train_and_store(spec, store, lambda _: data, progress,
+                                               force=args.force)
+                        record = done.record
+                        body, arrays = record.data, record.telemetry()
+                        print(f"record {'written to' if done.status == TRAINED else 'reused:'} "
+                              f"{record.path}", file=sys.stderr)
             layer_names = body["layer_names"]
         stem = f"{stem}.run0" if not args.at_init else stem
     diag = diagnose_run(spec, arrays, layer_names, args.run, data,
@@ -381,7 +343,7 @@ def _diagnose(args) -> int:
         figure = save_png(diagnosis_figure(diag, arrays["loss"][args.run],
                                            arrays["layer_grad_norm"][args.run]),
                           out / f"{stem}.diagnosis.png")
-    from .diagnose import to_markdown
+    from .diagnosis import to_markdown
 
     report.write_text(to_markdown(diag, figure.name if figure else None))
     print(report.read_text())
@@ -446,10 +408,31 @@ def _registry(what: str):
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="stabench", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
+    # options that run, sweep and diagnose share, declared once: each command copies them
+    task_settings = ArgumentParser(add_help=False)
+    group = task_settings.add_argument_group("task settings")
+    group.add_argument("--steps", type=int, default=None,
+                       help="training steps (default: the task's)")
+    group.add_argument("--batch-size", type=int, default=None, help="default: the task's")
+    group.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a task field, e.g. model.depth=20; in a sweep, a list for a "
+                            "scalar field is a grid: model.depth=[4,8,16] or 4,8,16")
+    group.add_argument("--fake-data", action="store_true",
+                       help="random data with the task's shapes (runs anywhere, offline)")
+    group.add_argument("--data-dir", default=None,
+                       help="TFDS data directory (else $TFDS_DATA_DIR)")
+    stored_record = ArgumentParser(add_help=False)
+    group = stored_record.add_argument_group("stored record")
+    group.add_argument("--out", default=DEFAULT_OUT,
+                       help=f"results directory for the trained record (default {DEFAULT_OUT}/)")
+    group.add_argument("--force", action="store_true", help="retrain even if a record exists")
 
-    run = sub.add_parser("run", help="train one cell (seeds x learning rates) and store its record")
+    run = sub.add_parser("run", help="train one cell (seeds x learning rates) and store its record",
+                         parents=[task_settings, stored_record])
     run.add_argument("--task", default="digits",
-                     help="task name or alias (see: list tasks); default digits, bundled offline")
+                     help="task name or alias (see: list tasks), or a task file's path FILE.toml "
+                          "(directories of task files: STABENCH_TASKS_DIR); default digits, "
+                          "bundled offline")
     run.add_argument("--method", default="none", help="method string, e.g. clip_norm(max_norm=0.5)")
     run.add_argument("--init", default="default", help="init string, e.g. normal(std=0.01)")
     run.add_argument("--optimizer", default=None, help="overrides the task's optimizer")
@@ -457,15 +440,6 @@ def build_parser() -> ArgumentParser:
                      help="number of seeds, 0..N-1 (default: the task's)")
     run.add_argument("--lrs", default=None,
                      help="comma-separated learning rates (default: the task's grid)")
-    run.add_argument("--steps", type=int, default=None, help="training steps (default: the task's)")
-    run.add_argument("--batch-size", type=int, default=None, help="default: the task's")
-    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a task field, e.g. model.depth=20")
-    run.add_argument("--fake-data", action="store_true",
-                     help="random data with the task's shapes (runs anywhere, offline)")
-    run.add_argument("--data-dir", default=None, help="TFDS data directory (else $TFDS_DATA_DIR)")
-    run.add_argument("--out", default=DEFAULT_OUT, help=f"results directory (default {DEFAULT_OUT}/)")
-    run.add_argument("--force", action="store_true", help="retrain even if a record exists")
     run.set_defaults(func=cmd_run, trains=True)
 
     rerun = sub.add_parser("rerun", help="retrain a stored record and check it reproduces")
@@ -474,22 +448,18 @@ def build_parser() -> ArgumentParser:
     rerun.set_defaults(func=cmd_rerun, trains=True)
 
     sweep = sub.add_parser("sweep", help="train many cells: lists and grids of tasks, methods, "
-                                          "inits and optimizers; resumable")
+                                          "inits and optimizers; resumable",
+                           parents=[task_settings])
     sweep.add_argument("--suite", default=None,
                        help="tasks/suites/NAME.toml (or a path to a suite file)")
-    for flag, example in (("task", "digits adding"), ("method", "none 'clip_norm(max_norm=[0.25,1,4])'"),
+    for flag, example in (("task", "digits adding"),
+                          ("method", "none 'clip_norm(max_norm=[0.25,1,4])'"),
                           ("init", "default he_normal"), ("optimizer", "'sgd(momentum=0.9)' adam")):
         sweep.add_argument(f"--{flag}", nargs="+", action="extend", default=None,
                            help=f"one or more, e.g. {example}; a list argument is a grid")
     sweep.add_argument("--seeds", type=int, default=None, help="seeds per cell (default: task's)")
     sweep.add_argument("--lrs", default=None,
                        help="learning rates trained inside every cell (default: the task's grid)")
-    sweep.add_argument("--steps", type=int, default=None,
-                       help="training steps (default: the task's)")
-    sweep.add_argument("--batch-size", type=int, default=None, help="default: the task's")
-    sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a task field; a list for a scalar field is a grid: "
-                            "model.depth=[4,8,16] or 4,8,16")
     sweep.add_argument("--search", default=None,
                        help="grid (default) or random(n=K, seed=S) over method/init/optimizer "
                             "arguments written as lists or loguniform(a,b) / uniform(a,b), or "
@@ -505,8 +475,6 @@ def build_parser() -> ArgumentParser:
                             "(pip install 'stabench[scale]')")
     sweep.add_argument("--address", default=None, metavar="auto|HOST:PORT",
                        help="Ray cluster to join (default: start a local Ray instance)")
-    sweep.add_argument("--fake-data", action="store_true")
-    sweep.add_argument("--data-dir", default=None, help="TFDS data directory")
     sweep.add_argument("--out", default=None,
                        help=f"results directory (default results/SUITE or {DEFAULT_OUT}/)")
     sweep.add_argument("--dry-run", action="store_true",
@@ -527,7 +495,8 @@ def build_parser() -> ArgumentParser:
 
     diag = sub.add_parser("diagnose", help="when and where gradients exploded or vanished, what it "
                                            "did to the loss, what to try; trains one run or reads "
-                                           "a stored record")
+                                           "a stored record",
+                          parents=[task_settings, stored_record])
     diag.add_argument("record", nargs="?", default=None,
                       help="a stored record (.json) to read instead of training")
     diag.add_argument("--run", type=int, default=0, help="which run of the record (default 0)")
@@ -538,18 +507,8 @@ def build_parser() -> ArgumentParser:
     diag.add_argument("--lr", default=None, help="learning rate (default: the middle of the "
                                                  "task's grid)")
     diag.add_argument("--seed", type=int, default=0, help="default 0")
-    diag.add_argument("--steps", type=int, default=None,
-                      help="training steps (default: the task's)")
-    diag.add_argument("--batch-size", type=int, default=None, help="default: the task's")
-    diag.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                      help="override a task field, e.g. model.depth=30")
     diag.add_argument("--at-init", action="store_true",
                       help="stop at initialization: activation stds and step-0 gradient norms")
-    diag.add_argument("--fake-data", action="store_true")
-    diag.add_argument("--data-dir", default=None, help="TFDS data directory")
-    diag.add_argument("--out", default=DEFAULT_OUT,
-                      help=f"results directory for the trained record (default {DEFAULT_OUT}/)")
-    diag.add_argument("--force", action="store_true", help="retrain even if a record exists")
     diag.add_argument("--results", default=None,
                       help="where to look for a report's leaderboard.csv ranking this task "
                            "(default results/); without one, rule-based recommendations")
@@ -570,6 +529,12 @@ def build_parser() -> ArgumentParser:
                       help="download and convert a TFDS dataset (needs the [prepare] extra)")
     data.add_argument("--data-dir", default=None, help="TFDS data directory (else $TFDS_DATA_DIR)")
     data.set_defaults(func=cmd_data)
+    for command in sub.choices.values():  # any command may name a plugin's entries
+        command.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                             help="load MODULE, a plugin that registers its own methods, inits, "
+                                  "optimizers, models or datasets (repeatable); plugins also "
+                                  "load from STABENCH_PLUGINS=MODULE[,...] and from installed "
+                                  "entry points of group stabench.plugins")
     return parser
 
 
@@ -582,10 +547,14 @@ def main(argv: list[str] | None = None) -> int:
             code_state()  # the code this process runs, before anything can change the checkout
             args = build_parser().parse_args(argv)
             args.argv = argv
+            from .plugins import add_to_environment, load_plugins
+
+            add_to_environment(args.plugin)  # so the processes this command starts load them too
             if getattr(args, "trains", False):
                 from .process import prepare
 
                 prepare()  # before anything starts JAX: one intra-op thread, the compile cache
+            load_plugins()  # before any spec is parsed, so the plugins' names resolve
             return args.func(args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -28,19 +28,18 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Protocol, Sequence
+from typing import Protocol
 
 from . import signals
 from .config import RunSpec, task_of
 from .hardware import code_state, usable_cores
+from .plugins import ENV as PLUGINS_ENV
 from .registry import UserError
-from .store import Store, check_writable, tidy_dirs
-
-TRAINED = "trained"  # or failed, when the outcome has an error
-STORED = "stored"  # another process stored the cell before this one could claim it
-BUSY = "busy"  # another process holds the cell's lock: it is training it now
+from .runner import BUSY, STORED, TRAINED, train_and_store  # an outcome's status, or failed
+from .store import Store, check_writable
 STOP_WAIT_S = 20.0  # how long an interrupted worker may take to finish its chunk before a kill
 
 
@@ -99,23 +98,21 @@ def _where(err: BaseException) -> str:
 
 
 def train_one(index: int, spec: RunSpec, store: Store, data: DataCache, on_chunk) -> Outcome:
-    """Train and store one cell under its lock; a failure becomes the outcome's one-line error."""
-    from .runner import run_cell
-
+    """Train and store one cell, not waiting for another process that holds it; a failure
+    becomes the outcome's one-line error."""
     t0 = time.perf_counter()
-    with tidy_dirs(store.path_for(spec).parent), store.claim(spec) as mine:
-        if not mine:
-            return Outcome(index, None, len(spec.runs), 0, 0.0, status=BUSY)
-        stored = store.load(spec)
-        if stored is not None:
-            return Outcome(index, str(stored.path), len(spec.runs), 0, 0.0, status=STORED)
-        try:
-            record = run_cell(spec, store, data.data_dir, on_chunk, data=data(spec))
-        except Exception as err:  # noqa: BLE001  (one cell's failure must not end the sweep)
-            return Outcome(index, None, len(spec.runs), 0, time.perf_counter() - t0,
-                           f"{type(err).__name__}: {err}{_where(err)}")
-    diverged = int(sum(run["diverged"] for run in record.runs))
-    return Outcome(index, str(record.path), len(record.runs), diverged, time.perf_counter() - t0)
+    try:
+        done = train_and_store(spec, store, data, on_chunk, wait=False)
+    except Exception as err:  # noqa: BLE001  (one cell's failure must not end the sweep)
+        return Outcome(index, None, len(spec.runs), 0, time.perf_counter() - t0,
+                       f"{type(err).__name__}: {err}{_where(err)}")
+    if done.status == BUSY:
+        return Outcome(index, None, len(spec.runs), 0, 0.0, status=BUSY)
+    if done.status == STORED:
+        return Outcome(index, str(done.record.path), len(spec.runs), 0, 0.0, status=STORED)
+    diverged = int(sum(run["diverged"] for run in done.record.runs))
+    return Outcome(index, str(done.record.path), len(done.record.runs), diverged,
+                   time.perf_counter() - t0)
 
 
 class SerialExecutor:
@@ -134,11 +131,13 @@ class SerialExecutor:
         for index, spec in enumerate(cells):
             if listener:
                 listener.started(index, 0)
-            on_chunk = (lambda steps, i=index: listener.progressed(i, 0, steps)) if listener else None
+            on_chunk = ((lambda steps, i=index: listener.progressed(i, 0, steps)) if listener
+                        else None)
             yield train_one(index, spec, store, data, on_chunk)
 
 
-def _worker(slot: int, cpu: int | None, out: str, data_dir: str | None, inbox, results) -> None:
+def train_cells(slot: int, cpu: int | None, out: str, data_dir: str | None, inbox,
+                results) -> None:
     """A worker process: pin to its core, then train the cells the parent sends until None."""
     # The parent handles Ctrl-C and stops its workers (SIGINT was blocked from the start: see
     # LocalExecutor.run)
@@ -275,7 +274,7 @@ def make_executor(workers: int | None, data_dir: str | None = None) -> Executor:
     return SerialExecutor(data_dir) if workers == 1 else LocalExecutor(workers, data_dir)
 
 
-# ---- Ray: each cell a task on a cluster -----------------------------------------------------------
+# ---- Ray: each cell a task on a cluster ----------------------------------------------------------
 RAY_RETRIES = 3
 _RAY_WORKER: dict = {}  # per Ray worker process: its DataCache, kept across the cells it trains
 
@@ -331,9 +330,12 @@ class RayExecutor:
         if ray.is_initialized():
             return None
         quiet = {"log_to_driver": False, "logging_level": "warning"}
+        # Ray's workers load the plugins this process names, wherever they run
+        plugin_env = {PLUGINS_ENV: os.environ[PLUGINS_ENV]} if os.environ.get(PLUGINS_ENV) else {}
         if self.address:
             try:
-                ray.init(address=self.address, **quiet)
+                ray.init(address=self.address, **quiet,
+                         **({"runtime_env": {"env_vars": plugin_env}} if plugin_env else {}))
             except (ConnectionError, ValueError, RuntimeError) as err:
                 raise UserError(f"cannot connect to the Ray cluster at '{self.address}': "
                                 f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
@@ -344,7 +346,8 @@ class RayExecutor:
         package_root = str(Path(__file__).resolve().parent.parent)
         path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
         ray.init(num_cpus=self.cpus or len(usable_cores()), _temp_dir=temp,
-                 include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": path}}, **quiet)
+                 include_dashboard=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": path, **plugin_env}}, **quiet)
         return temp
 
     def run(self, cells, out, listener=None):
@@ -399,7 +402,7 @@ def make_sweep_executor(kind: str, workers: int | None, address: str | None,
     return RayExecutor(address, data_dir, cpus=workers)
 
 
-# ---- a sweep: resume, run, count ------------------------------------------------------------------
+# ---- a sweep: resume, run, count -----------------------------------------------------------------
 @dataclass
 class Summary:
     cells: int = 0
@@ -430,14 +433,13 @@ class Summary:
 
 def cell_label(spec: RunSpec) -> str:
     """task[fields changed from its file] | method | init | optimizer."""
-    from .leaderboard import flatten
     from .registry import UserError
-    from .tasks import get_task
+    from .tasks import flatten, get_task
 
     try:
         base = flatten(get_task(spec.task).config)
-    except UserError:
-        base = {}
+    except UserError:  # a task file given by its path: its fields are the task's own
+        base = flatten(spec.task_config)
     changed = [f"{k.rpartition('.')[2]}={v}" for k, v in flatten(spec.task_config).items()
                if k not in base or base[k] != v]
     task = f"{spec.task}[{','.join(changed)}]" if changed else spec.task
@@ -477,7 +479,7 @@ class _Relay:
 
 
 def run_sweep(cells: list[RunSpec], out: str, executor: Executor,
-              progress: "Progress | None" = None, warn=None, poll_s: float = 1.0) -> Summary:
+              progress: Progress | None = None, warn=None, poll_s: float = 1.0) -> Summary:
     """Train every cell not already stored in `out`. A stored record that does not verify (torn,
     corrupt, another format version) is named through `warn` and trained again; temp files of
     killed writers are removed. Cells another process is training are waited for, then skipped

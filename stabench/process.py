@@ -66,6 +66,10 @@ def enable_compilation_cache(directory: str | os.PathLike | None = None) -> str:
 
 
 def prepare(cache_dir: str | os.PathLike | None = None) -> None:
-    """Set up this process to train: one intra-op thread, the persistent compilation cache."""
+    """Set up this process to train: one intra-op thread, the persistent compilation cache, and
+    the plugins (after the backend: a plugin may use JAX as it loads)."""
+    from .plugins import load_plugins
+
     start_backend()
     enable_compilation_cache(cache_dir)
+    load_plugins()

@@ -34,6 +34,7 @@ def numerics_facts(body: dict) -> dict:
 
 @dataclass
 class Reproduction:
+    runs: int
     exact: bool
     within_rounding: bool
     facts_changed: dict = field(default_factory=dict)  # name -> (stored, now)
@@ -48,8 +49,9 @@ class Reproduction:
     def ok(self) -> bool:
         return self.exact or self.within_rounding
 
-    def summary(self, runs: int) -> list[str]:
+    def summary(self) -> list[str]:
         """The verdict and its evidence, one line each."""
+        runs = self.runs
         if self.exact:
             return [f"reproduced exactly ({runs} runs: every metric equal, telemetry "
                     f"bit-identical)"]
@@ -95,7 +97,7 @@ def compare(stored: tuple[dict, dict], now: tuple[dict, dict]) -> Reproduction:
             if not (value == old[key] or (np.isnan(value) and np.isnan(old[key]))):
                 differences.append(f"run {i} {key}: stored {old[key]!r}, now {value!r}")
     if not differences:
-        return Reproduction(exact=True, within_rounding=True)
+        return Reproduction(len(new_body["runs"]), exact=True, within_rounding=True)
 
     old_facts, new_facts = numerics_facts(old_body), numerics_facts(new_body)
     changed = {k: (old_facts.get(k), new_facts.get(k)) for k in sorted({*old_facts, *new_facts})
@@ -126,7 +128,7 @@ def compare(stored: tuple[dict, dict], now: tuple[dict, dict]) -> Reproduction:
         largest = max(largest, *(_rel_diff(new_body["runs"][i][k], old_body["runs"][i][k])
                                  for i in finite for k in new_body["runs"][i]))
     return Reproduction(
-        exact=False,
+        len(new_body["runs"]), exact=False,
         within_rounding=bool(changed) and first_step <= FIRST_STEP_RTOL,
         facts_changed=changed, max_rel_diff=largest, first_step_rel_diff=first_step,
         outcome_changes=outcome_changes, step_shifts=shifts, differences=differences)

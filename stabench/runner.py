@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+from dataclasses import dataclass
+from collections.abc import Callable
 
 import numpy as np
 
-from .config import RunSpec, build_cell, data_source, task_of
+from .config import RunSpec, build_cell, data_source, plugin_hashes, task_of
 from .data import Dataset, check_finite, fake
 from .metrics import run_metrics
+from .registry import UserError
 from .reproduce import Reproduction, compare
-from .store import Record, Store, provenance
+from .store import Record, Store, provenance, tidy_dirs
 
 
 def load_data(spec: RunSpec, data_dir: str | None = None) -> Dataset:
@@ -45,12 +48,58 @@ def cell_record(spec: RunSpec, result):
     return body, arrays
 
 
-def run_cell(spec: RunSpec, store: Store, data_dir: str | None = None,
-             on_chunk: Callable[[int], None] | None = None, data: Dataset | None = None) -> Record:
-    if data is None:
-        data = load_data(spec, data_dir)
-    body, arrays = train_spec(spec, data, on_chunk)
-    return store.save(spec, body, arrays)
+TRAINED = "trained"  # this call trained the cell and wrote its record
+STORED = "stored"  # the record was there: written earlier, or by another process meanwhile
+BUSY = "busy"  # another process holds the cell's lock (only when not waiting for it)
+
+
+@dataclass(frozen=True)
+class Stored:
+    record: Record | None  # None when BUSY
+    status: str
+
+
+def store_cells(specs: list[RunSpec], store: Store,
+                train: Callable[[list[RunSpec]], list[tuple[dict, dict]]], force: bool = False,
+                wait: bool = True) -> list[Stored]:
+    """The one path from specs to stored records: each cell's lock is held from before its record
+    is looked up until it is written, so no cell is trained or written twice, whichever commands
+    run at once. `train(todo)` trains the cells not stored yet (or all, with `force`), together if
+    it likes, and returns each one's record body and telemetry. Without `wait`, a cell another
+    process holds is BUSY."""
+    out: dict[str, Stored] = {}
+    with contextlib.ExitStack() as held:
+        todo = []
+        # one lock per distinct cell, taken in one order: two commands never wait on each other
+        for spec in sorted({spec.hash: spec for spec in specs}.values(), key=lambda s: s.hash):
+            held.enter_context(tidy_dirs(store.path_for(spec).parent))
+            if not held.enter_context(store.claim(spec, wait=wait)):
+                out[spec.hash] = Stored(None, BUSY)
+                continue
+            record = None if force else store.load(spec)
+            if record is not None:
+                out[spec.hash] = Stored(record, STORED)
+            else:
+                todo.append(spec)
+        for spec in todo:  # a record names the plugin code it was trained with, never other code
+            if plugin_hashes(spec) != spec.plugins:
+                raise UserError(f"the plugins of cell {spec.hash} changed since it was specified "
+                                f"({spec.plugins} then, {plugin_hashes(spec)} here): make the "
+                                f"spec again where the plugins are those you mean to train")
+        if todo:
+            for spec, (body, arrays) in zip(todo, train(todo)):
+                out[spec.hash] = Stored(store.save(spec, body, arrays), TRAINED)
+    return [out[spec.hash] for spec in specs]
+
+
+def train_and_store(spec: RunSpec, store: Store,
+                    load: Callable[[RunSpec], Dataset] = load_data,
+                    on_chunk: Callable[[int], None] | None = None, force: bool = False,
+                    wait: bool = True) -> Stored:
+    """One cell through `store_cells`: trained on `load(spec)` (called only if it must train),
+    or found stored."""
+    return store_cells([spec], store, lambda todo: [train_spec(spec, load(spec), on_chunk)],
+                       force, wait)[0]
 
 
 def rerun(record: Record, data_dir: str | None = None) -> Reproduction:
@@ -67,9 +116,9 @@ def diagnose_run(spec: RunSpec, arrays: dict[str, np.ndarray], layer_names: list
     leaderboard of a report under `results` that ranks this task variant, else from the rules."""
     from dataclasses import replace
 
-    from . import diagnose
+    from . import diagnosis
     from .inits import INITS
-    from .leaderboard import board_rows_for
+    from .reports import board_rows_for
     from .methods import METHODS
     from .models import MODELS
     from .train import Engine
@@ -77,17 +126,20 @@ def diagnose_run(spec: RunSpec, arrays: dict[str, np.ndarray], layer_names: list
     seed, lr = spec.runs[k]
     stds = None
     if data is not None:
-        stds = Engine(build_cell(spec, data_source(task_of(spec))), data).activation_stds_at_init(seed)
+        engine = Engine(build_cell(spec, data_source(task_of(spec))), data)
+        stds = engine.activation_stds_at_init(seed)
     run = {"task": spec.task, "method": spec.method, "init": spec.init, "optimizer": spec.optimizer,
            "seed": int(seed), "lr": float(lr), "steps": spec.train["steps"],
            "model": dict(spec.task_config["model"]), "record": record, "run": k}
-    telemetry = {name: np.asarray(arrays[name][k]) for name in ("loss", "grad_norm", "layer_grad_norm")}
-    diag = diagnose.diagnose(telemetry, layer_names, run, int(arrays["diverged_at"][k]), stds, at_init)
+    telemetry = {name: np.asarray(arrays[name][k])
+                 for name in ("loss", "grad_norm", "layer_grad_norm")}
+    diag = diagnosis.diagnose(telemetry, layer_names, run, int(arrays["diverged_at"][k]), stds,
+                              at_init)
     rows, where = board_rows_for(results, spec) if results else ([], None)
     if rows:
-        recs = diagnose.board_recommendations(rows, str(where))
+        recs = diagnosis.board_recommendations(rows, str(where))
     else:
         model_args = set(MODELS.entry(spec.task_config["model"]["name"]).parameters())
-        recs = diagnose.rule_recommendations(diag, set(METHODS.names()), set(INITS.names()),
+        recs = diagnosis.rule_recommendations(diag, set(METHODS.names()), set(INITS.names()),
                                              model_args)
     return replace(diag, recommendations=recs)

@@ -19,15 +19,15 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable
 
 import numpy as np
 
 from .config import RunSpec, build_cell, data_source, make_spec, program_key, task_of
 from .methods import METHODS, resolve, traced_values
 from .registry import UserError
-from .sweep import SIGNIFICANT, Optuna, Range, SweepSpec, Template
+from .sweeps import SIGNIFICANT, Optuna, Range, SweepSpec, Template
 
 LR_PARAM = "lr"
 
@@ -74,7 +74,7 @@ class Study:
 
 
 def _traceable(template: Template) -> None:
-    for i, k, v in template.axes():
+    for i, k, _ in template.axes():
         entry = METHODS.entry(template.terms[i].name)
         traced = entry.meta.get("traced", ())
         if k not in traced:
@@ -131,25 +131,29 @@ def trial_value(spec: RunSpec, runs: list[dict], objective: str) -> float:
 
 
 def train_batch(engine, specs: list[RunSpec], size: int, store) -> list:
-    """Train the trials as the runs of one program, padded to `size` trials; store each."""
-    from .runner import cell_record
+    """The trials' records: those not stored yet trained as the runs of one program, padded to
+    `size` trials, and stored each (through runner.store_cells, under each trial's lock)."""
+    from .runner import cell_record, store_cells
 
-    padded = specs + [specs[-1]] * (size - len(specs))
-    seeds = np.array([s for spec in padded for s, _ in spec.runs])
-    lrs = np.array([lr for spec in padded for _, lr in spec.runs])
-    values = np.array([traced_values(resolve(spec.method)) for spec in padded
-                       for _ in spec.runs], np.float32).reshape(len(lrs), -1)
-    # methods without traced arguments (a study that searches nothing) take no per-run values
-    result = engine.run(seeds, lrs, values=values if values.size else None)
-    share = 1.0 / len(padded)  # of the program's time, so records' times add up
-    timing = {**{k: v * share if k.endswith("_s") else v for k, v in result.timing.items()},
-              "program_runs": len(lrs)}
-    records, start = [], 0
-    for spec in specs:
-        part = replace(result.take(start, start + len(spec.runs)), timing=timing)
-        records.append(store.save(spec, *cell_record(spec, part)))
-        start += len(spec.runs)
-    return records
+    def train(todo: list[RunSpec]) -> list[tuple[dict, dict]]:
+        padded = todo + [todo[-1]] * (size - len(todo))
+        seeds = np.array([s for spec in padded for s, _ in spec.runs])
+        lrs = np.array([lr for spec in padded for _, lr in spec.runs])
+        values = np.array([traced_values(resolve(spec.method)) for spec in padded
+                           for _ in spec.runs], np.float32).reshape(len(lrs), -1)
+        # methods without traced arguments (a study that searches nothing) take no per-run values
+        result = engine.run(seeds, lrs, values=values if values.size else None)
+        share = 1.0 / len(padded)  # of the program's time, so records' times add up
+        timing = {**{k: v * share if k.endswith("_s") else v for k, v in result.timing.items()},
+                  "program_runs": len(lrs)}
+        cells, start = [], 0
+        for spec in todo:
+            part = replace(result.take(start, start + len(spec.runs)), timing=timing)
+            cells.append(cell_record(spec, part))
+            start += len(spec.runs)
+        return cells
+
+    return [done.record for done in store_cells(specs, store, train)]
 
 
 @dataclass

@@ -26,7 +26,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 MESSAGE = "interrupted; nothing partial was written"
 RETRY_S = 0.02  # how often a deferred Ctrl-C is tried again
@@ -239,8 +239,8 @@ def die_with_parent() -> None:
 
 def sweep_worker(*args) -> None:
     """A sweep worker process's target: it dies with its parent from here on, then imports JAX
-    (seconds) and runs `executor._worker(*args)`."""
+    (seconds) and runs `executor.train_cells(*args)`."""
     die_with_parent()
-    from .executor import _worker
+    from .executor import train_cells
 
-    _worker(*args)
+    train_cells(*args)

@@ -21,14 +21,15 @@ import json
 import os
 import platform
 import socket
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
 from .config import FORMAT_VERSION, RunSpec
 from .hardware import cache_sizes, code_state, cpu_isa, cpu_model
+from .plugins import loaded as loaded_plugins
 from .process import intra_op_threads
 from .registry import UserError
 from .tasks import validate
@@ -161,8 +162,8 @@ def read_record(path: Path) -> Record:
     except (OSError, ValueError, RecursionError) as err:
         raise BadRecord(f"{path}: unreadable record ({err.__class__.__name__})") from None
     if not isinstance(data, dict) or data.get("format_version") != FORMAT_VERSION:
-        raise BadRecord(f"{path}: format version {data.get('format_version') if isinstance(data, dict) else '?'}"
-                        f" is not {FORMAT_VERSION}")
+        version = data.get("format_version") if isinstance(data, dict) else "?"
+        raise BadRecord(f"{path}: format version {version} is not {FORMAT_VERSION}")
     if problem := _malformed(data):
         raise BadRecord(f"{path}: record lacks a valid {problem}")
     try:
@@ -300,6 +301,18 @@ class Store:
         return good, bad
 
 
+def load_records(directory: str | os.PathLike,
+                 warn: Callable[[str], None]) -> tuple[list[Record], list[str]]:
+    """Every trustworthy record under an existing results `directory`, and one message per record
+    that is not (torn, malformed, from another format), each also named through `warn`."""
+    if not Path(directory).is_dir():
+        raise UserError(f"no results directory {directory}")
+    records, bad = Store(directory).records()
+    for message in bad:
+        warn(f"skipped {message}")
+    return records, bad
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -347,6 +360,7 @@ def provenance() -> dict:
             "device_kind": devices[0].device_kind,
         },
         "compilation_cache": jax.config.jax_compilation_cache_dir,
+        "plugins": loaded_plugins(),  # module, version, source sha256 of each
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
 

@@ -20,7 +20,7 @@ import functools
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -50,7 +50,7 @@ class CellResult:
     layer_names: list[str]
     timing: dict[str, float]
 
-    def take(self, start: int, stop: int) -> "CellResult":
+    def take(self, start: int, stop: int) -> CellResult:
         """Runs start..stop of this result (one cell of a program that trained several)."""
         return CellResult({k: v[start:stop] for k, v in self.telemetry.items()}, self.eval_steps,
                           {k: v[start:stop] for k, v in self.evals.items()},

@@ -24,23 +24,26 @@ os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
 from stabench.process import start_backend  # noqa: E402
 
 start_backend()
+# Definition tests mark the registry entries they check with `covers`; the catalog's conformance
+# checks (stabench.testing, which a plugin's tests use too) fail for an entry without one.
+from stabench.testing import (RESIDUAL, catalog_spec, covers, digits,  # noqa: E402,F401
+                              engine_for)
 # Tests send SIGINT to the processes they start, as Ctrl-C in a terminal would. A test runner
 # started as a background job of a shell without job control inherits SIGINT ignored, and so would
 # every process it starts; Ctrl-C semantics are those of a foreground session.
 signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def run_cli(*args, cwd=None, timeout=600):
-    """Run `python -m stabench ARGS` in a subprocess; returns the CompletedProcess."""
+def run_cli(*args, cwd=None, timeout=600, env=None):
+    """Run `python -m stabench ARGS` in a subprocess (in `env`, default this process's
+    environment); returns the CompletedProcess."""
     return subprocess.run([sys.executable, "-m", "stabench", *map(str, args)], cwd=cwd or ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, env=env)
 
 
 @pytest.fixture(scope="session")
 def digits_data():
-    from stabench.data import DATASETS
-
-    return DATASETS.get("digits").load(None)
+    return digits()
 
 
 def tiny_spec(method="none", steps=40, seeds=2, lrs=(0.05, 0.2), **kw):
@@ -63,44 +66,11 @@ def tiny_suite(tmp_path_factory):
 
 def report_tables(directory, out):
     """The leaderboards of a results directory (Markdown above the provenance, both CSVs)."""
-    from stabench.leaderboard import write_report
+    from stabench.reports import write_report
 
     markdown = write_report(directory, out, plots=False, warn=pytest.fail)
     return (markdown.split("## Provenance")[0], (Path(out) / "leaderboard.csv").read_text(),
             (Path(out) / "overall.csv").read_text())
-
-
-# Definition tests mark the registry entries they check; test_catalog fails for an entry without one.
-COVERED: dict[str, set[str]] = {"method": set(), "optimizer": set(), "init": set()}
-
-
-def covers(kind: str, *names: str):
-    def mark(test):
-        COVERED[kind].update(names)
-        return test
-
-    return mark
-
-
-# A deep residual MLP with layer norm: the structure residual inits need.
-RESIDUAL = {"model.residual": True, "model.depth": 6, "model.norm": "layer"}
-
-
-def catalog_spec(method="none", init="default", optimizer=None, steps=8, residual=False,
-                 lrs=(0.05,), **overrides):
-    """A tiny digits cell (width 16, one seed) shared by the catalog's compiled tests."""
-    from stabench.config import make_spec
-
-    overrides = {"train.steps": steps, "train.eval_every": steps, "model.width": 16,
-                 **(RESIDUAL if residual else {}), **overrides}
-    return make_spec("digits", method, init, optimizer, seeds=1, lrs=lrs, overrides=overrides)
-
-
-def engine_for(spec, data):
-    from stabench.config import build_cell, data_source, task_of
-    from stabench.train import Engine
-
-    return Engine(build_cell(spec, data_source(task_of(spec))), data)
 
 
 @pytest.fixture(scope="session")

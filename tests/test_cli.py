@@ -108,7 +108,7 @@ def test_fresh_process_rerun_hits_persistent_compilation_cache(tmp_path):
 
     env = {**os.environ, "STABENCH_CACHE_DIR": str(tmp_path / "cache")}
     records = []
-    for attempt in range(2):
+    for _ in range(2):
         proc = subprocess.run([sys.executable, "-m", "stabench", "run", *FAST, "--force",
                                "--out", tmp_path / "out"], cwd=ROOT, env=env, capture_output=True,
                               text=True, timeout=600)

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from stabench import diagnose as dg
+from stabench import diagnosis as dg
 from stabench.config import make_spec
 
 from conftest import covers, run_cli
@@ -21,7 +21,7 @@ def noisy(steps, layers=len(LAYERS), seed=0, scale=1.0):
     return norms, np.sqrt((norms ** 2).sum(1))
 
 
-# ---- pure functions on hand-made telemetry ----------------------------------------------------------
+# ---- pure functions on hand-made telemetry -------------------------------------------------------
 def test_running_median_is_the_median_of_the_previous_window():
     rng = np.random.default_rng(1)
     x = rng.lognormal(size=120)
@@ -234,7 +234,7 @@ def test_rules_recommend_what_exists_and_is_not_already_used():
 
 
 def test_recommendations_from_a_report_of_the_same_problem(tmp_path):
-    from stabench.leaderboard import board_rows_for, write_report
+    from stabench.reports import board_rows_for, write_report
     from stabench.store import Store
 
     from test_report import TABLE, fake_record, table_metrics
@@ -264,7 +264,7 @@ def test_recommendations_from_a_report_of_the_same_problem(tmp_path):
     assert board_rows_for(tmp_path / "nothing", spec) == ([], None)
 
 
-# ---- planted faults in real training ---------------------------------------------------------------
+# ---- planted faults in real training -------------------------------------------------------------
 SMALL = {"train.steps": 120, "train.eval_every": 60, "model.width": 16, "model.depth": 3}
 SPIKE = 80
 
@@ -353,13 +353,14 @@ def test_deep_tanh_with_small_init_vanishes_and_its_residual_he_twin_does_not(di
     assert code == 0, err
     assert "at init: first/last layer grad-norm ratio" in out and "## Explosion" not in out
     (report,) = tmp_path.rglob("*.md")
-    assert report.name.endswith(".at-init.diagnosis.md") and report.read_text() == out.strip() + "\n"
+    assert report.name.endswith(".at-init.diagnosis.md")
+    assert report.read_text() == out.strip() + "\n"
     assert not list(tmp_path.rglob("*.json")) and not list(tmp_path.rglob("*.png"))
     rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| blocks[")]
     np.testing.assert_allclose([float(r[1]) for r in rows], small.signal.activation_std[1:31],
                                rtol=5e-3)  # printed to 3 significant digits: within 0.5%
-    np.testing.assert_allclose([float(r[2].strip(" |")) for r in rows], small.signal.grad_norm[1:31],
-                               rtol=5e-3)
+    np.testing.assert_allclose([float(r[2].strip(" |")) for r in rows],
+                               small.signal.grad_norm[1:31], rtol=5e-3)
     assert len(names) == 32
     # Each layer back from the head multiplies the backward signal by about 0.01 * sqrt(16), so
     # the last two hidden layers' norms (their biases) stay above 1e-3 of the head's; all the
@@ -380,7 +381,7 @@ def test_deep_tanh_with_small_init_vanishes_and_its_residual_he_twin_does_not(di
     assert 1e-2 < twin.vanishing.ratio_init < 1e2
 
 
-# ---- the command: train, store, report; read the record back ----------------------------------------
+# ---- the command: train, store, report; read the record back -------------------------------------
 def cli(capsys, *args):
     from stabench.cli import main
 

@@ -1,5 +1,5 @@
-"""The compiled engine: vmapped = one at a time = in cache-sized groups, lane isolation, one compile,
-clipping bounds."""
+"""The compiled engine: vmapped = one at a time = in cache-sized groups, lane isolation, one
+compile, clipping bounds."""
 
 import jax
 import jax.numpy as jnp
@@ -20,8 +20,8 @@ def test_vmapped_runs_equal_runs_trained_one_at_a_time(digits_data):
     spec = tiny_spec("clip_norm(max_norm=1.0)", steps=40, seeds=2, lrs=(0.01, 0.05))
     seeds, lrs = (np.array(x) for x in zip(*spec.runs))
     together = engine_for(spec, digits_data).run(seeds, lrs).telemetry["loss"][:, -1]
-    alone = [engine_for(spec, digits_data).run(seeds[i:i + 1], lrs[i:i + 1]).telemetry["loss"][0, -1]
-             for i in range(len(seeds))]
+    alone = [engine_for(spec, digits_data).run(seeds[i:i + 1], lrs[i:i + 1])
+             .telemetry["loss"][0, -1] for i in range(len(seeds))]
     assert np.isfinite(together).all()
     np.testing.assert_allclose(together, alone, rtol=0, atol=1e-5)
 
@@ -209,7 +209,8 @@ def test_runs_trained_in_groups_of_other_sizes_agree_within_rounding(digits_data
     for group in (1, 2, 4):
         grouped = Engine(cell, digits_data, group=group).run(seeds, lrs)
         for name in ("loss", "grad_norm", "grad_norm_post", "update_norm", "layer_grad_norm"):
-            np.testing.assert_allclose(grouped.telemetry[name][:, 0], together.telemetry[name][:, 0],
+            np.testing.assert_allclose(grouped.telemetry[name][:, 0],
+                                       together.telemetry[name][:, 0],
                                        rtol=FIRST_STEP_RTOL, err_msg=f"{name}, group {group}")
             np.testing.assert_allclose(grouped.telemetry[name], together.telemetry[name],
                                        rtol=rounding_bound(30), err_msg=f"{name}, group {group}")

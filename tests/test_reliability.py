@@ -97,8 +97,9 @@ TOKENS = st.sampled_from(["run", "list", "rerun", "report", "merge", "diagnose",
                           "--run", "--at-init", ".", "x.json", "--no-plots", "--task", "--method",
                           "--init", "--optimizer", "--seeds", "--lrs", "--steps", "--batch-size",
                           "--set", "--out", "--force",
-                          "digits", "cifar", "clip_norm", "clip_norm(max_norm=", "(", ")", "=", "-1",
-                          "0", "nan", "inf", "1e400", "model.depth=0", "train.x=1", "tasks", "", "--"])
+                          "digits", "cifar", "clip_norm", "clip_norm(max_norm=", "(", ")", "=",
+                          "-1", "0", "nan", "inf", "1e400", "model.depth=0", "train.x=1", "tasks",
+                          "", "--"])
 METHOD = st.text(alphabet="abcdefghijklmnopqrstuvwxyz_()=+,.[]'\"0123456789-e ", max_size=30)
 
 # Bad values of the shapes that once ended in a traceback or started training: numbers past int32,
@@ -113,14 +114,14 @@ BAD_VALUE = st.one_of(
     st.sampled_from(["{[1]: 2}", "{[1]}", "{(1, [2]): 3}", "{1: {[1]: 2}}"]))
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(argv=st.lists(st.one_of(TOKENS, METHOD, BAD_VALUE), max_size=8))
 def test_random_command_lines_never_end_in_a_traceback(argv, monkeypatch, tmp_path):
     """Parsing and validation of any argument list ends in exit 0, 2 or --help's SystemExit,
     never an exception. Training itself is replaced: it is tested elsewhere."""
     from stabench import cli, runner
 
-    monkeypatch.setattr(runner, "run_cell", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     monkeypatch.setattr(runner, "load_data", lambda *a, **k: None)
     monkeypatch.setattr(runner, "rerun", lambda *a, **k: [])
     monkeypatch.setattr(runner, "train_spec",
@@ -213,7 +214,7 @@ def test_random_bad_values_exit_2_with_one_line_before_anything_starts(
     or the valid form; no data loaded, nothing trained or diagnosed, nothing written."""
     from stabench import cli, runner
 
-    for name in ("load_data", "run_cell", "train_spec", "diagnose_run", "rerun"):
+    for name in ("load_data", "train_spec", "diagnose_run", "rerun"):
         monkeypatch.setattr(runner, name, lambda *a, name=name, **k: pytest.fail(f"{name} ran"))
     sandbox = tmp_path / "sandbox"
     sandbox.mkdir(exist_ok=True)
@@ -250,7 +251,7 @@ def test_random_method_strings_raise_only_user_errors(spec):
         pass
 
 
-# ---- bad input to every command: exit 2, one line, nothing written ---------------------------------
+# ---- bad input to every command: exit 2, one line, nothing written -------------------------------
 @pytest.mark.parametrize("argv, expected", [
     (["sweep"], "give --suite NAME or at least one --task"),
     (["sweep", "--task", "cifar-11"], "unknown task 'cifar-11'"),
@@ -285,7 +286,8 @@ def test_random_method_strings_raise_only_user_errors(spec):
     (["diagnose", "--task", "digitz"], "Did you mean 'digits'"),
     (["diagnose", "--task", "digits", "--method", "clip_nrm"], "Did you mean 'clip_norm'"),
     (["diagnose", "--task", "digits", "--set", "model.depth=0"], "depth must be positive"),
-    (["diagnose", "--task", "digits", "--lr", "-1"], "--lr must be positive finite numbers"),
+    (["diagnose", "--task", "digits", "--lr", "-1"],
+     "--lr: learning rates must be positive finite"),
     (["diagnose", "--task", "digits", "--lr", "0.1,1"], "--lr takes one learning rate"),
     (["diagnose", "--task", "digits", "--steps", "0"], "--steps must be positive"),
     (["diagnose", "--task", "digits", "--seed", "-1"], "--seed must be >= 0"),
@@ -384,7 +386,7 @@ def test_tidy_dirs_removes_only_the_empty_directories_the_block_made(tmp_path):
     assert (tmp_path / "x" / "y" / "record.json").exists()
 
 
-# ---- user task files ------------------------------------------------------------------------------
+# ---- user task files -----------------------------------------------------------------------------
 DIGITS_TOML = (ROOT / "tasks" / "digits.toml").read_text()
 
 
@@ -461,7 +463,7 @@ def test_user_task_named_like_a_builtin_or_missing_directory_is_an_error(user_ta
         all_tasks()
 
 
-# ---- disks: unwritable, full -----------------------------------------------------------------------
+# ---- disks: unwritable, full ---------------------------------------------------------------------
 def unwritable_places(tmp_path) -> list:
     blocker = tmp_path / "a-file"
     blocker.write_text("")
@@ -478,7 +480,6 @@ def test_unwritable_output_fails_before_any_training(tmp_path, monkeypatch, caps
     from stabench.cli import main
 
     trained = []
-    monkeypatch.setattr(runner, "run_cell", lambda *a, **k: trained.append(a))
     monkeypatch.setattr(runner, "train_spec", lambda *a, **k: trained.append(a))
     monkeypatch.setattr(runner, "load_data", lambda *a, **k: None)  # reading data is not training
     for place in unwritable_places(tmp_path):
@@ -492,7 +493,8 @@ def test_unwritable_output_fails_before_any_training(tmp_path, monkeypatch, caps
             err = capsys.readouterr().err
             assert code == 2, (argv, err)
             lines = err.strip().splitlines()
-            assert len(lines) == 1 and lines[0].startswith(f"error: cannot write results to {place}")
+            assert len(lines) == 1
+            assert lines[0].startswith(f"error: cannot write results to {place}")
     assert trained == []
 
 
@@ -549,7 +551,7 @@ def test_disk_full_during_a_record_write_leaves_no_partial_file(tmp_path, monkey
     assert [r.path for r in records] == [record.path] and not bad
 
 
-# ---- the store's locks and temp files --------------------------------------------------------------
+# ---- the store's locks and temp files ------------------------------------------------------------
 HOLD = """
 import sys
 from stabench.config import make_spec
@@ -608,11 +610,16 @@ def test_a_lock_file_that_cannot_be_removed_does_not_hide_the_cells_own_error(tm
     assert not store.is_claimed(spec)
 
 
-def save_stub(store, spec):
-    """A record of `spec` with stub metrics, written through the store."""
+def stub_cell(spec):
+    """The record body and telemetry of `spec` with stub metrics, as train_spec returns them."""
     runs = [{"seed": s, "lr": lr, "diverged": 0.0} for s, lr in spec.runs]
     body = {"runs": runs, "timing": {}, "provenance": {}, "layer_names": []}
-    return store.save(spec, body, {"loss": np.zeros((len(runs), 3), np.float32)})
+    return body, {"loss": np.zeros((len(runs), 3), np.float32)}
+
+
+def save_stub(store, spec):
+    """A record of `spec` with stub metrics, written through the store."""
+    return store.save(spec, *stub_cell(spec))
 
 
 @pytest.mark.parametrize("holder_stores", [True, False])
@@ -630,11 +637,11 @@ def test_a_sweep_waits_for_cells_another_process_holds(tmp_path, monkeypatch, ho
     store = Store(tmp_path)
     trained = []
 
-    def fake_run_cell(spec, store, data_dir, on_chunk, data):
+    def fake_train_spec(spec, data, on_chunk):
         trained.append(spec.method)
-        return save_stub(store, spec)
+        return stub_cell(spec)
 
-    monkeypatch.setattr(runner, "run_cell", fake_run_cell)
+    monkeypatch.setattr(runner, "train_spec", fake_train_spec)
     monkeypatch.setattr(runner, "load_data", lambda spec, data_dir=None: None)
     held, release = threading.Event(), threading.Event()
 
@@ -773,14 +780,14 @@ def edit_json(path, change):
     path.write_text(json.dumps(data))
 
 
-# ---- numerical extremes ----------------------------------------------------------------------------
+# ---- numerical extremes --------------------------------------------------------------------------
 def test_huge_and_infinite_grad_norms_are_stored_reported_and_plotted(tmp_path):
     """Telemetry at the edge of float32 (1e38, its max, inf, NaN) survives the store bit for bit,
     the metrics, the tables and every figure."""
     from test_report import fake_record, table_metrics
 
-    from stabench import leaderboard as lb
     from stabench import metrics
+    from stabench.reports import write_report
     from stabench.store import Store
 
     store = Store(tmp_path / "records")
@@ -797,7 +804,7 @@ def test_huge_and_infinite_grad_norms_are_stored_reported_and_plotted(tmp_path):
                 if k not in ("format_version", "spec", "spec_hash", "telemetry_sha256",
                              "record_sha256")}
         huge[method] = store.save(record.spec, body, tel)
-    for method, record in huge.items():
+    for record in huge.values():
         stored = Store(tmp_path / "records").load(record.spec).telemetry()
         assert stored["grad_norm"].dtype == np.float32
         assert np.array_equal(stored["grad_norm"], record.telemetry()["grad_norm"], equal_nan=True)
@@ -810,7 +817,7 @@ def test_huge_and_infinite_grad_norms_are_stored_reported_and_plotted(tmp_path):
         first = stored["grad_norm"][0]
         assert m["max_grad_norm"] == float(first[np.isfinite(first)].max())
         assert m["diverged"] == 1.0 and m["divergence_step"] == 10
-    markdown = lb.write_report(tmp_path / "records", tmp_path / "report", warn=pytest.fail)
+    markdown = write_report(tmp_path / "records", tmp_path / "report", warn=pytest.fail)
     assert "1e+38" in markdown and "3.4e+38" in markdown
     stems = sorted(p.stem for p in (tmp_path / "report" / "plots").glob("*.png"))
     assert "digits-gradnorm" in stems and len(stems) >= 4
@@ -842,7 +849,8 @@ def test_diverged_runs_are_reported_with_their_step_and_counted(tmp_path, tiny_s
                 step = metrics.divergence_step(tel["loss"][i], frozen)
                 assert run["divergence_step"] == step
                 if frozen >= 0:
-                    assert step <= frozen and not np.isfinite(tel["loss"][i][frozen + 1:]).any()  # that step's loss came from finite parameters
+                    # that step's loss came from finite parameters
+                    assert step <= frozen and not np.isfinite(tel["loss"][i][frozen + 1:]).any()
                     assert run["test_accuracy"] == 0.0 and run["final_train_loss"] == np.inf
             else:
                 assert frozen == -1 and run["divergence_step"] == record.spec.train["steps"] - 1
@@ -870,7 +878,7 @@ def test_run_waits_for_another_process_training_the_same_cell(tmp_path, monkeypa
     spec = make_spec("digits", seeds=3, lrs=(0.1, 1.0, 10.0),
                      overrides={"train.steps": 30, "train.eval_every": 10})
     trained = []
-    monkeypatch.setattr(runner, "run_cell", lambda *a, **k: trained.append(a))
+    monkeypatch.setattr(runner, "train_spec", lambda *a, **k: trained.append(a))
     monkeypatch.setattr(runner, "load_data", lambda *a, **k: None)
     waiting, held = threading.Event(), threading.Event()
 
@@ -939,15 +947,15 @@ def test_ctrl_c_that_python_drops_in_a_gc_callback_still_stops_the_sweep(tmp_pat
     def ctrl_c_during_gc_callback(phase, info):
         ctrl_c_during_gc()
 
-    def fake_run_cell(spec, store, data_dir, on_chunk, data):
+    def fake_train_spec(spec, data, on_chunk):
         trained.append(spec.method)
         gc.callbacks.append(ctrl_c_during_gc_callback)
         gc.collect()  # the KeyboardInterrupt is raised in the callback and dropped
         on_chunk(spec.train["steps"] // 2)
         on_chunk(spec.train["steps"])
-        return save_stub(store, spec)
+        return stub_cell(spec)
 
-    monkeypatch.setattr(runner, "run_cell", fake_run_cell)
+    monkeypatch.setattr(runner, "train_spec", fake_train_spec)
     monkeypatch.setattr(runner, "load_data", lambda spec, data_dir=None: None)
     before = signal.getsignal(signal.SIGINT)
     with pytest.raises(executor.SweepInterrupted) as stop:
@@ -967,13 +975,13 @@ def test_a_sweep_started_with_sigint_ignored_keeps_ignoring_it(tmp_path, monkeyp
     cells = [tiny_spec(method) for method in ("none", "clip_norm")]
     handlers = []
 
-    def fake_run_cell(spec, store, data_dir, on_chunk, data):
+    def fake_train_spec(spec, data, on_chunk):
         handlers.append(signal.getsignal(signal.SIGINT))
         signal.raise_signal(signal.SIGINT)  # ignored: the cell goes on
         on_chunk(spec.train["steps"])
-        return save_stub(store, spec)
+        return stub_cell(spec)
 
-    monkeypatch.setattr(runner, "run_cell", fake_run_cell)
+    monkeypatch.setattr(runner, "train_spec", fake_train_spec)
     monkeypatch.setattr(runner, "load_data", lambda spec, data_dir=None: None)
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:

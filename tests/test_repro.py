@@ -1,5 +1,5 @@
-"""The reproduction scripts: each one's tiny version writes its report and figure, and the verdict in
-the report is what its checks compute from the table the report shows. The checks themselves are
+"""The reproduction scripts: each one's tiny version writes its report and figure, and the verdict
+in the report is what its checks compute from the table the report shows. The checks themselves are
 tested on hand-made tables where the claim clearly holds or clearly fails."""
 
 import sys

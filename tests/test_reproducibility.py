@@ -75,7 +75,7 @@ def _from_another_host(record, first_loss_scale=1.0):
 
 def test_a_report_says_when_its_records_come_from_different_host_configurations(tmp_path,
                                                                               tiny_sweep):
-    from stabench.leaderboard import write_report
+    from stabench.reports import write_report
 
     def provenance(directory):
         markdown = write_report(directory, tmp_path / "report", plots=False, warn=pytest.fail)

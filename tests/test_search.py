@@ -12,7 +12,7 @@ from stabench import cli
 from stabench.methods import METHODS
 from stabench.registry import UserError
 from stabench.store import Store
-from stabench.sweep import Optuna, SweepSpec, TaskEntry, parse_search
+from stabench.sweeps import Optuna, SweepSpec, TaskEntry, parse_search
 from stabench.train import backend_compiles, compiled_names
 
 from conftest import engine_for, tiny_spec
@@ -93,7 +93,7 @@ def test_optuna_batches_of_8_compile_each_cell_shape_once_and_replay_from_the_st
     results = run_search(sweep, search, str(tmp_path), log=lambda _: None)
     # 2 studies x (8 trials, then 4 padded to 8): one init and one chunk program per study
     assert backend_compiles() - before == 4
-    assert compiled_names()[names:] == ["jit(_init_run)", "jit(_chunk_run)"] * 2
+    assert compiled_names()[names:] == ["jit(init_run)", "jit(_chunk_run)"] * 2
     assert [len(r.trials) for r in results] == [12, 12] and sum(r.trained for r in results) == 24
     records, bad = Store(tmp_path).records()
     assert not bad and len(records) == len({spec.hash for r in results for spec, _ in r.trials})
