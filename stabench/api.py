@@ -82,11 +82,19 @@ def run(task: str | Path | RunSpec = "digits", method: str = "none", init: str =
     fake_data). `on_chunk(step)` is called after each chunk of training steps, `on_wait()` when
     another process is training the cell (this call waits for it and reuses its record)."""
     from .config import RunSpec
+
+    cell = task if isinstance(task, RunSpec) else spec(task, method, init, optimizer, **spec_args)
+    return _stored(cell, out, force, data_dir, on_chunk, on_wait)
+
+
+def _stored(cell: RunSpec, out: str | Path, force: bool, data_dir: str | None,
+            on_chunk: Callable[[int], None] | None = None,
+            on_wait: Callable[[], None] | None = None) -> Result:
+    """`run`'s work on a validated cell: its stored record, or one trained now."""
     from .process import prepare
     from .runner import TRAINED, load_data, train_and_store
     from .store import Store, tidy_dirs
 
-    cell = task if isinstance(task, RunSpec) else spec(task, method, init, optimizer, **spec_args)
     store = Store(out)
     if not force and (record := store.load(cell)) is not None:
         return Result(record, trained=False)
@@ -259,7 +267,7 @@ def diagnose(record: str | Path | Record | RunSpec, run: int = 0, *,
     from .store import BadRecord, Record, read_record
 
     if isinstance(record, RunSpec):
-        record = globals()["run"](record, out=out, force=force, data_dir=data_dir).record
+        record = _stored(record, out, force, data_dir).record
     elif not isinstance(record, Record):
         try:
             record = read_record(Path(record))
