@@ -24,8 +24,10 @@ if str(ROOT) not in sys.path:  # `python scripts/repro_x.py` from a checkout imp
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from scipy import stats  # noqa: E402
 
 from stabench.config import RunSpec  # noqa: E402
+from stabench.metrics import UNBOUNDED, mean_ci, wilson  # noqa: E402
 import stabench  # noqa: E402
 from stabench.store import Record  # noqa: E402
 
@@ -39,6 +41,60 @@ class Check:
 
     text: str
     held: bool
+
+
+# ---- the tests behind a verdict ------------------------------------------------------------------
+ALPHA = 0.05
+HELD, NOT_REPRODUCED = "held", "not reproduced at this scale"
+
+
+def as_printed(p: float) -> float:
+    """A p-value rounded as the report prints it (4 significant digits), so that the verdict a
+    reader recomputes from the table is the one the script computed."""
+    return p if math.isnan(p) else float(f"{p:.4g}")
+
+
+def verdict_of(p: float, alpha: float = ALPHA) -> str:
+    """The verdict of one test in the paper's direction: held only when it rejects at `alpha`;
+    a test that could not be made (NaN) is not a reproduction."""
+    return HELD if p < alpha else NOT_REPRODUCED
+
+
+def fisher_greater(k1: int, n1: int, k2: int, n2: int) -> float:
+    """One-sided Fisher exact p-value against k1/n1 <= k2/n2 (small: the first rate is higher)."""
+    return float(stats.fisher_exact([[k1, n1 - k1], [k2, n2 - k2]],
+                                    alternative="greater").pvalue)
+
+
+def welch_less(a, b) -> float:
+    """One-sided Welch t-test p-value against mean(a) >= mean(b) (small: a is lower); NaN when a
+    sample has fewer than 2 values or a non-finite one, or both are constant."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.size < 2 or b.size < 2 or not (np.isfinite(a).all() and np.isfinite(b).all()):
+        return math.nan
+    if a.var() == 0 and b.var() == 0:
+        return math.nan
+    return float(stats.ttest_ind(a, b, equal_var=False, alternative="less").pvalue)
+
+
+def rate(k: int, n: int) -> str:
+    """k/n with its 95% Wilson interval, as a table cell."""
+    _, lo, hi = wilson(k, n)
+    return f"{k}/{n} [{lo:.2f}, {hi:.2f}]"
+
+
+def mean_interval(x, digits: int = 3, bounds: tuple[float, float] = UNBOUNDED) -> str:
+    """Mean over seeds with its 95% Student-t interval (cut to `bounds`), as a table cell."""
+    m, lo, hi = mean_ci(x, bounds=bounds)
+    return f"{m:.{digits}g} [{lo:.{digits}g}, {hi:.{digits}g}]"
+
+
+def checks_from(tests: pd.DataFrame) -> list[Check]:
+    """One check per row of a tests table (columns claim, a, b, test, p): held when its
+    one-sided p-value, as printed, is below ALPHA."""
+    return [Check(f"{r['claim']}: {r['a']} vs {r['b']}; {r['test']} p = {fmt(r['p'])} -> "
+                  f"{verdict_of(r['p'])}", verdict_of(r['p']) == HELD)
+            for _, r in tests.iterrows()]
 
 
 def parser(doc: str) -> argparse.ArgumentParser:

@@ -55,12 +55,14 @@ class Result:
 def spec(task: str | Path = "digits", method: str = "none", init: str = "default",
          optimizer: str | None = None, *, seeds: int | None = None,
          lrs: Sequence[float] | None = None, steps: int | None = None,
-         batch_size: int | None = None, overrides: dict[str, Any] | None = None,
-         fake_data: bool = False) -> RunSpec:
-    """A validated cell: the task's file with `overrides` ({"model.depth": 8, ...}), `steps` and
-    `batch_size` applied, crossed with the method, init and optimizer, seeds x lrs runs."""
+         batch_size: int | None = None, precision: str | None = None,
+         overrides: dict[str, Any] | None = None, fake_data: bool = False) -> RunSpec:
+    """A validated cell: the task's file with `overrides` ({"model.depth": 8, ...}), `steps`,
+    `batch_size` and `precision` (the compute dtype: fp32, bf16 or fp16) applied, crossed with the
+    method, init and optimizer, seeds x lrs runs."""
     overrides = dict(overrides or {})
-    for key, value in (("train.steps", steps), ("train.batch_size", batch_size)):
+    for key, value in (("train.steps", steps), ("train.batch_size", batch_size),
+                       ("train.precision", precision)):
         if value is not None:
             if overrides.get(key, value) != value:
                 raise UserError(f"{key.split('.')[1]}={value} and overrides {key}="
@@ -137,7 +139,8 @@ def runs(source: str | Path | list[Record]) -> pd.DataFrame:
 def sweep(suite: str | None = None, *, tasks: Sequence[str] = (),
           methods: Sequence[str] = ("none",), inits: Sequence[str] = ("default",),
           optimizers: Sequence[str | None] = (None,), seeds: int | None = None,
-          lrs: Sequence[float] | None = None, overrides: dict[str, Any] | None = None,
+          lrs: Sequence[float] | None = None, precision: str | Sequence[str] | None = None,
+          overrides: dict[str, Any] | None = None,
           fake_data: bool = False, out: str | Path | None = None, workers: int | None = None,
           executor: str = "local", address: str | None = None, data_dir: str | None = None,
           shard: tuple[int, int] | None = None, progress=None,
@@ -145,7 +148,11 @@ def sweep(suite: str | None = None, *, tasks: Sequence[str] = (),
     """Train every cell of a suite (tasks/suites/NAME.toml) or of the lists given, skipping those
     stored under `out` (resume), with the local executor (`workers` processes, default one per
     core) or Ray (`executor="ray"`, `address`); returns the sweep's Summary (trained, skipped,
-    failed, ...)."""
+    failed, ...). `precision`: the compute dtype (fp32, bf16, fp16), or a list of them (a grid
+    axis), as the override train.precision."""
+    if precision is not None:
+        value = precision if isinstance(precision, str) else list(precision)
+        overrides = {**(overrides or {}), "train.precision": value}
     plan = sweep_plan(suite, tasks=tasks, methods=methods, inits=inits, optimizers=optimizers,
                       seeds=seeds, lrs=lrs, overrides=overrides, fake_data=fake_data, out=out,
                       shard=shard)
@@ -258,8 +265,9 @@ def diagnose(record: str | Path | Record | RunSpec, run: int = 0, *,
              data_dir: str | None = None, force: bool = False):
     """The Diagnosis of one run of a stored record, or of a cell (a RunSpec, e.g. from
     `diagnosis_spec`) trained and stored now: when the gradient exploded or vanished, in which
-    layer, the loss around it, and what to try (from the leaderboards under `results` that rank
-    this task, else from rules)."""
+    layer, the loss around it, and what to try (the entries of a leaderboard under `results` that
+    ranks this task and did not diverge at the run's learning rate, else rules; a lower rate if the
+    run broke)."""
     from .config import RunSpec
     from .data import DataMissing
     from .process import prepare

@@ -32,10 +32,19 @@ def _parse_set(items: list[str]) -> dict:
 
 
 def _overrides(args) -> dict:
-    """--set items plus --steps and --batch-size; checks --seeds where the command has it."""
+    """--set items plus --steps, --batch-size and --precision; checks --seeds where the command
+    has it."""
     from .tasks import TRAIN_BOUNDS, positive_int
 
     overrides = _parse_set(args.set)
+    if args.precision is not None:
+        # a list is a grid axis in a sweep, as --set train.precision=bf16,fp16 is
+        values = args.precision.split(",")
+        value = values if len(values) > 1 else values[0]
+        if overrides.get("train.precision", value) != value:
+            raise UserError(f"--precision {args.precision} and --set train.precision="
+                            f"{overrides['train.precision']} disagree: give one of them")
+        overrides["train.precision"] = value
     for flag, key in (("steps", "train.steps"), ("batch_size", "train.batch_size")):
         value = getattr(args, flag)
         if value is not None:
@@ -213,9 +222,11 @@ def cmd_report(args) -> int:
     from .reports import write_report
 
     markdown = write_report(args.directory, args.out, plots=not args.no_plots,
-                            warn=lambda m: print(m, file=sys.stderr))
+                            warn=lambda m: print(m, file=sys.stderr),
+                            main_metric=args.main_metric, interval=args.interval)
     print(markdown)
     print(f"report written to {args.out or args.directory}: report.md, leaderboards.tex, "
+          f"tables/*.tex (main, per task, appendix, definitions), "
           f"leaderboard.csv, overall.csv, runs.parquet"
           f"{', plots/' if not args.no_plots else ''}", file=sys.stderr)
     return 0
@@ -268,7 +279,8 @@ def _diagnose(args) -> int:
     from .store import BadRecord, Store, check_writable, read_record, tidy_dirs
 
     training = [f"--{k.replace('_', '-')}" for k in ("task", "method", "init", "optimizer", "lr",
-                                                     "steps", "batch_size") if getattr(args, k)]
+                                                     "steps", "batch_size", "precision")
+                if getattr(args, k)]
     training += ["--set"] * bool(args.set) + ["--fake-data"] * args.fake_data
     if args.record and training:
         raise UserError(f"give a record or training options, not both ({', '.join(training)})")
@@ -414,6 +426,10 @@ def build_parser() -> ArgumentParser:
     group.add_argument("--steps", type=int, default=None,
                        help="training steps (default: the task's)")
     group.add_argument("--batch-size", type=int, default=None, help="default: the task's")
+    group.add_argument("--precision", default=None, metavar="fp32|bf16|fp16",
+                       help="compute dtype of the forward and backward pass (parameters and "
+                            "optimizer state stay float32; default: the task's, fp32); in a "
+                            "sweep, a comma-separated list is a grid: bf16,fp16")
     group.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a task field, e.g. model.depth=20; in a sweep, a list for a "
                             "scalar field is a grid: model.depth=[4,8,16] or 4,8,16")
@@ -486,6 +502,10 @@ def build_parser() -> ArgumentParser:
     report.add_argument("directory")
     report.add_argument("--out", default=None, help="where to write (default: the directory)")
     report.add_argument("--no-plots", action="store_true")
+    report.add_argument("--main-metric", choices=("stability", "target"), default="stability",
+                        help="what the main table shows per task (default: stability)")
+    report.add_argument("--interval", choices=("brackets", "pm"), default="brackets",
+                        help="intervals as 0.97 [0.96, 0.98] (brackets) or 0.97 ± 0.01 (pm)")
     report.set_defaults(func=cmd_report)
 
     merge = sub.add_parser("merge", help="combine result directories (e.g. sweep shards)")

@@ -10,15 +10,15 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from . import methods, plugins
-from .data import DATASETS, Source, fake_sizes
+from .data import DATASETS, Source, fake_sizes, with_validation
 from .inits import INITS
 from .models import MODELS
 from .optimizers import OPTIMIZERS
 from .registry import Call, UserError, closest
-from .tasks import (LOSS_OF, TARGET_METRICS, TRAIN_BOUNDS, TaskSpec, all_tasks, check_lrs,
-                    get_task, positive_int, with_overrides)
+from .tasks import (DEFAULT_PRECISION, LOSS_OF, PRECISIONS, TARGET_METRICS, TRAIN_BOUNDS,
+                    TaskSpec, all_tasks, check_lrs, get_task, positive_int, with_overrides)
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 # The input values of a cell's dataset: over 10 times CIFAR-10's, 8 GB as float32, so a size past
 # it is a typo that would exhaust memory while the data loads.
 MAX_DATA_VALUES = 2_000_000_000
@@ -77,7 +77,9 @@ def program_key(spec: RunSpec) -> str:
     masked = [Call(c.name, tuple((k, "<traced>" if k in methods.traced_args(c) else v)
                                  for k, v in c.kwargs))
               for c in methods.resolve(spec.method)]
-    d = {**spec.to_dict(), "method": methods.canonical(tuple(masked)), "seeds": None, "lrs": None}
+    config = {**spec.task_config, "train": {**spec.train, "seeds": None, "lrs": None}}
+    d = {**spec.to_dict(), "method": methods.canonical(tuple(masked)), "seeds": None, "lrs": None,
+         "task_config": config}
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 
@@ -118,8 +120,9 @@ def make_spec(task: str, method: str = "none", init: str = "default", optimizer:
         by_set = any(k.startswith(fields) for k in overrides or {})
         raise UserError(f"{spec_task.source}{' with --set' if by_set else ''}: {err}") from None
     meta = source.meta
-    n_train, n_test = fake_sizes(meta) if fake_data else (meta.n_train, meta.n_test)
-    values = (n_train + n_test) * math.prod(meta.x_shape)
+    n_train, n_val, n_test = (fake_sizes(meta) if fake_data
+                              else (meta.n_train, meta.n_val, meta.n_test))
+    values = (n_train + n_val + n_test) * math.prod(meta.x_shape)
     if values > MAX_DATA_VALUES:
         raise UserError(f"dataset {spec_task.component('dataset')} holds {values:,} input values: "
                         f"at most {MAX_DATA_VALUES:,}")
@@ -127,12 +130,16 @@ def make_spec(task: str, method: str = "none", init: str = "default", optimizer:
         raise UserError(f"batch size {train['batch_size']} exceeds the {n_train} training examples "
                         f"of task {spec_task.name}")
     calls = methods.resolve(method)
+    optimizer = str(OPTIMIZERS.resolve(optimizer or train["optimizer"]))
+    # the record's task config says what ran, not what the task file proposed
+    config = {**spec_task.config,
+              "train": {**train, "optimizer": optimizer, "seeds": seeds, "lrs": list(lrs)}}
     spec = RunSpec(
         task=spec_task.name,
-        task_config=spec_task.config,
+        task_config=config,
         method=methods.canonical(calls),
         init=str(INITS.resolve(init)),
-        optimizer=str(OPTIMIZERS.resolve(optimizer or train["optimizer"])),
+        optimizer=optimizer,
         seeds=tuple(range(seeds)),
         lrs=lrs,
         fake_data=fake_data,
@@ -197,7 +204,10 @@ def trace_first_update(cell, model) -> None:
 
 
 def data_source(task: TaskSpec) -> Source:
-    return DATASETS.get(task.component("dataset"))
+    """The task's dataset with its validation split held out of the training split (records
+    trained before tasks held one out have none)."""
+    source = DATASETS.get(task.component("dataset"))
+    return source if task.val_fraction is None else with_validation(source, task.val_fraction)
 
 
 def source_named(name: str) -> Source:
@@ -226,6 +236,16 @@ def build_cell(spec: RunSpec, source: Source):
     from .program import Cell
 
     task = task_of(spec)
+    calls = methods.resolve(spec.method)
+    changes = methods.model_args(calls)
+    if changes:  # the "model" methods' arguments of the model's builder
+        task = with_overrides(task, {f"model.{k}": v for k, v in changes})
+        model = task.config["model"]["name"]
+        for arg, _ in changes:
+            if arg not in MODELS.entry(model).parameters():
+                takers = [e.name for e in MODELS.entries() if arg in e.parameters()]
+                raise UserError(f"method {spec.method} sets the model argument {arg}, which model "
+                                f"{model} does not take (models that do: {', '.join(takers)})")
     init = INITS.get(spec.init)
     model_spec = task.component("model")
     if init.model_args:
@@ -254,16 +274,32 @@ def build_cell(spec: RunSpec, source: Source):
     if init.check is not None:
         init.check(abstract)
     train = spec.train
-    transform = methods.transform(methods.resolve(spec.method), OPTIMIZERS.get(spec.optimizer),
+    transform = methods.transform(calls, OPTIMIZERS.get(spec.optimizer),
                                   train["steps"], abstract.layer_order,
                                   getattr(abstract, "stacked_layers", ()))
+    if (transform.loss_terms or transform.outputs) and spec.task_config["loss"] != "cross_entropy":
+        raise UserError(f"method {spec.method} acts on a classifier's logits: task {spec.task}'s "
+                        f"loss is {spec.task_config['loss']}, not cross_entropy")
     return Cell(
         build_model=make,
         transform=transform,
-        fault=methods.build_fault(methods.resolve(spec.method)),
+        fault=methods.build_fault(calls),
         loss=spec.task_config["loss"],
         steps=train["steps"],
         batch_size=train["batch_size"],
         eval_every=train["eval_every"],
         after_init=init.after,
+        sharpness_every=spec.task_config.get("telemetry", {}).get("sharpness_every", 0),
+        adam=adam_hyperparameters(spec.optimizer),
+        compute_dtype=PRECISIONS[train.get("precision", DEFAULT_PRECISION)],
     )
+
+
+def adam_hyperparameters(optimizer: str) -> tuple[float, float, float] | None:
+    """(b1, b2, eps) of optax's Adam in the optimizer, whose state the preconditioned sharpness
+    reads; None for the others."""
+    call = OPTIMIZERS.resolve(optimizer)
+    if call.name not in ("adam", "adamw"):
+        return None
+    kwargs = dict(call.kwargs)
+    return kwargs["b1"], kwargs["b2"], kwargs["eps"]

@@ -29,6 +29,14 @@ RECOVER_WINDOW = 10
 VANISH_REL, VANISH_ABS = 1e-3, 1e-7  # vanishing layer: below 1e-3 x the largest layer, or 1e-7
 VANISH_SHARE = 0.5  # ... on more than half of the recorded steps
 SHOW_LAYERS = 5  # layers named in one line of the report
+# An origin layer is named only when its jump ratio at the onset is at least LEAD_FACTOR x the next
+# layer's. A fault in one layer leaves the others near their medians (30x and 100x gradient spikes
+# planted in one layer of a depth-3 digits MLP: the leader 19x to 110x the next layer), while a
+# learning rate too large lifts every layer at once through the shared step and the coupled
+# backward pass (the explosions of digits at depth 1 to 6, deep_plain, teacher and temporal_order
+# at their unstable rates: 1.01x to 4.8x)
+LEAD_FACTOR = 10.0
+LR_FACTOR = 10  # without a measured stable rate: this many times lower
 
 
 def running_median(x: np.ndarray, window: int = MEDIAN_WINDOW,
@@ -71,6 +79,33 @@ class Explosion:
     loss_after: float  # mean of the finite losses of the AROUND steps from `step` (inf: the
     # run froze there)
     recovered_at: int | None  # first step from which a RECOVER_WINDOW mean is within RECOVER_TOL
+    # the layers above EXPLODE_FACTOR x their own running median (or non-finite) at `step`
+    exploded: tuple[str, ...] = ()
+
+    @property
+    def lead(self) -> float:
+        """The first layer's ratio at `onset` over the next layer's (NaN: no comparison)."""
+        if len(self.layer_ratios) < 2:
+            return math.nan
+        first, second = self.layer_ratios[0][1], self.layer_ratios[1][1]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return float(np.float64(first) / np.float64(second))
+
+    @property
+    def origin(self) -> str | None:
+        """The layer the explosion started in: the first to jump, when it clearly leads (its ratio
+        at least LEAD_FACTOR x the next layer's; a model's only layer trivially)."""
+        if not self.layers:
+            return None
+        if len(self.layer_ratios) == 1 or self.lead >= LEAD_FACTOR:
+            return self.layers[0]
+        return None
+
+    @property
+    def together(self) -> bool:
+        """Every layer exploded by the event and none clearly led: the step size's signature."""
+        return (len(self.layer_ratios) > 1 and self.origin is None
+                and len(self.exploded) == len(self.layer_ratios))
 
     @property
     def ratio(self) -> float:
@@ -132,6 +167,8 @@ class _Series:
         if step >= steps:
             return None
         layers, onset, ratios = self._origin(step, start)
+        with np.errstate(invalid="ignore"):
+            exploded = self.layer_ratios[step] > EXPLODE_FACTOR
         loss = self.loss
         before = loss[max(0, step - AROUND):step]
         before = before[np.isfinite(before)]  # steps a method skipped
@@ -144,7 +181,8 @@ class _Series:
         return Explosion(step, "non-finite" if step == first_bad else "grad norm",
                          float(self.grad_norm[step]), float(self.median[step]), layers, onset,
                          ratios, loss_before, loss_after,
-                         _recovery(loss, self.bad, step, loss_before))
+                         _recovery(loss, self.bad, step, loss_before),
+                         tuple(self.names[j] for j in np.flatnonzero(exploded)))
 
     def _origin(self, step: int, start: int):
         """The layers whose own grad norm jumped first: in the unbroken stretch of steps that ends
@@ -237,6 +275,7 @@ class Diagnosis:
     divergence: int | None = None  # metrics.divergence_step; None: did not diverge
     vanishing: Vanishing | None = None
     recommendations: tuple[Recommendation, ...] = field(default=())
+    notes: tuple[str, ...] = ()  # what the recommendations could not offer, and why
 
     @property
     def explosion(self) -> Explosion | None:
@@ -284,13 +323,11 @@ def diagnose(telemetry: dict[str, np.ndarray], layer_names: list[str], run: dict
 
 # ---- recommendations ---------------------------------------------------------------------------
 EXPLOSION_ADVICE = (
-    ("method", "clip_norm", "bounds every update when the global gradient norm spikes, as it did "
-                            "here"),
-    ("method", "agc", "clips each layer's gradient relative to its weight norm, so the layer that "
-                      "jumped first is held back without slowing the others"),
-    ("method", "warmup", "small steps while early curvature is high; explosions early in training "
-                         "are the typical case"),
-    ("lr", "", "the size of the step that blew up scales with the learning rate"),
+    ("clip_norm", "bounds every update when the global gradient norm spikes, as it did here"),
+    ("agc", "clips each layer's gradient relative to its weight norm, so a layer that jumps is "
+            "held back without slowing the others"),
+    ("warmup", "small steps while early curvature is high; explosions early in training are the "
+               "typical case"),
 )
 VANISHING_ADVICE = (
     ("init", "he_normal", None, "variance 2/fan_in keeps each layer's signal from shrinking with "
@@ -300,20 +337,29 @@ VANISHING_ADVICE = (
 )
 
 
+def _broke(diag: Diagnosis) -> bool:
+    return diag.divergence is not None or diag.harmful is not None
+
+
+def _step_size(diag: Diagnosis) -> bool:
+    """The event that broke the run shows the step size's signature (every layer at once)."""
+    e = diag.harmful or diag.explosion
+    return e is not None and e.together
+
+
 def rule_recommendations(diag: Diagnosis, methods: set[str], inits: set[str],
                          model_args: set[str]) -> tuple[Recommendation, ...]:
-    """Rule-based advice: explosion or divergence -> clipping, AGC, warmup, a lower learning rate;
-    vanishing -> He init, residual connections, normalization. Only what this installation has
-    (registered methods and inits, arguments the task's model accepts) and the run does not use."""
+    """Rule-based advice: explosion or divergence -> clipping, AGC, warmup, a lower learning rate
+    (first when every layer exploded together); vanishing -> He init, residual connections,
+    normalization. Only what this installation has (registered methods and inits, arguments the
+    task's model accepts) and the run does not use."""
     run = diag.run
     used = {parse_call(term)[0] for term in split_plus(run["method"])}
     out = []
-    if diag.divergence is not None or diag.harmful is not None:
-        for kind, name, reason in EXPLOSION_ADVICE:
-            if kind == "lr":
-                out.append(Recommendation(f"--lr {run['lr'] / 10:g}", reason))
-            elif name in methods and name not in used:
-                out.append(Recommendation(f"--method {name}", reason))
+    if _broke(diag):
+        out += [Recommendation(f"--method {name}", reason) for name, reason in EXPLOSION_ADVICE
+                if name in methods and name not in used]
+        out.insert(0 if _step_size(diag) else len(out), lr_recommendation(diag))
     v = diag.vanishing
     if v is not None and v.layers and v.after_explosion is None:
         for kind, name, value, reason in VANISHING_ADVICE:
@@ -325,19 +371,115 @@ def rule_recommendations(diag: Diagnosis, methods: set[str], inits: set[str],
     return tuple(out)
 
 
-def board_recommendations(board_rows: list[dict], where: str, top: int = 3
-                          ) -> tuple[Recommendation, ...]:
+# A leaderboard row read by `reports.board_rows_for` carries `lr_runs`: for each learning rate of
+# the entry's grid, (runs that diverged, runs)
+def _at_or_above(lr_runs: dict, lr: float) -> float | None:
+    """The grid rate that speaks for `lr`: `lr` itself, else the next rate above it (between two
+    rates of the grid, the higher one: instability grows with the rate); None past the grid."""
+    rates = [r for r in lr_runs if r >= lr or math.isclose(r, lr, rel_tol=1e-6)]
+    return min(rates) if rates else None
+
+
+def stable_at(row: dict, lr: float) -> bool:
+    """No run of the entry diverged at `lr` (or the next rate of its grid above it)."""
+    lr_runs = row.get("lr_runs") or {}
+    rate = _at_or_above(lr_runs, lr)
+    return rate is not None and lr_runs[rate][0] == 0
+
+
+def stable_below(lr_runs: dict, lr: float) -> float | None:
+    """The largest rate of the grid below `lr` at which, and at every lower rate, no run
+    diverged; None if there is none."""
+    best = None
+    for rate in sorted(lr_runs):
+        if rate >= lr or math.isclose(rate, lr, rel_tol=1e-6) or lr_runs[rate][0]:
+            break
+        best = rate
+    return best
+
+
+def _entry(r: dict) -> tuple:
+    return tuple(str(r[k]) for k in ("method", "init", "optimizer"))
+
+
+def board_recommendations(board_rows: list[dict], where: str, lr: float, own: tuple = (),
+                          top: int = 3) -> tuple[Recommendation, ...]:
     """The best entries of a task's leaderboard rows (as the report's leaderboard.csv writes them:
-    variant, method, init, optimizer, rank, stability, quality_*), best rank first."""
+    variant, method, init, optimizer, rank, stability, quality_*; with `lr_runs`), best rank first,
+    among those that did not diverge at the run's learning rate `lr` (see `stable_at`), other than
+    the run's own entry `own` (method, init, optimizer)."""
     rows = sorted(board_rows, key=lambda r: (_num(r.get("rank")), -_num(r.get("stability"))))
     out = []
-    for r in rows[:top]:
+    for r in [r for r in rows if stable_at(r, lr) and _entry(r) != own][:top]:
+        rate = _at_or_above(r["lr_runs"], lr)
+        at = f"lr {rate:g}" + ("" if math.isclose(rate, lr, rel_tol=1e-6) else
+                               f", the next rate of its grid above {lr:g}")
         quality = f"{r.get('quality_metric', 'quality')} {_num(r.get('quality_mean')):.3g}"
         out.append(Recommendation(
             " ".join(f"--{k} {shlex.quote(str(r[k]))}" for k in ("method", "init", "optimizer")),
             f"rank {_num(r.get('rank')):g} of {len(rows)} on {r['variant']} in {where} "
-            f"(stability {_num(r.get('stability')):.3g}, {quality})"))
+            f"(stability {_num(r.get('stability')):.3g}, {quality}); none of its "
+            f"{plural(r['lr_runs'][rate][1], 'run')} at {at} diverged"))
     return tuple(out)
+
+
+def no_stable_entry(board_rows: list[dict], where: str, lr: float) -> str:
+    """Why a leaderboard has no entry to recommend at `lr`."""
+    variant = board_rows[0]["variant"]
+    ran = sum(_at_or_above(r.get("lr_runs") or {}, lr) is not None for r in board_rows)
+    if not ran:
+        return (f"no entry of {variant} in {where} ran at lr {lr:g} or above: none is known to "
+                f"train there without diverging")
+    return (f"no entry of {variant} in {where} trained without diverging at lr {lr:g} (or the "
+            f"next rate of its grid above it): each of the {plural(ran, 'entry', 'entries')} "
+            f"that ran there diverged on at least one seed")
+
+
+def lr_recommendation(diag: Diagnosis, board_rows: list[dict] = (), where: str | None = None
+                      ) -> Recommendation:
+    """A lower learning rate: the largest rate below the run's at which its own entry in the
+    leaderboard never diverged (nor below it), else at which no entry of the leaderboard did, else
+    LR_FACTOR x lower."""
+    run, lr = diag.run, diag.run["lr"]
+    cause = ("every layer exploded together, the signature of a step size too large, not of one "
+             "layer; " if _step_size(diag) else "")
+    own = [r for r in board_rows
+           if _entry(r) == tuple(str(run[k]) for k in ("method", "init", "optimizer"))]
+    if own and (rate := stable_below(own[0].get("lr_runs") or {}, lr)) is not None:
+        n = own[0]["lr_runs"][rate][1]
+        return Recommendation(f"--lr {rate:g}", f"{cause}the largest rate below {lr:g} at which "
+                              f"no run of this entry diverged (0 of {n} there, none at a lower "
+                              f"rate) on {own[0]['variant']} in {where}")
+    pooled: dict[float, list[int]] = {}
+    for r in board_rows:
+        for rate, (failed, n) in (r.get("lr_runs") or {}).items():
+            pooled.setdefault(rate, [0, 0])
+            pooled[rate][0] += failed
+            pooled[rate][1] += n
+    if (rate := stable_below(pooled, lr)) is not None:
+        return Recommendation(f"--lr {rate:g}", f"{cause}the largest rate below {lr:g} at which "
+                              f"no entry of {board_rows[0]['variant']} in {where} diverged (nor "
+                              f"at a lower rate)")
+    return Recommendation(f"--lr {lr / LR_FACTOR:g}", f"{cause}{LR_FACTOR}x lower: the size of "
+                          f"the step that blew up scales with the learning rate")
+
+
+def recommendations(diag: Diagnosis, board_rows: list[dict], where: str | None,
+                    methods: set[str], inits: set[str], model_args: set[str]
+                    ) -> tuple[tuple[Recommendation, ...], tuple[str, ...]]:
+    """(advice, notes): with leaderboard rows, the best entries that did not diverge at the run's
+    learning rate (a note if there is none) and, if the run broke, a lower rate (first when the
+    step size is the cause); without, the rules."""
+    if not board_rows:
+        return rule_recommendations(diag, methods, inits, model_args), ()
+    run = diag.run
+    own = tuple(str(run[k]) for k in ("method", "init", "optimizer"))
+    out = list(board_recommendations(board_rows, str(where), run["lr"], own))
+    notes = () if out else (no_stable_entry(board_rows, str(where), run["lr"]),)
+    if _broke(diag):
+        out.insert(0 if _step_size(diag) else len(out), lr_recommendation(diag, board_rows,
+                                                                             str(where)))
+    return tuple(out), notes
 
 
 def _num(x) -> float:
@@ -361,6 +503,14 @@ def _what(e: Explosion) -> str:
     return f"grad norm {format_number(e.ratio)}x its median"
 
 
+def _where(e: Explosion, start: str) -> str:
+    if e.origin is not None:
+        return f", {start} {e.origin}"
+    if e.together:
+        return ", in every layer at once: the step size, not a layer"
+    return ", no layer clearly first" if e.layers else ""
+
+
 def summary(diag: Diagnosis) -> str:
     """One line: the verdict."""
     if diag.at_init_only:
@@ -370,14 +520,12 @@ def summary(diag: Diagnosis) -> str:
     spikes = [e for e in diag.events if e.transient]
     if spikes:
         e = spikes[0]
-        where = f", in {_names(e.layers, 3)}" if e.layers else ""
         first = "first at step" if len(spikes) > 1 else "at step"
         parts.append(f"{plural(len(spikes), 'transient gradient spike')} the loss recovered from "
-                     f"({first} {e.step}, {_what(e)}{where})")
+                     f"({first} {e.step}, {_what(e)}{_where(e, 'in')})")
     e = diag.harmful
     if e is not None:
-        where = f", starting in {_names(e.layers, 3)}" if e.layers else ""
-        parts.append(f"explosion at step {e.step} ({_what(e)}){where}")
+        parts.append(f"explosion at step {e.step} ({_what(e)}){_where(e, 'starting in')}")
     if diag.divergence is not None:
         parts.append(f"diverged at step {diag.divergence}")
     if diag.vanishing.layers:
@@ -398,15 +546,15 @@ def to_markdown(diag: Diagnosis, figure: str | None = None) -> str:
         lines += _explosion_lines(diag) + _vanishing_lines(diag.vanishing, len(diag.signal.layers))
     lines += _signal_lines(diag)
     lines += ["## Recommendation", ""]
-    if diag.recommendations:
-        lines += [f"- `{r.action}`: {r.reason}" for r in diag.recommendations]
-    elif diag.healthy:
-        lines += ["- nothing to fix: no explosion, divergence or vanishing gradients"]
-    elif not diag.needs_fix:
-        lines += [f"- nothing to fix: every spike was transient (the loss recovered within "
-                  f"{AROUND} steps) and nothing diverged or vanished"]
-    else:
-        lines += ["- no registered technique left to suggest beyond what this run already uses"]
+    lines += [f"- `{r.action}`: {r.reason}" for r in diag.recommendations]
+    lines += [f"- {note}" for note in diag.notes]
+    if not (diag.recommendations or diag.notes):
+        lines += ["- nothing to fix: no explosion, divergence or vanishing gradients"
+                  if diag.healthy else
+                  f"- nothing to fix: every spike was transient (the loss recovered within "
+                  f"{AROUND} steps) and nothing diverged or vanished"
+                  if not diag.needs_fix else
+                  "- no registered technique left to suggest beyond what this run already uses"]
     lines.append("")
     if figure:
         lines += [f"![per-layer gradient norms and loss]({figure})", ""]
@@ -429,11 +577,12 @@ def _explosion_lines(diag: Diagnosis) -> list[str]:
         lines += [f"### Explosion at step {diag.harmful.step}", ""]
         lines += _event_lines(diag.harmful) + [""]
     if diag.divergence is not None:
-        lines += [f"Diverged at step {diag.divergence} (a non-finite loss or gradient, or the "
-                  f"20-step mean loss above max(2 L0, L0 + 1)).", ""]
+        lines += [f"Diverged at step {diag.divergence} (from there to the end of training, a "
+                  f"non-finite loss or gradient froze the run or the 20-step mean loss stayed "
+                  f"above max(2 L0, L0 + 1)).", ""]
     else:
-        lines += ["Did not diverge (no non-finite loss or gradient; the 20-step mean loss stayed "
-                  "at most max(2 L0, L0 + 1)).", ""]
+        lines += ["Did not diverge (no non-finite loss or gradient froze the run, and the 20-step "
+                  "mean loss at the end of training is at most max(2 L0, L0 + 1)).", ""]
     return lines
 
 
@@ -448,13 +597,7 @@ def _event_lines(e: Explosion) -> list[str]:
         lines.append(f"- step {e.step}: global grad norm {format_number(e.grad_norm)} = "
                      f"{format_number(e.ratio)}x its median over the previous "
                      f"{plural(window, 'step')} ({format_number(e.median)})")
-    when = "at that step" if e.onset == e.step else f"at step {e.onset}"
-    history = any(math.isfinite(r) for _, r in e.layer_ratios)
-    lines.append(f"- started in: {_names(e.layers)} (first to exceed {EXPLODE_FACTOR:g}x "
-                 f"its own median, {when})" if e.layers else
-                 f"- started in: undetermined (no layer's grad norm exceeded {EXPLODE_FACTOR:g}x "
-                 f"its own median at the step)" if history else
-                 "- started in: undetermined (too little history before the step)")
+    lines += _origin_lines(e)
     top = ", ".join(f"{n} {format_number(r)}x" for n, r in e.layer_ratios[:SHOW_LAYERS])
     lines.append(f"- layer ratios to their own median at step {e.onset}: {top}")
     lines.append(f"- loss: mean {format_number(e.loss_before)} over the {AROUND} steps before, "
@@ -465,6 +608,32 @@ def _event_lines(e: Explosion) -> list[str]:
     else:
         lines.append(f"- not recovered: no later {RECOVER_WINDOW}-step loss mean came back "
                      f"within {RECOVER_TOL:.0%} of the pre-event mean")
+    return lines
+
+
+def _origin_lines(e: Explosion) -> list[str]:
+    when = "at that step" if e.onset == e.step else f"at step {e.onset}"
+    first = f"first to exceed {EXPLODE_FACTOR:g}x its own median, {when}"
+    if not e.layers:
+        history = any(math.isfinite(r) for _, r in e.layer_ratios)
+        return [f"- started in: undetermined (no layer's grad norm exceeded {EXPLODE_FACTOR:g}x "
+                f"its own median at the step)" if history else
+                "- started in: undetermined (too little history before the step)"]
+    if len(e.layer_ratios) == 1:
+        return [f"- started in: {e.origin} (the model's only layer; {first})"]
+    (lead, r0), (nxt, r1) = e.layer_ratios[:2]
+    margin = (f"{lead} leads: {format_number(r0)}x vs {format_number(r1)}x next ({nxt}) at step "
+              f"{e.onset}, {format_number(e.lead)} times the next layer's ratio")
+    if e.origin is not None:
+        lines = [f"- started in: {e.origin} ({first}; {margin}, a clear lead: at least "
+                 f"{LEAD_FACTOR:g})"]
+    else:
+        lines = [f"- started in: no single layer ({_names(e.layers)} {first}; {margin}, not a "
+                 f"clear lead: that needs at least {LEAD_FACTOR:g})"]
+    if e.together:
+        lines.append(f"- every layer's grad norm was above {EXPLODE_FACTOR:g}x its own median at "
+                     f"step {e.step}: they rose together, the signature of a step size too large, "
+                     f"not of one layer")
     return lines
 
 

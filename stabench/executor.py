@@ -85,7 +85,8 @@ class DataCache:
     def __call__(self, spec: RunSpec):
         from .runner import load_data
 
-        key = (task_of(spec).component("dataset"), spec.fake_data)
+        task = task_of(spec)
+        key = (task.component("dataset"), task.val_fraction, spec.fake_data)
         if key != self.key:
             self.key, self.data = None, None  # release the old one before loading
             self.data, self.key = load_data(spec, self.data_dir), key
@@ -440,8 +441,9 @@ def cell_label(spec: RunSpec) -> str:
         base = flatten(get_task(spec.task).config)
     except UserError:  # a task file given by its path: its fields are the task's own
         base = flatten(spec.task_config)
+    shown_apart = {"train.optimizer", "train.lrs", "train.seeds"}  # the cell's own axes
     changed = [f"{k.rpartition('.')[2]}={v}" for k, v in flatten(spec.task_config).items()
-               if k not in base or base[k] != v]
+               if k not in shown_apart and (k not in base or base[k] != v)]
     task = f"{spec.task}[{','.join(changed)}]" if changed else spec.task
     return f"{task} | {spec.method} | {spec.init} | {spec.optimizer}"
 

@@ -16,11 +16,13 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from .metrics import (MA_START, METRIC_RANGES, fisher_p, improvement, lr_sensitivity, mean_ci,
-                      performance_ratios, profile_score, stable_width, welch_p, wilson)
+from .metrics import (MA_START, METRIC_RANGES, VALIDATION_OF, fisher_p, holm, improvement,
+                      lr_sensitivity, mean_ci, performance_ratios, profile_score, stable_width,
+                      welch_p, wilson)
 from .reproduce import numerics_facts
 from .store import commit_label
-from .tasks import flatten
+from .registry import UserError, parse_call, split_plus
+from .tasks import DEFAULT_PRECISION, OPTIONAL_SECTIONS, flatten
 from .text import format_number, plural
 
 
@@ -40,12 +42,13 @@ def short_run_note(steps: int) -> str:
 
 
 def lr_table(runs: list[dict]) -> pd.DataFrame:
-    """One row per learning rate: diverged/total, final loss, test accuracy (mean, 95% t-interval
-    over seeds), median steps to target."""
+    """One row per learning rate: diverged/total, spiked (recovered)/total, final loss, test
+    accuracy (mean, 95% t-interval over seeds), median steps to target."""
     df = pd.DataFrame(runs)
     rows = []
     for lr, g in df.groupby("lr", sort=True):
         row = {"lr": format_number(lr), "diverged": f"{int(g['diverged'].sum())}/{len(g)}",
+               "spiked": f"{int(g['spiked'].sum())}/{len(g)}",
                "final loss": format_number(float(np.median(g["final_train_loss"])))}
         metric, label = (("test_accuracy", "test acc") if "test_accuracy" in g
                          else ("test_loss", "test loss"))
@@ -64,16 +67,22 @@ PROVENANCE = ("git_commit", "git_dirty", "device_kind", "backend", "device_count
               "cpu_model", "date")
 
 
+UNRECORDED_DEFAULTS = {"train.precision": DEFAULT_PRECISION,
+                       **{f"{section}.{key}": value for section, fields in OPTIONAL_SECTIONS.items()
+                          for key, value in fields.items()}}
+
+
 def variant_labels(specs: list) -> dict[str, str]:
     """Spec hash -> task label: the task name plus the config fields that differ between records
     of that task (learning rates and seeds are within-cell axes, not variants)."""
     by_task: dict[str, list] = {}
     for spec in specs:
         by_task.setdefault(spec.task, []).append(spec)
-    skip = {"train.lrs", "train.seeds", "description", "expect", "aliases"}
+    skip = {"train.lrs", "train.seeds", "train.optimizer", "description", "expect", "aliases"}
     labels = {}
     for task, group in by_task.items():
-        flat = [flatten(s.task_config) for s in group]
+        # a setting at its default is left out of the record (so old hashes hold): label it so
+        flat = [{**UNRECORDED_DEFAULTS, **flatten(s.task_config)} for s in group]
         keys = sorted({k for f in flat for k in f} - skip)
         varying = [k for k in keys if len({repr(f.get(k)) for f in flat}) > 1]
         leaves = [k.rpartition(".")[2] for k in varying]
@@ -139,16 +148,112 @@ def dedupe_runs(df: pd.DataFrame) -> tuple[pd.DataFrame, int]:
     return kept, len(df) - len(kept)
 
 
+# ---- choosing on the validation split -----------------------------------------------------------
+def _choice_order(g: pd.DataFrame, keys: list[str], metric: str, mode: str) -> pd.DataFrame:
+    """The (keys) groups of runs, best first by the mean over seeds of the validation metric that
+    stands for the target `metric`; equal means: fewer diverged runs first, then the smaller
+    learning rate, then the method string that sorts first. Reads no test column."""
+    val = VALIDATION_OF[metric]
+    order = g.groupby(keys, sort=True).agg(score=(val, "mean"), diverged=("diverged", "sum"))
+    order["rank_score"] = -order["score"] if mode == "max" else order["score"]
+    order = order.reset_index()
+    by = ["rank_score", "diverged", *[k for k in ("lr", "method") if k in keys]]
+    return order.sort_values(by, kind="stable", na_position="last")
+
+
+def select_lr(g: pd.DataFrame, metric: str, mode: str) -> float:
+    """An entry's learning rate: the best mean validation metric over seeds (see
+    `_choice_order` for ties)."""
+    return float(_choice_order(g, ["lr"], metric, mode)["lr"].iloc[0])
+
+
+def undecided(g: pd.DataFrame, metric: str) -> bool:
+    """Whether no learning rate of a grid of several is better than another on validation or on
+    divergence (every run diverged, say): the choice is then the smallest by convention alone."""
+    scores = g.groupby("lr").agg(score=(VALIDATION_OF[metric], "mean"),
+                                 diverged=("diverged", "sum"))
+    return len(scores) > 1 and len(scores.drop_duplicates()) == 1
+
+
+TUNED = "tuned"  # an entry's label: its method family's call names, then this
+
+
+def _calls(method: str) -> list[tuple[str, dict]]:
+    return [parse_call(term, "method") for term in split_plus(method)]
+
+
+def _default_setting(names: tuple[str, ...]) -> str | None:
+    """The method string of a family's registered defaults; None where the registry lacks a name
+    (a plugin not loaded here)."""
+    from . import methods
+
+    try:
+        return methods.canonical(methods.resolve("+".join(names)))
+    except UserError:
+        return None
+
+
+def setting_label(method: str, settings: list[str]) -> str:
+    """The arguments of `method` that differ among the family's `settings`: 'max_norm=0.25' (the
+    call's name first where two calls share an argument name)."""
+    parsed = [_calls(m) for m in settings]
+    mine = _calls(method)
+    varying = [(i, k) for i, (_, kwargs) in enumerate(mine) for k in kwargs
+               if len({repr(p[i][1].get(k)) for p in parsed}) > 1]
+    keys = [k for _, k in varying]
+    return ", ".join(f"{k if keys.count(k) == 1 else f'{mine[i][0]}.{k}'}={_short(mine[i][1][k])}"
+                     for i, k in varying)
+
+
+def tune_entries(runs: pd.DataFrame) -> pd.DataFrame:
+    """The runs of one task variant with each method family tuned (AlgoPerf's external tuning):
+    entries whose methods have the same calls with different arguments, under the same init and
+    optimizer, become one tuned entry `NAMES tuned`, whose runs are those of the setting with the
+    best validation metric at its best learning rate (ties as in `_choice_order`); the setting of
+    the registered defaults stays as its own entry beside it, and the other settings are left out.
+    Adds `setting` (the method string that ran), `tuned` (the chosen arguments, '' for an entry
+    that was not tuned) and `settings` (how many settings the entry was chosen among)."""
+    metric, mode = runs["target_metric"].iloc[0], runs["target_mode"].iloc[0]
+    runs = runs.assign(setting=runs["method"], tuned="", settings=1)
+    family = runs["method"].map(lambda m: tuple(name for name, _ in _calls(m)))
+    parts = []
+    for _, g in runs.groupby([family, runs["init"], runs["optimizer"]], sort=True):
+        settings = sorted(g["method"].unique())
+        if len(settings) < 2:
+            parts.append(g)
+            continue
+        names = tuple(name for name, _ in _calls(settings[0]))
+        chosen = _choice_order(g, ["method", "lr"], metric, mode)["method"].iloc[0]
+        parts.append(g[g["method"] == chosen].assign(
+            method=f"{'+'.join(names)} {TUNED}", tuned=setting_label(chosen, settings),
+            settings=len(settings)))
+        parts.append(g[g["method"] == _default_setting(names)])
+    return pd.concat(parts, ignore_index=True)
+
+
+def budget_notes(variant: str, tuned: pd.DataFrame) -> list[str]:
+    """A note where the tuned entries of a variant were chosen among different numbers of
+    settings: their tuning budgets differ, so the comparison favours the larger."""
+    counts = tuned[tuned["tuned"] != ""].drop_duplicates(ENTRY).set_index("method")["settings"]
+    if counts.nunique() < 2:
+        return []
+    listed = ", ".join(f"{m} {n}" for m, n in counts.sort_index().items())
+    return [f"{variant}: its tuned entries were chosen among different numbers of settings "
+            f"({listed}): unequal tuning budgets."]
+
+
 # ---- per-task leaderboard ----------------------------------------------------------------------
 def _entry_stats(g: pd.DataFrame, metric: str, mode: str) -> dict:
     by_lr = g.groupby("lr", sort=True)
     quality = by_lr[metric].mean()
-    best_lr = float(quality.idxmax() if mode == "max" else quality.idxmin())
+    best_lr = select_lr(g, metric, mode)
     at_best = g[g["lr"] == best_lr].sort_values("seed")
     k, n = int(g["diverged"].sum()), len(g)
     _, d_lo, d_hi = wilson(k, n)
-    if len(quality) > 1 and quality.nunique(dropna=False) == 1:
-        best_lr = math.nan  # none is better (every run diverged, say); columns take the smallest
+    spiked = int(g["spiked"].sum())
+    s_rate, s_lo, s_hi = wilson(spiked, n)
+    if undecided(g, metric):
+        best_lr = math.nan  # shown as -: the columns take the smallest rate, the convention's
     stable = by_lr["diverged"].max() == 0
     reached = by_lr["steps_to_target"].apply(lambda s: bool(np.isfinite(s).all()))
     stable_lrs = stable[stable].index
@@ -156,6 +261,7 @@ def _entry_stats(g: pd.DataFrame, metric: str, mode: str) -> dict:
         "runs": n, "seeds": g["seed"].nunique(), "lrs": len(quality), "best_lr": best_lr,
         "quality_seeds": at_best[metric].to_numpy(np.float64),
         "diverged_runs": k, "diverged_rate": k / n, "diverged_lo": d_lo, "diverged_hi": d_hi,
+        "spiked_runs": spiked, "spiked_rate": s_rate, "spiked_lo": s_lo, "spiked_hi": s_hi,
         "lr_sensitivity": lr_sensitivity(g["lr"], g["final_train_loss"], g["init_loss"]),
         "max_stable_lr": float(stable_lrs.max()) if len(stable_lrs) else math.nan,
         "stable_width": stable_width(quality.index, (stable & reached).to_numpy()),
@@ -207,27 +313,32 @@ def _best_index(values: pd.Series, mode: str):
 
 
 def _mark_ties(board: pd.DataFrame) -> None:
-    """Flag entries not significantly different from the column's best (alpha 0.05): Welch t-test
-    over seeds for quality and stability, Fisher's exact test for divergence. NaN: not testable,
-    or equal to the best (those are bold)."""
+    """Flag entries not significantly different from the column's best: Welch t-test over seeds
+    for quality and stability, Fisher's exact test for divergence, each entry against the best,
+    Holm-corrected over the comparisons of the column (alpha 0.05). NaN: not testable, or equal to
+    the best (those are bold)."""
     mode = board["quality_mode"].iloc[0]
     for col, samples, col_mode in (("quality", "quality_seeds", mode),
                                    ("stability", "stability_seeds", "max")):
         values = board[f"{col}_mean" if col == "quality" else col]
         best = _best_index(values, col_mode)
-        flags = []
-        for i in board.index:
-            p = math.nan if best is None or values[i] == values[best] else welch_p(
-                board.at[best, samples], board.at[i, samples])
-            flags.append(math.nan if math.isnan(p) else p >= ALPHA)
-        board[f"{col}_tie"] = flags
+        board[f"{col}_tie"] = _holm_ties([
+            math.nan if best is None or values[i] == values[best] else welch_p(
+                board.at[best, samples], board.at[i, samples]) for i in board.index])
     rate = board["diverged_rate"]
     best = _best_index(rate, "min")
-    board["diverged_tie"] = [
+    board["diverged_tie"] = _holm_ties([
         math.nan if rate[i] == rate[best] else fisher_p(
             board.at[best, "diverged_runs"], board.at[best, "runs"], board.at[i, "diverged_runs"],
-            board.at[i, "runs"]) >= ALPHA
-        for i in board.index]
+            board.at[i, "runs"])
+        for i in board.index])
+
+
+def _holm_ties(pvalues: list[float]) -> list:
+    """True where Holm's procedure keeps the null (no significant difference), False where it
+    rejects it, NaN where there was no test."""
+    reject = holm(pvalues, ALPHA)
+    return [math.nan if math.isnan(p) else not r for p, r in zip(pvalues, reject)]
 
 
 # ---- overall leaderboard -----------------------------------------------------------------------
@@ -241,21 +352,16 @@ def task_weights(variants: list[str], task_of_variant: dict[str, str], used=None
     return np.array([1.0 / counts[n] if u else 0.0 for n, u in zip(names, used)])
 
 
-def profile_weights(variants: list[str], task_of_variant: dict[str, str],
-                    ratios: np.ndarray) -> np.ndarray:
-    """Task weights over the variants some entry brought to the target (the profiles' tasks)."""
-    return task_weights(variants, task_of_variant, ~np.isnan(ratios).all(axis=0))
-
-
 def overall_board(boards: dict[str, pd.DataFrame], task_of_variant: dict[str, str]) -> tuple[
         pd.DataFrame, np.ndarray, list[str]]:
     """One row per entry across task variants; also the [entries, variants] performance ratios and
-    the variants no entry brought to its target (left out of the profiles)."""
+    the variants no entry brought to its target (in the profiles, a task no entry solved)."""
     variants = sorted(boards)
     entries = sorted({tuple(r) for b in boards.values() for r in b[ENTRY].itertuples(index=False)})
     shape = (len(entries), len(variants))
     steps, stability, rank = np.full(shape, np.nan), np.full(shape, np.nan), np.full(shape, np.nan)
     div_k, div_n = np.zeros(len(entries), int), np.zeros(len(entries), int)
+    spike_k = np.zeros(len(entries), int)
     present = np.zeros(shape, bool)
     for j, v in enumerate(variants):
         b = boards[v].set_index(ENTRY)
@@ -264,20 +370,27 @@ def overall_board(boards: dict[str, pd.DataFrame], task_of_variant: dict[str, st
                 present[i, j] = True
                 steps[i, j] = b.at[e, "steps_to_target"]
                 stability[i, j] = b.at[e, "stability"]
-                rank[i, j] = b.at[e, "rank"]
                 div_k[i] += b.at[e, "diverged_runs"]
+                spike_k[i] += b.at[e, "spiked_runs"]
                 div_n[i] += b.at[e, "runs"]
     ratios = performance_ratios(steps)
-    unsolved = [v for j, v in enumerate(variants) if np.isnan(ratios[:, j]).all()]
-    scores = np.full(len(entries), np.nan) if len(unsolved) == len(variants) else profile_score(
-        ratios, profile_weights(variants, task_of_variant, ratios))
+    unsolved = [v for j, v in enumerate(variants) if np.isinf(ratios[:, j]).all()]
     weigh = functools.partial(task_weights, variants, task_of_variant)
+    scores = profile_score(ratios, weigh())
+    # Scores averaged over different task sets do not compare: only entries that ran every task
+    # variant are ranked, and their per-task ranks are taken among themselves (a task others also
+    # ran would otherwise rank out of more entries than the rest).
+    complete = present.all(axis=1)
+    for j in range(len(variants)):
+        rank[complete, j] = pd.Series(stability[complete, j]).rank(
+            ascending=False, method="min").to_numpy()
     rows = []
     for i, e in enumerate(entries):
         # a task where no entry improved has no stability and no rank, yet the entry ran it
         ran, has_rank = present[i], ~np.isnan(rank[i])
         ok = ran & ~np.isnan(stability[i])
         p, lo, hi = wilson(int(div_k[i]), int(div_n[i]))
+        sp, s_lo, s_hi = wilson(int(spike_k[i]), int(div_n[i]))
         rows.append({
             **dict(zip(ENTRY, e)), "tasks": int(ran.sum()),
             "stability": float(np.average(stability[i][ok], weights=weigh(ok)[ok])) if ok.any()
@@ -287,11 +400,11 @@ def overall_board(boards: dict[str, pd.DataFrame], task_of_variant: dict[str, st
             if has_rank.any() else math.nan,
             "diverged_runs": int(div_k[i]), "runs": int(div_n[i]),
             "diverged_rate": p, "diverged_lo": lo, "diverged_hi": hi,
+            "spiked_runs": int(spike_k[i]), "spiked_rate": sp, "spiked_lo": s_lo,
+            "spiked_hi": s_hi,
         })
     board = pd.DataFrame(rows)
-    # Scores averaged over different task sets do not compare: only entries that ran every task
-    # variant are ranked; the others follow, unranked, by stability.
-    complete = board["tasks"] == len(variants)
+    # the unranked follow the ranked, by stability
     board["rank"] = board["stability"].where(complete).rank(ascending=False, method="min")
     ranked = board[complete].sort_values(["rank", "profile_score"], ascending=[True, False],
                                          na_position="last", kind="stable")
@@ -306,6 +419,8 @@ COLUMNS = {  # column -> (header, direction for bold: max, min or None)
     "rank": ("rank", "min"),
     "quality": (None, None),  # header and direction from the task's target
     "diverged": ("diverged (95% CI)", "min"),
+    # fewer recovered spikes is no merit where the runs diverged instead: no best
+    "spiked": ("spiked (95% CI)", None),
     "lr_sensitivity": ("LR sensitivity", "min"),
     "max_stable_lr": ("max stable LR", "max"),
     "stable_width": ("stable width", "max"),
@@ -317,7 +432,7 @@ COLUMNS = {  # column -> (header, direction for bold: max, min or None)
 OVERALL = {
     "rank": ("rank", "min"), "tasks": ("tasks", None), "stability": ("stability", "max"),
     "profile_score": ("profile score", "max"), "mean_rank": ("mean rank", "min"),
-    "diverged": ("diverged (95% CI)", "min"),
+    "diverged": ("diverged (95% CI)", "min"), "spiked": ("spiked (95% CI)", None),
 }
 
 
@@ -342,10 +457,14 @@ def _bold_mask(values: pd.Series, direction: str | None) -> pd.Series:
 
 
 def _rank_and_entry(board: pd.DataFrame) -> pd.DataFrame:
-    """A table's first columns: rank, method, and init and optimizer where they vary."""
+    """A table's first columns: rank, method (a tuned entry with its chosen arguments), and init
+    and optimizer where they vary."""
     frame = pd.DataFrame({"rank": board["rank"].map(format_number)})
     for c in ["method"] + [c for c in ("init", "optimizer") if board[c].nunique() > 1]:
         frame[c] = board[c]
+    if "tuned" in board:
+        frame["method"] = [f"{m} ({t})" if t else m
+                           for m, t in zip(board["method"], board["tuned"])]
     return frame
 
 
@@ -369,6 +488,8 @@ def render_task(variant: str, board: pd.DataFrame, runs: pd.DataFrame) -> Table:
         _marked(_ci(p, lo, hi, 2), t) for p, lo, hi, t in zip(
             board["diverged_rate"], board["diverged_lo"], board["diverged_hi"],
             board["diverged_tie"])]
+    frame[COLUMNS["spiked"][0]] = [_ci(p, lo, hi, 2) for p, lo, hi in zip(
+        board["spiked_rate"], board["spiked_lo"], board["spiked_hi"])]
     for col in ("lr_sensitivity", "max_stable_lr", "stable_width"):
         frame[COLUMNS[col][0]] = board[col].map(format_number)
     frame[COLUMNS["steps_to_target"][0]] = board["steps_to_target"].map(_steps_text)
@@ -402,25 +523,47 @@ def task_caption(variant: str, board: pd.DataFrame, runs: pd.DataFrame) -> str:
         f"{'; ' + ', '.join(fixed) if fixed else ''}. Target: {metric} "
         f"{'at least' if mode == 'max' else 'at most'} {format_number(value)}. "
         f"{metric} at each entry's best learning rate: mean over seeds with a 95% Student-t "
-        f"interval (the best learning rate is the one with the best mean {metric} over seeds: "
-        f"chosen on the data it is reported on, with no validation split, so optimistic where "
-        f"seeds disagree; none, -, where every learning rate scores the same, as when every run "
-        f"diverged, and the columns at it then take the smallest). Diverged: share of all runs "
-        f"(every learning rate and seed) with a 95% Wilson interval. LR sensitivity (Wortsman et "
+        f"interval. {selection_text(metric)}{tuning_text(board, metric)} Diverged: share of all "
+        f"runs (every learning rate and seed) that went non-finite or ended training with the loss "
+        f"(its last 20-step mean) above max(2 L0, L0 + 1), L0 the loss at the start; spiked: share "
+        f"that rose above that threshold (20-step mean, after step {MA_START}) and came back below "
+        f"it by the end; both with a 95% Wilson interval. LR sensitivity (Wortsman et "
         f"al. 2023): mean over the grid of the final training loss, capped at the loss at "
         f"initialization, minus its minimum over the grid (- for one learning rate or where no "
         f"run got below the loss at initialization). Max stable LR: largest learning rate where "
-        f"no seed diverged. Stable width: log10 span of consecutive learning rates where every "
-        f"seed stays stable and reaches the target. Steps to target: minimum over learning rates "
-        f"of the median over seeds. Clipped share (mean) and max grad norm (median) over the "
-        f"seeds at the best learning rate. Stability: mean over seeds of the mean over their runs "
-        f"(all runs, on a full grid) of the loss improvement (the median loss at initialization "
-        f"over this task's runs, one start for every entry, minus the final loss, at least 0) "
-        f"divided by the best mean improvement any entry reaches at one learning rate on this "
-        f"task; rank by stability. Bold: best in the column. {MARK}: not significantly different "
-        f"from the best (two-sided Welch t-test over seeds for {metric} and stability, Fisher's "
-        f"exact test for divergence; alpha = {ALPHA}, no correction for multiple comparisons"
-        f"{one_seed}).{short}")
+        f"no seed diverged (a spike that recovered does not count). Stable width: log10 span of "
+        f"consecutive learning rates where every seed stays stable and reaches the target. "
+        f"Steps to target: minimum over learning rates of the median over seeds. Clipped share "
+        f"(mean) and max grad norm (median) over the seeds at the best learning rate. "
+        f"Stability: mean over seeds of the mean over their runs (all runs, on a full grid) of "
+        f"the loss improvement (the median loss at initialization over this task's runs, one "
+        f"start for every entry, minus the final loss, at least 0) divided by the best mean "
+        f"improvement any entry reaches at one learning rate on this task; rank by stability. "
+        f"Bold: best in the column. {MARK}: not significantly different from the best (two-sided "
+        f"Welch t-test over seeds for {metric} and stability, Fisher's exact test for divergence; "
+        f"each entry against the column's best, Holm-corrected over the column's comparisons, "
+        f"alpha = {ALPHA}{one_seed}).{short}")
+
+
+def selection_text(metric: str) -> str:
+    """How an entry's learning rate is chosen, for captions."""
+    val = VALIDATION_OF[metric]
+    return (f"The best learning rate is chosen on the validation split held out of the training "
+            f"data, never on the test split: the best mean {val} over seeds; equal means go to "
+            f"fewer diverged runs, then the smaller rate (shown as -, where no rate is better on "
+            f"either, as when every run diverged).")
+
+
+def tuning_text(board: pd.DataFrame, metric: str) -> str:
+    """What a tuned entry is, for captions of boards that have one ('' otherwise)."""
+    if "tuned" not in board or not (board["tuned"] != "").any():
+        return ""
+    counts = sorted(set(board.loc[board["tuned"] != "", "settings"].astype(int)))
+    return (f" A tuned entry (NAME {TUNED} (chosen values)) is the setting of its method's "
+            f"arguments, among the {' or '.join(map(str, counts))} settings run, whose best "
+            f"learning rate has the best mean {VALIDATION_OF[metric]} (the same ties, then the "
+            f"first method string); its columns are that setting's. The registered defaults are "
+            f"their own entry; the other settings are in runs.parquet only.")
 
 
 def render_overall(board: pd.DataFrame, unsolved: list[str], n_variants: int) -> Table:
@@ -432,6 +575,9 @@ def render_overall(board: pd.DataFrame, unsolved: list[str], n_variants: int) ->
     frame[OVERALL["diverged"][0]] = [
         _ci(p, lo, hi, 2) for p, lo, hi in
         zip(board["diverged_rate"], board["diverged_lo"], board["diverged_hi"])]
+    frame[OVERALL["spiked"][0]] = [
+        _ci(p, lo, hi, 2) for p, lo, hi in
+        zip(board["spiked_rate"], board["spiked_lo"], board["spiked_hi"])]
     numeric = {"rank": board["rank"], "stability": board["stability"],
                "profile score": board["profile_score"], "mean rank": board["mean_rank"],
                OVERALL["diverged"][0]: board["diverged_rate"]}
@@ -444,23 +590,27 @@ def render_overall(board: pd.DataFrame, unsolved: list[str], n_variants: int) ->
         f"Overall, across {plural(n_variants, 'task variant')} (each task counts once; its "
         f"variants share its weight). Tasks: the task variants an entry ran. Stability: weighted "
         f"mean of the per-task stability scores. Profile score (AlgoPerf): (1/3) times the "
-        f"integral from 1 to 4 of rho(tau), the weighted share of tasks an entry brings to the "
+        f"integral from 1 to 4 of rho(tau), the weighted share of all tasks an entry brings to the "
         f"target within tau times the fewest steps any entry needs; an entry that never reaches "
-        f"the target, or did not run the task, counts as infinitely slow. Mean rank: weighted mean "
-        f"of the per-task ranks. Diverged: share of all runs with a 95% Wilson interval. Rank by "
-        f"stability; bold: best in the column among ranked entries.")
+        f"the target, or did not run the task, counts as infinitely slow, and a task no entry "
+        f"brought to the target counts for every entry as one it did not solve. Mean rank: "
+        f"weighted mean of the per-task stability ranks, each taken among the ranked entries "
+        f"only. Diverged and spiked (a loss spike that recovered): shares of all runs, as in the "
+        f"task tables, with 95% Wilson intervals. Rank by stability; bold: best in the column "
+        f"among ranked entries.")
     partial = int((board["tasks"] < n_variants).sum())
     if partial:
         caption += (f" Unranked (rank -): {_entries(partial)} that did not run every task "
-                    f"variant; their stability and mean rank average over the tasks they ran, "
-                    f"their profile score counts the others as never reaching the target.")
+                    f"variant; their stability averages over the tasks they ran, they have no "
+                    f"mean rank, and their profile score counts the others as never reaching "
+                    f"the target.")
     failed = int((board["rank"].isna() & (board["tasks"] == n_variants)).sum())
     if failed:
         caption += (f" Unranked (rank -): {_entries(failed)} with no stability score: on "
                     f"every task it ran, no entry improved on the loss at initialization.")
     if unsolved:
-        caption += (f" Left out of the profiles because no entry reached the target: "
-                    f"{', '.join(unsolved)}.")
+        caption += (f" No entry reached the target on {', '.join(unsolved)}: "
+                    f"no entry's profile reaches 1.")
     return Table(frame, bold, caption, "tab:overall")
 
 
@@ -515,6 +665,8 @@ class Leaderboards:
     ratios: np.ndarray  # [overall entries, sorted variants]
     unsolved: list[str]
     notes: list[str]
+    # the runs the boards count: each tuned method family as its chosen setting (`tune_entries`)
+    ranked: pd.DataFrame
 
 
 def build_leaderboards(records: list) -> Leaderboards:
@@ -529,11 +681,40 @@ def build_leaderboards(records: list) -> Leaderboards:
     if len(versions) > 1:
         notes.append(f"records come from {len(versions)} code versions ({'; '.join(versions)}): "
                      f"compare entries trained by different versions with care.")
+    used, lacking = _with_validation(records, used)
+    if lacking:
+        notes.append(f"left out of the leaderboards, kept in runs.parquet: {lacking} trained "
+                     f"before tasks held out a validation split, whose learning rate could only "
+                     f"be chosen on the test data; retrain them to rank them.")
     notes += grid_notes(used)
-    boards = {v: task_board(g) for v, g in used.groupby("variant", sort=True)}
+    boards, ranked = {}, []
+    for variant, g in used.groupby("variant", sort=True):
+        tuned = tune_entries(g)
+        ranked.append(tuned)
+        notes += budget_notes(variant, tuned)
+        settings = tuned.drop_duplicates(ENTRY)[[*ENTRY, "setting", "tuned", "settings"]]
+        boards[variant] = task_board(tuned).merge(settings, on=ENTRY, how="left")
     task_of_variant = dict(zip(used["variant"], used["task"]))
     overall, ratios, unsolved = overall_board(boards, task_of_variant)
-    return Leaderboards(runs, used, boards, overall, ratios, unsolved, notes)
+    return Leaderboards(runs, used, boards, overall, ratios, unsolved, notes,
+                        pd.concat(ranked, ignore_index=True))
+
+
+def _with_validation(records: list, used: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """The runs of the records that hold the validation metric their target needs, their variants
+    labelled among themselves; and how many cells lack it ('' if none). Only runs of such records
+    remain: none is a UserError."""
+    fair = [r for r in records
+            if all(VALIDATION_OF[r.spec.target[0]] in run for run in r.runs)]
+    lacking = len(records) - len(fair)
+    if not fair:
+        raise UserError(f"none of the {plural(len(records), 'record')} holds validation metrics "
+                        f"(they were trained before tasks held out a validation split), so no "
+                        f"learning rate can be chosen without reading the test data: retrain them")
+    labels = variant_labels([r.spec for r in fair])
+    kept = used[used["spec_hash"].isin(labels)]
+    return kept.assign(variant=kept["spec_hash"].map(labels)), (
+        plural(lacking, "cell") if lacking else "")
 
 
 def grid_notes(used: pd.DataFrame) -> list[str]:
@@ -582,7 +763,9 @@ def depth_points(tables: Leaderboards, specs: dict) -> pd.DataFrame | None:
                          "family_label": f"{spec.task_config['dataset']['name']} "
                                          f"{spec.task_config['model']['name']}",
                          "architecture": "residual" if args["residual"] else "plain",
-                         "method": r["method"], "init": r["init"], "metric": r["quality_metric"],
+                         "variant": variant, "method": r["method"], "init": r["init"],
+                         "optimizer": r["optimizer"], "best_lr": r["best_lr"],
+                         "metric": r["quality_metric"],
                          "quality_mean": r["quality_mean"], "quality_lo": r["quality_lo"],
                          "quality_hi": r["quality_hi"]})
     points = pd.DataFrame(rows)
@@ -594,3 +777,61 @@ def depth_points(tables: Leaderboards, specs: dict) -> pd.DataFrame | None:
     if points.empty or points["depth"].nunique() < 2:
         return None
     return points
+
+
+BASELINE = "none"  # the unstabilized entry a task must challenge
+
+
+def baseline_checks(runs: pd.DataFrame) -> pd.DataFrame:
+    """Whether each task variant tests stability: over its grid, the baseline's (method `none`,
+    each init and optimizer it ran with) share of diverged runs with its Wilson interval, the
+    learning rates where it diverged on some seed and where it reached the target (the median
+    over seeds of the steps to target is finite, as in the board's steps-to-target column), and
+    how many entries reached the target at some rate. The default suite asks for
+    two rates of each kind, a diverged share between 20% and 80%, and one entry reaching the
+    target."""
+    rows = []
+    for (variant, init, optimizer), g in runs[runs["method"] == BASELINE].groupby(
+            ["variant", "init", "optimizer"], sort=True):
+        by_lr = g.groupby("lr")
+        reached = np.isfinite(by_lr["steps_to_target"].median())
+        diverged = by_lr["diverged"].max() > 0
+        k, n = int(g["diverged"].sum()), len(g)
+        rate, lo, hi = wilson(k, n)
+        task = runs[runs["variant"] == variant]
+        solved = np.isfinite(task.groupby([*ENTRY, "lr"])["steps_to_target"].median())
+        solvers = {key[:-1] for key, ok in solved.items() if ok}
+        rows.append({"variant": variant, "init": init, "optimizer": optimizer,
+                     "diverged_runs": k, "runs": n, "diverged_rate": rate, "diverged_lo": lo,
+                     "diverged_hi": hi,
+                     "diverging_lrs": [float(x) for x in diverged.index[diverged]],
+                     "reaching_lrs": [float(x) for x in reached.index[reached]],
+                     "entries_reaching": len(solvers)})
+    return pd.DataFrame(rows)
+
+
+def render_baseline_checks(checks: pd.DataFrame) -> Table:
+    """The per-variant figures of `baseline_checks`, with whether each meets the default suite's
+    rules (bold: a rule it breaks)."""
+    rates = lambda lrs: ", ".join(format_number(x) for x in lrs) or "none"  # noqa: E731
+    frame = pd.DataFrame({
+        "task": checks["variant"],
+        "entry": checks["init"] + " / " + checks["optimizer"],
+        "none diverged (95% CI)": [
+            f"{r.diverged_runs}/{r.runs} = {_ci(r.diverged_rate, r.diverged_lo, r.diverged_hi, 2)}"
+            for r in checks.itertuples()],
+        "LRs where none diverged": [rates(x) for x in checks["diverging_lrs"]],
+        "LRs where none reached the target": [rates(x) for x in checks["reaching_lrs"]],
+        "entries reaching the target": checks["entries_reaching"].astype(str),
+    })
+    bold = pd.DataFrame(False, index=frame.index, columns=frame.columns)
+    bold["none diverged (95% CI)"] = ~checks["diverged_rate"].between(0.2, 0.8)
+    bold["LRs where none diverged"] = checks["diverging_lrs"].map(len) < 2
+    bold["LRs where none reached the target"] = checks["reaching_lrs"].map(len) < 2
+    bold["entries reaching the target"] = checks["entries_reaching"] < 1
+    caption = ("Does each task variant test stability? The baseline (none) over its grid: share of "
+               "runs diverged (Wilson interval), rates where some seed diverged, rates where it "
+               "reached the target (median over seeds). The default suite asks for 20% to 80% "
+               "diverged, two rates of each kind and one entry reaching the target; bold: a rule "
+               "broken.")
+    return Table(frame, bold, caption, "baseline-checks")

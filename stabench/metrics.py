@@ -10,13 +10,16 @@ import numpy as np
 from scipy import stats
 
 INITIAL_STEPS = 10  # initial loss L0: mean of the first 10 finite losses
-MA_WINDOW = 20  # divergence: 20-step moving average of the loss ...
+MA_WINDOW = 20  # divergence threshold: 20-step moving average of the loss ...
 MA_START = 20  # ... above max(2 L0, L0 + 1) after step 20
 # the values a metric can take; its intervals are cut to them
 METRIC_RANGES = {"test_accuracy": (0.0, 1.0), "test_loss": (0.0, math.inf),
+                 "val_accuracy": (0.0, 1.0), "val_loss": (0.0, math.inf),
                  "final_train_loss": (0.0, math.inf)}
+# the validation metric that stands for a test metric wherever a setting is chosen
+VALIDATION_OF = {"test_accuracy": "val_accuracy", "test_loss": "val_loss"}
 UNBOUNDED = (-math.inf, math.inf)
-SPIKE_FACTOR, SPIKE_WINDOW = 1.5, 50  # loss spike: loss > 1.5x its 50-step mean; once per 50 steps
+JUMP_FACTOR, JUMP_WINDOW = 1.5, 50  # loss jump: loss > 1.5x its 50-step mean; once per 50 steps
 
 
 def initial_loss(loss: np.ndarray) -> float:
@@ -45,38 +48,56 @@ def moving_average(x: np.ndarray, window: int) -> np.ndarray:
     return out
 
 
-def divergence_step(loss: np.ndarray, frozen_at: int) -> int | None:
-    """First step at which the engine froze the run (a non-finite loss or gradient that no method
-    skipped, or non-finite parameters or state), or whose 20-step average of the finite losses
-    exceeds max(2 L0, L0 + 1) after step 20 (a window without a finite loss counts as above);
-    None when neither happens. A non-finite step that a method skipped is not a divergence: it
-    counts in `nonfinite_steps`."""
-    bad = np.zeros(len(loss), bool)
+def above_threshold(loss: np.ndarray, frozen_at: int) -> np.ndarray:
+    """Per step: the run is frozen (the engine stopped it at a non-finite loss or gradient that no
+    method skipped, or at non-finite parameters or state), or, after step 20, the 20-step average
+    of its finite losses is above max(2 L0, L0 + 1) (a window without a finite loss counts as
+    above). A non-finite step that a method skipped is not above: it counts in
+    `nonfinite_steps`."""
+    above = np.zeros(len(loss), bool)
     if frozen_at >= 0:
-        bad[frozen_at:] = True
+        above[frozen_at:] = True
     l0 = initial_loss(loss)
     limit = max(2 * l0, l0 + 1)
     with np.errstate(invalid="ignore"):
         ma = moving_average(loss, MA_WINDOW)
-        high = (ma > limit) | (ma == math.inf)  # inf: a window without a finite loss
+        high = (ma > limit) | (ma == math.inf)
     high[: MA_START + 1] = False
-    hits = np.flatnonzero(bad | high)
+    return above | high
+
+
+def first_unstable_step(loss: np.ndarray, frozen_at: int) -> int | None:
+    """First step above the divergence threshold (`above_threshold`), whether or not the run came
+    back below it; None when it never went above."""
+    hits = np.flatnonzero(above_threshold(loss, frozen_at))
     return int(hits[0]) if hits.size else None
 
 
-def loss_spikes(loss: np.ndarray) -> int:
-    """Steps whose loss exceeds 1.5x the mean of the previous 50; spikes within 50 steps count
-    once."""
-    count, last = 0, -SPIKE_WINDOW - 1
+def divergence_step(loss: np.ndarray, frozen_at: int) -> int | None:
+    """Step from which the run stayed above the divergence threshold to the end of training (the
+    start of its last excursion, or the step it froze at): a run diverged when it was frozen or its
+    final moving average, the training loss at the end, is above the threshold. None for a run
+    that ends below it, including one that went above and recovered (a loss spike)."""
+    above = above_threshold(loss, frozen_at)
+    if not above.size or not above[-1]:
+        return None
+    below = np.flatnonzero(~above)
+    return int(below[-1]) + 1 if below.size else 0
+
+
+def loss_jumps(loss: np.ndarray) -> int:
+    """Steps whose loss exceeds 1.5x the mean of the previous 50; jumps within 50 steps count once.
+    A local measure of roughness, unrelated to the divergence threshold."""
+    count, last = 0, -JUMP_WINDOW - 1
     finite = np.where(np.isfinite(loss), loss, np.nan)
     c = np.concatenate([[0.0], np.nancumsum(finite)])
     n = np.concatenate([[0], np.cumsum(np.isfinite(finite))])
-    for t in range(SPIKE_WINDOW, len(loss)):
-        k = n[t] - n[t - SPIKE_WINDOW]
+    for t in range(JUMP_WINDOW, len(loss)):
+        k = n[t] - n[t - JUMP_WINDOW]
         if k == 0 or not np.isfinite(finite[t]):
             continue
-        mean = (c[t] - c[t - SPIKE_WINDOW]) / k
-        if finite[t] > SPIKE_FACTOR * mean and t - last > SPIKE_WINDOW:
+        mean = (c[t] - c[t - JUMP_WINDOW]) / k
+        if finite[t] > JUMP_FACTOR * mean and t - last > JUMP_WINDOW:
             count, last = count + 1, t
     return count
 
@@ -90,11 +111,17 @@ def first_reaching(values: np.ndarray, steps: np.ndarray, target: float, mode: s
 
 
 def run_metrics(tel: dict[str, np.ndarray], evals: dict[str, np.ndarray], eval_steps: np.ndarray,
-                frozen_at: int, target: tuple[str, float, str]) -> dict[str, float]:
-    """Metrics of one run from its telemetry rows ([steps]) and evaluations ([evals])."""
+                frozen_at: int, target: tuple[str, float, str],
+                edge: tuple[str, float] | None = None) -> dict[str, float]:
+    """Metrics of one run from its telemetry rows ([steps]) and evaluations ([evals]).
+    `divergence_step` is the step the run diverged for good (`divergence_step`), the last step for
+    one that did not; `first_unstable_step` the first step above the threshold (NaN: never).
+    A run that recorded its sharpness also gets `sharpness_metrics` (`edge`: the run's
+    `stability_threshold`)."""
     loss, gnorm = tel["loss"], tel["grad_norm"]
     steps = len(loss)
     div = divergence_step(loss, frozen_at)
+    unstable = first_unstable_step(loss, frozen_at)
     failed = frozen_at >= 0  # non-finite: no usable model
     tail = loss[max(0, steps - MA_WINDOW):]
     finite_tail = tail[np.isfinite(tail)]  # steps a method skipped have no loss to average
@@ -105,6 +132,9 @@ def run_metrics(tel: dict[str, np.ndarray], evals: dict[str, np.ndarray], eval_s
         "initial_loss": initial_loss(loss),
         "diverged": float(div is not None),
         "divergence_step": float(div if div is not None else steps - 1),
+        # above the threshold during training, below it at the end (and not frozen)
+        "spiked": float(unstable is not None and div is None),
+        "first_unstable_step": math.nan if unstable is None else float(unstable),
         "final_train_loss": math.inf if failed or not finite_tail.size
         else float(finite_tail.mean()),
         "test_loss": math.inf if failed else float(evals["test_loss"][-1]),
@@ -112,12 +142,59 @@ def run_metrics(tel: dict[str, np.ndarray], evals: dict[str, np.ndarray], eval_s
         "p99_grad_norm": float(np.percentile(finite_g, 99)) if finite_g.size else math.inf,
         "clipped_share": float(tel["changed"][active].mean()) if active.any() else 0.0,
         "nonfinite_steps": float(np.nansum(tel["nonfinite"])),
-        "loss_spikes": float(loss_spikes(loss)),
+        "loss_jumps": float(loss_jumps(loss)),
     }
     if "test_accuracy" in evals:
         out["test_accuracy"] = 0.0 if failed else float(evals["test_accuracy"][-1])
+    if "val_loss" in evals:  # the data held out a validation split: scored as the test split
+        out["val_loss"] = math.inf if failed else float(evals["val_loss"][-1])
+    if "val_accuracy" in evals:
+        out["val_accuracy"] = 0.0 if failed else float(evals["val_accuracy"][-1])
     out["steps_to_target"] = math.inf if failed else first_reaching(
         evals[metric], eval_steps, value, mode)
+    if "sharpness" in tel:
+        out.update(sharpness_metrics(tel, div, edge))
+    return out
+
+
+def stability_threshold(optimizer: str, args: dict, lr: float) -> tuple[str, float] | None:
+    """(series, level): the sharpness above which the optimizer's step diverges on a quadratic,
+    the level the edge of stability hovers at (Cohen et al. 2021, 2022). Gradient descent: 2/lr;
+    heavy-ball momentum b (optax.trace): (2 + 2b)/lr; Nesterov: (2 + 2b)/((1 + 2b) lr); Adam and
+    AdamW: (2 + 2 b1)/((1 - b1) lr) on the preconditioned sharpness. None for other optimizers."""
+    if optimizer == "sgd":
+        b = args.get("momentum", 0.0)
+        return "sharpness", (2 + 2 * b) / ((1 + 2 * b if args.get("nesterov") else 1) * lr)
+    if optimizer in ("adam", "adamw"):
+        b1 = args.get("b1", 0.9)
+        return "precond_sharpness", (2 + 2 * b1) / ((1 - b1) * lr)
+    return None
+
+
+def sharpness_metrics(tel: dict[str, np.ndarray], divergence: int | None,
+                      edge: tuple[str, float] | None) -> dict[str, float]:
+    """From the estimated steps of a run's `sharpness` (and `precond_sharpness`) series (finite;
+    NaN elsewhere): its last estimate (`sharpness_final`) and largest (`sharpness_max`); the last
+    estimate before the step the run diverged at (`sharpness_at_divergence`, NaN for a run that did
+    not); the share of estimates at or above the stability threshold `edge` (`eos_share`, NaN
+    without one)."""
+    out = {}
+    for name in ("sharpness", "precond_sharpness"):
+        if name not in tel:
+            continue
+        values = np.asarray(tel[name], np.float64)
+        estimated = values[np.isfinite(values)]
+        out[f"{name}_final"] = float(estimated[-1]) if estimated.size else math.nan
+        out[f"{name}_max"] = float(estimated.max()) if estimated.size else math.nan
+    values = np.asarray(tel["sharpness"], np.float64)
+    before = values[:divergence][np.isfinite(values[:divergence])] if divergence else []
+    out["sharpness_at_divergence"] = float(before[-1]) if len(before) else math.nan
+    share = math.nan
+    if edge is not None and edge[0] in tel:
+        series = np.asarray(tel[edge[0]], np.float64)
+        estimated = series[np.isfinite(series)]
+        share = float((estimated >= edge[1]).mean()) if estimated.size else math.nan
+    out["eos_share"] = share
     return out
 
 
@@ -195,34 +272,39 @@ PROFILE_TAU_MAX = 4.0  # AlgoPerf integrates the profile from tau = 1 to 4
 
 
 def performance_ratios(steps: np.ndarray) -> np.ndarray:
-    """[entries, tasks] steps to target -> r = steps / best steps on that task (inf: never
-    reached). A task no entry reaches gives NaN ratios (it says nothing about the entries)."""
+    """[entries, tasks] steps to target -> r = steps / fewest steps of any entry on that task. inf
+    where the entry never reached the target or did not run the task (NaN steps), and for every
+    entry on a task no entry reached: as in AlgoPerf, such a task still counts in every entry's
+    profile, as one it did not solve."""
     steps = np.asarray(steps, np.float64)
-    best = np.min(np.where(np.isnan(steps), np.inf, steps), axis=0)
+    steps = np.where(np.isnan(steps), np.inf, steps)
+    best = steps.min(axis=0)
     with np.errstate(invalid="ignore", divide="ignore"):
-        r = np.where(np.isfinite(best), steps / best, np.nan)
-    return np.where(np.isnan(steps) & np.isfinite(best), np.inf, r)
+        return np.where(np.isfinite(best), steps / best, np.inf)
+
+
+def _task_shares(n_tasks: int, weights) -> np.ndarray:
+    w = np.ones(n_tasks) if weights is None else np.asarray(weights, np.float64)
+    if w.shape != (n_tasks,) or (w < 0).any() or not w.sum() > 0:
+        raise ValueError(f"task weights must be {n_tasks} non-negative numbers, not all zero; "
+                         f"got {w.tolist()}")
+    return w / w.sum()
 
 
 def performance_profile(ratios: np.ndarray, taus: np.ndarray, weights=None) -> np.ndarray:
-    """rho(tau) = (weighted) share of tasks with r <= tau, for each entry: [entries, taus]. Tasks
-    with NaN ratios (no entry reached the target) are left out."""
+    """rho(tau) = share of all tasks (weighted) with r <= tau, for each entry: [entries, taus]."""
     ratios = np.asarray(ratios, np.float64)
-    w = np.ones(ratios.shape[1]) if weights is None else np.asarray(weights, np.float64)
-    keep = ~np.isnan(ratios).all(axis=0)
-    ratios, w = ratios[:, keep], w[keep] / w[keep].sum()
+    w = _task_shares(ratios.shape[1], weights)
     return np.stack([(w * (ratios <= tau)).sum(axis=1) for tau in np.asarray(taus)], axis=1)
 
 
 def profile_score(ratios: np.ndarray, weights=None) -> np.ndarray:
-    """AlgoPerf score (1/3) * integral of rho(tau) from 1 to 4, exactly: a task with ratio r adds
-    its weight times (4 - max(r, 1)) / 3 when r <= 4."""
+    """AlgoPerf's score, (1/3) * integral of rho(tau) from 1 to 4, computed exactly (AlgoPerf's
+    trapezoid rule on 100 points approximates it within 1/198): a task with ratio r adds its share
+    of the weight times (4 - max(r, 1)) / 3 when r <= 4, nothing otherwise."""
     ratios = np.asarray(ratios, np.float64)
-    w = np.ones(ratios.shape[1]) if weights is None else np.asarray(weights, np.float64)
-    keep = ~np.isnan(ratios).all(axis=0)
-    ratios, w = ratios[:, keep], w[keep] / w[keep].sum()
+    w = _task_shares(ratios.shape[1], weights)
     area = np.clip(PROFILE_TAU_MAX - np.maximum(ratios, 1.0), 0.0, PROFILE_TAU_MAX - 1.0)
-    area = np.where(np.isfinite(ratios), area, 0.0)
     return (w * area).sum(axis=1) / (PROFILE_TAU_MAX - 1.0)
 
 
@@ -242,3 +324,19 @@ def welch_p(a, b) -> float:
 def fisher_p(k1: int, n1: int, k2: int, n2: int) -> float:
     """Two-sided Fisher exact test p-value of equal proportions k1/n1 and k2/n2."""
     return float(stats.fisher_exact([[k1, n1 - k1], [k2, n2 - k2]]).pvalue)
+
+
+def holm(pvalues, alpha: float = 0.05) -> np.ndarray:
+    """Holm's step-down procedure over one family of tests: True where the null is rejected.
+    Sorted ascending, p_(k) (k = 1..m) is rejected while p_(j) <= alpha / (m - j + 1) for every
+    j <= k; the first that fails and all larger p-values are kept. NaN p-values (no test) are not
+    in the family and come back False."""
+    p = np.asarray(pvalues, np.float64)
+    tested = np.flatnonzero(~np.isnan(p))
+    reject = np.zeros(p.shape, bool)
+    m = tested.size
+    for k, i in enumerate(tested[np.argsort(p[tested], kind="stable")]):
+        if p[i] > alpha / (m - k):
+            break
+        reject[i] = True
+    return reject

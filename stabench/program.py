@@ -1,8 +1,8 @@
 """The cell program: the pure per-run functions the engine vmaps over runs and scans over steps.
 
 A run initializes its model from its seed (`init_run`), takes training steps that record their
-telemetry and freeze the run at its first non-finite step (`step`), and is evaluated on the test
-set (`evaluate`). Nothing here compiles, groups runs or touches the host.
+telemetry and freeze the run at its first non-finite step (`step`), and is evaluated on the
+validation and test sets (`evaluate`). Nothing here compiles, groups runs or touches the host.
 """
 
 from __future__ import annotations
@@ -17,10 +17,14 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from . import curvature
 from .methods import CellTransform
-from .models import MUTABLE, LayerLayout
+from .models import MUTABLE, LayerLayout, tap, tapping
 
 RUNS = "runs"  # the vmapped axis of runs, named so that a group of runs can branch together
+# what every step records, [steps] (layer_grad_norm: [steps, layers]); besides, classifiers
+# record log_z, a Transformer attn_logit_max ([steps, blocks]), and a cell with
+# telemetry.sharpness_every its sharpness (and with Adam, precond_sharpness), NaN between estimates
 TELEMETRY = ("loss", "grad_norm", "grad_norm_post", "update_norm", "param_norm", "nonfinite",
              "changed", "layer_grad_norm")
 
@@ -39,6 +43,10 @@ class Cell:
     fault: Callable[[Any, jax.Array], Any] | None = None
     # the init's hook, run on the new model with the run's first batch inside the init program
     after_init: Callable[[nnx.Module, jax.Array], None] | None = None
+    sharpness_every: int = 0  # steps between sharpness estimates; 0: none (no trace of it)
+    adam: tuple[float, float, float] | None = None  # the optimizer's Adam (b1, b2, eps), if any
+    # the forward and backward pass's dtype; parameters, optimizer state and loss stay float32
+    compute_dtype: str = "float32"
 
 
 class Carry(NamedTuple):
@@ -84,6 +92,15 @@ def new_state_finite(params, updates, updates_sq, state, keep, first, group=None
     return jax.lax.cond(unsure, exact, lambda: sums_finite)
 
 
+def _scaled(f, scale):
+    """A function returning (value, aux) with its value multiplied by `scale`."""
+    def scaled(*args):
+        value, aux = f(*args)
+        return value * scale, aux
+
+    return scaled
+
+
 def _nbytes(tree) -> int:
     return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
@@ -120,21 +137,100 @@ class RunProgram:
         return Carry(params, model_state, opt_state, update_key, jnp.array(True),
                      jnp.array(-1, jnp.int32))
 
+    def model(self, params, model_state) -> nnx.Module:
+        """The model of these parameters and state, computing in the compute dtype. A copy: fresh
+        variables at the caller's trace level, so layers may update their batch statistics."""
+        model = nnx.merge(self.graphdef, self._compute(params), model_state, copy=True)
+        if self._compute_dtype != jnp.float32:
+            # batch norm normalizes in the compute dtype and keeps its statistics in float32
+            for _, module in nnx.iter_modules(model):
+                if isinstance(module, nnx.BatchNorm):
+                    module.dtype = self._compute_dtype
+        return model
+
+    def logits(self, model: nnx.Module, x) -> jax.Array:
+        """The model's output on x, computed in the compute dtype, as float32 and through the
+        "model" methods' functions of it (soft-capping)."""
+        out = model(self._compute(x)).astype(jnp.float32)
+        for output in self.cell.transform.outputs:
+            out = output(out)
+        tap("logits", out)
+        return out
+
+    @property
+    def _compute_dtype(self):
+        return jnp.dtype(self.cell.compute_dtype)
+
+    def _compute(self, tree):
+        """The floating-point leaves of a tree in the compute dtype (unchanged in float32)."""
+        dtype = self._compute_dtype
+        if dtype == jnp.float32:
+            return tree
+        return jax.tree.map(
+            lambda v: v.astype(dtype) if jnp.issubdtype(v.dtype, jnp.floating) else v, tree)
+
     def forward_loss(self, params, model_state, x, y):
-        # copy: fresh variables at this trace level, so layers may update their batch statistics
-        model = nnx.merge(self.graphdef, params, model_state, copy=True)
-        loss, _ = loss_and_metrics(self.cell.loss, model(x), y)
+        """The mean training loss of a batch ("loss" methods' terms included) and the new model
+        state."""
+        model = self.model(params, model_state)
+        out = self.logits(model, x)
+        loss, _ = loss_and_metrics(self.cell.loss, out, y)
+        for term in self.cell.transform.loss_terms:
+            loss = loss + term(out)
         return loss.mean(), nnx.state(model, MUTABLE)
+
+    def tapped_forward_loss(self, params, model_state, x, y):
+        """`forward_loss`, and the logit telemetry of its forward pass: `log_z`, the mean over the
+        batch of the log-partition logsumexp(logits) of a classifier (of the logits the loss
+        takes), and `attn_logit_max`, the largest |q.k|/sqrt(d) of each layer of a model that taps
+        it (the Transformer)."""
+        with tapping() as taps:
+            loss, model_state = self.forward_loss(params, model_state, x, y)
+        stats = {}
+        if self.cell.loss == "cross_entropy":
+            stats["log_z"] = jax.nn.logsumexp(taps["logits"], axis=-1).mean()
+        if "attn_logit_max" in taps:
+            stats["attn_logit_max"] = taps["attn_logit_max"].astype(jnp.float32)
+        return loss, (model_state, stats)
+
+    def sharpness(self, params, model_state, opt_state, t, arrays) -> dict[str, jax.Array]:
+        """At steps t divisible by `sharpness_every` (NaN at the others, which skip it): λ_max of
+        the Hessian of the training loss at `params` on the fixed batch (`curvature.fixed_batch`),
+        and for Adam (`opt_state` after this step) λ_max(P^(-1) H) (`precond_sharpness`)."""
+        cell = self.cell
+        idx = curvature.fixed_batch(arrays["x_train"].shape[0], cell.batch_size)
+        x, y = self.inputs(arrays["x_train"][idx], arrays), arrays["y_train"][idx]
+        loss_fn = lambda p: self.forward_loss(p, model_state, x, y)[0]  # noqa: E731
+        scales = {}
+        adam = None if cell.adam is None else curvature.adam_state(opt_state, params)
+        if adam is not None:
+            scales["precond_sharpness"] = curvature.adam_inverse_sqrt_preconditioner(adam,
+                                                                                     *cell.adam)
+
+        def estimate():
+            out = {"sharpness": curvature.sharpness(loss_fn, params)}
+            out.update({k: curvature.sharpness(loss_fn, params, s) for k, s in scales.items()})
+            return out
+
+        def skip():
+            return {k: jnp.float32(jnp.nan) for k in ("sharpness", *scales)}
+
+        return jax.lax.cond(t % cell.sharpness_every == 0, estimate, skip)
 
     def step(self, carry: Carry, t, idx, lr, arrays, values=None):
         cell = self.cell
         x, y = self.inputs(arrays["x_train"][idx], arrays), arrays["y_train"][idx]
-        (loss, model_state), grads = jax.value_and_grad(self.forward_loss, has_aux=True)(
+        scale = cell.transform.loss_scale(carry.opt_state)  # None: the loss is not scaled
+        forward = self.tapped_forward_loss if scale is None else _scaled(self.tapped_forward_loss,
+                                                                         scale)
+        (loss, (model_state, logit_stats)), grads = jax.value_and_grad(forward, has_aux=True)(
             carry.params, carry.model_state, x, y)
+        if scale is not None:  # a power of 2: unscaling is exact, what overflowed stays Inf
+            loss, grads = loss / scale, jax.tree.map(lambda g: g / scale, grads)
         if cell.fault is not None:
             grads = cell.fault(grads, t)
         extra = {}
-        if cell.transform.needs_value:  # line searches evaluate the loss on this batch
+        if cell.transform.needs_value:  # line searches and SAM evaluate the loss on this batch
             extra = {"value": loss, "grad": grads,
                      "value_fn": lambda p: self.forward_loss(p, carry.model_state, x, y)[0]}
         updates, opt_state = cell.transform.build(lr, carry.key, values).update(
@@ -174,26 +270,35 @@ class RunProgram:
             # a skipped step counts as changed: the methods dropped the gradient
             "changed": jnp.where(seen.ran, seen.changed, jnp.where(seen.skipped, 1.0, nan)),
             "layer_grad_norm": self.layout.norms(grads),
+            **logit_stats,
         }
+        if cell.sharpness_every:
+            record.update(self.sharpness(carry.params, carry.model_state, opt_state, t, arrays))
         record = {k: jnp.where(keep, v, jnp.nan).astype(jnp.float32) for k, v in record.items()}
         return merged, record
 
     def evaluate(self, carry: Carry, arrays):
+        """Loss (and accuracy for classifiers) on the test split and, where the data holds one,
+        the validation split: `{split}_loss`, `{split}_accuracy`; NaN once the run has ended."""
         def one_batch(batch):
             x, y, w = batch
-            # inside: nnx needs one trace level; copy as in _forward_loss
-            model = nnx.merge(self.graphdef, carry.params, carry.model_state, copy=True)
+            model = self.model(carry.params, carry.model_state)  # inside: one trace level
             model.eval()
-            loss, score = loss_and_metrics(self.cell.loss, model(self.inputs(x, arrays)), y)
+            out = self.logits(model, self.inputs(x, arrays))
+            loss, score = loss_and_metrics(self.cell.loss, out, y)
             return jnp.sum(loss * w), jnp.sum(score * w)
 
-        loss_sum, score_sum = jax.lax.map(one_batch, (arrays["x_test"], arrays["y_test"],
-                                                      arrays["w_test"]))
-        n = jnp.sum(arrays["w_test"])
         alive = lambda v: jnp.where(carry.alive, v, jnp.nan)  # noqa: E731
-        out = {"test_loss": alive(loss_sum.sum() / n)}
-        if self.cell.loss == "cross_entropy":
-            out["test_accuracy"] = alive(score_sum.sum() / n)
+        out = {}
+        for split in ("val", "test"):
+            if f"x_{split}" not in arrays:
+                continue
+            batches = (arrays[f"x_{split}"], arrays[f"y_{split}"], arrays[f"w_{split}"])
+            loss_sum, score_sum = jax.lax.map(one_batch, batches)
+            n = jnp.sum(arrays[f"w_{split}"])
+            out[f"{split}_loss"] = alive(loss_sum.sum() / n)
+            if self.cell.loss == "cross_entropy":
+                out[f"{split}_accuracy"] = alive(score_sum.sum() / n)
         return out
 
     def run_bytes(self, arrays) -> int:

@@ -89,6 +89,8 @@ def compare(stored: tuple[dict, dict], now: tuple[dict, dict]) -> Reproduction:
     (old_body, old_arrays), (new_body, new_arrays) = stored, now
     differences = []
     for name, values in new_arrays.items():
+        if name not in old_arrays:  # telemetry added since the record was trained (log_z)
+            continue
         if not np.array_equal(np.asarray(values), old_arrays[name], equal_nan=True):
             differences.append(f"telemetry {name}: largest relative difference "
                                f"{_rel_diff(values, old_arrays[name]):.3g}")

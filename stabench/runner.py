@@ -10,7 +10,8 @@ import numpy as np
 
 from .config import RunSpec, build_cell, data_source, plugin_hashes, task_of
 from .data import Dataset, check_finite, fake
-from .metrics import run_metrics
+from .metrics import run_metrics, stability_threshold
+from .optimizers import OPTIMIZERS
 from .registry import UserError
 from .reproduce import Reproduction, compare
 from .store import Record, Store, provenance, tidy_dirs
@@ -34,11 +35,14 @@ def train_spec(spec: RunSpec, data: Dataset, on_chunk: Callable[[int], None] | N
 def cell_record(spec: RunSpec, result):
     """The record body and telemetry arrays of a cell from its trained runs (a CellResult)."""
     seeds, lrs = (np.array(x) for x in zip(*spec.runs))
+    optimizer = OPTIMIZERS.resolve(spec.optimizer)
     runs = []
     for i, (seed, lr) in enumerate(spec.runs):
         tel = {k: v[i] for k, v in result.telemetry.items()}
         ev = {k: v[i] for k, v in result.evals.items()}
-        metrics = run_metrics(tel, ev, result.eval_steps, int(result.diverged_at[i]), spec.target)
+        edge = stability_threshold(optimizer.name, dict(optimizer.kwargs), lr)
+        metrics = run_metrics(tel, ev, result.eval_steps, int(result.diverged_at[i]), spec.target,
+                              edge)
         runs.append({"seed": int(seed), "lr": float(lr), **metrics})
     body = {"runs": runs, "timing": result.timing, "provenance": provenance(),
             "layer_names": result.layer_names, "eval_steps": result.eval_steps.tolist()}
@@ -113,7 +117,8 @@ def diagnose_run(spec: RunSpec, arrays: dict[str, np.ndarray], layer_names: list
                  results: str | None = None):
     """The diagnosis of run k of a cell from its telemetry arrays ([runs, steps, ...]); activation
     stds at init need the data (None: reported as unavailable). Recommendations come from the
-    leaderboard of a report under `results` that ranks this task variant, else from the rules."""
+    leaderboard of a report under `results` that ranks this task variant (its entries that did not
+    diverge at the run's learning rate), else from the rules."""
     from dataclasses import replace
 
     from . import diagnosis
@@ -136,10 +141,7 @@ def diagnose_run(spec: RunSpec, arrays: dict[str, np.ndarray], layer_names: list
     diag = diagnosis.diagnose(telemetry, layer_names, run, int(arrays["diverged_at"][k]), stds,
                               at_init)
     rows, where = board_rows_for(results, spec) if results else ([], None)
-    if rows:
-        recs = diagnosis.board_recommendations(rows, str(where))
-    else:
-        model_args = set(MODELS.entry(spec.task_config["model"]["name"]).parameters())
-        recs = diagnosis.rule_recommendations(diag, set(METHODS.names()), set(INITS.names()),
-                                             model_args)
-    return replace(diag, recommendations=recs)
+    model_args = set(MODELS.entry(spec.task_config["model"]["name"]).parameters())
+    recs, notes = diagnosis.recommendations(diag, rows, where, set(METHODS.names()),
+                                            set(INITS.names()), model_args)
+    return replace(diag, recommendations=recs, notes=notes)

@@ -26,6 +26,7 @@ import numpy as np
 
 from .config import RunSpec, build_cell, data_source, make_spec, program_key, task_of
 from .methods import METHODS, resolve, traced_values
+from .metrics import VALIDATION_OF
 from .registry import UserError
 from .sweeps import SIGNIFICANT, Optuna, Range, SweepSpec, Template
 
@@ -120,9 +121,10 @@ def suggest(trial, study: Study) -> dict[str, float]:
 
 def trial_value(spec: RunSpec, runs: list[dict], objective: str) -> float:
     """A trial's objective: the median over seeds at its best learning rate. A diverged run's
-    metrics are already the worst (infinite loss, zero accuracy)."""
+    metrics are already the worst (infinite loss, zero accuracy). The target objective reads the
+    validation split, never the test split."""
     metric, sense = (("final_train_loss", "min") if objective == "loss"
-                     else (spec.target[0], spec.target[2]))
+                     else (VALIDATION_OF[spec.target[0]], spec.target[2]))
     by_lr: dict[float, list[float]] = {}
     for run in runs:
         by_lr.setdefault(run["lr"], []).append(run[metric])

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from . import methods
 from .config import RunSpec, make_spec
 from .registry import (Call, Registry, UserError, literal_value, parse_call, parse_expression,
                        split_plus)
@@ -233,7 +234,8 @@ def _check_search(seed: int, **counts: int) -> None:
         raise ValueError("seed must be >= 0")
 
 
-OBJECTIVES = {"loss": "the final training loss", "target": "the task's target metric"}
+OBJECTIVES = {"loss": "the final training loss",
+              "target": "the validation metric that stands for the task's target metric"}
 
 
 @SEARCHES.register("grid", help="every combination of the listed argument values")
@@ -387,7 +389,7 @@ def shard(cells: list[RunSpec], i: int, n: int) -> list[RunSpec]:
 
 # ---- suites --------------------------------------------------------------------------------------
 SUITE_KEYS = {"description": str, "tasks": list, "methods": list, "inits": list,
-              "optimizers": list, "seeds": int, "lrs": list, "search": str}
+              "optimizers": list, "seeds": int, "lrs": list, "search": str, "tuning": int}
 ENTRY_KEYS = {"name": str, "set": dict, "methods": list, "inits": list, "optimizers": list,
               "seeds": int, "lrs": list}
 
@@ -427,9 +429,11 @@ def _check(table: dict, keys: dict, where: str) -> None:
 def load_suite(name: str) -> tuple[str, dict]:
     """Parse and check a suite file; returns its name and document.
 
-    Top level: description, tasks, and optional methods, inits, optimizers, seeds, lrs, search.
-    `tasks` lists task names or tables {name, set = {"model.depth" = [4, 8]}, and any of methods,
-    inits, optimizers, seeds, lrs for that task alone}.
+    Top level: description, tasks, and optional methods, inits, optimizers, seeds, lrs, search,
+    tuning. `tasks` lists task names or tables {name, set = {"model.depth" = [4, 8]}, and any of
+    methods, inits, optimizers, seeds, lrs for that task alone}. `tuning = N` declares the tuning
+    budget: on every task, each method run at more than one setting runs at exactly N
+    (`check_tuning`).
     """
     path = suite_path(name)
     where = f"suite {path.name}"
@@ -444,7 +448,46 @@ def load_suite(name: str) -> tuple[str, dict]:
                 raise UserError(f"{where}, tasks[{i}]: missing field 'name'")
         elif not isinstance(entry, str):
             raise UserError(f"{where}, tasks[{i}]: write a task name or a table with 'name'")
+    if "tuning" in doc:
+        check_tuning(doc, where)
     return path.stem, doc
+
+
+def method_settings(templates: list[str], search) -> dict[tuple[str, ...], list[str]]:
+    """The settings a list of method templates expands to, by method family (the call names):
+    each setting once, as the method string of its cell (defaults filled in)."""
+    families: dict[tuple[str, ...], list[str]] = {}
+    for text in templates:
+        for method in search.expand(Template.parse(text, "method")):
+            calls = methods.resolve(method)
+            settings = families.setdefault(tuple(c.name for c in calls), [])
+            if methods.canonical(calls) not in settings:
+                settings.append(methods.canonical(calls))
+    return families
+
+
+def check_tuning(doc: dict, where: str) -> None:
+    """The tuning budget `tuning = N` (AlgoPerf's external tuning: the same budget for every
+    method): on every task, each method family run at more than one setting (a list of values,
+    and its registered defaults if listed apart) runs at exactly N of them; the error names every
+    offender."""
+    budget = positive_int(f"{where}: field 'tuning'", doc["tuning"], MAX_TRIALS)
+    search = parse_search(doc.get("search", "grid"))
+    if isinstance(search, Optuna):
+        raise UserError(f"{where}: a tuning budget counts the settings a suite lists; search "
+                        f"'{doc['search']}' chooses them as it trains: use grid")
+    offenders = []
+    for i, entry in enumerate(doc["tasks"]):
+        entry = {"name": entry} if isinstance(entry, str) else entry
+        templates = entry.get("methods") or doc.get("methods") or ["none"]
+        for names, settings in method_settings(templates, search).items():
+            if len(settings) > 1 and len(settings) != budget:
+                offenders.append(f"tasks[{i}] ({entry['name']}): {'+'.join(names)} has "
+                                 f"{len(settings)} ({'; '.join(settings)})")
+    if offenders:
+        raise UserError(f"{where}: tuning = {budget} settings per tuned method, but "
+                        f"{' | '.join(offenders)}. List exactly {budget} values for each, as in "
+                        f"clip_norm(max_norm=[...]) with {budget} numbers")
 
 
 def suite_spec(doc: dict, fake_data: bool = False, overrides: dict | None = None,

@@ -32,16 +32,30 @@ TARGET_METRICS = {"test_accuracy": "max", "test_loss": "min"}
 SCHEMA: dict[str, dict[str, tuple[type | tuple, bool]]] = {
     "": {"description": (str, True), "aliases": (list, False), "expect": (str, False),
          "loss": (str, True)},
-    "dataset": {"name": (str, True)},
+    "dataset": {"name": (str, True), "val_fraction": ((int, float), False)},
     "model": {"name": (str, True)},
     "train": {"optimizer": (str, True), "lrs": (list, True), "seeds": (int, True),
-              "steps": (int, True), "batch_size": (int, True), "eval_every": (int, True)},
+              "steps": (int, True), "batch_size": (int, True), "eval_every": (int, True),
+              "precision": (str, False)},
     "target": {"metric": (str, True), "value": ((int, float), True)},
+    "telemetry": {"sharpness_every": (int, False)},
 }
 OPEN_SECTIONS = ("dataset", "model")  # their other keys are the factory's arguments
+# Sections a task may leave out. A field at its default is dropped, and the section once empty, so
+# a cell that sets one to its default is the cell without it (one record, one compiled program).
+OPTIONAL_SECTIONS = {"telemetry": {"sharpness_every": 0}}
+# The share of a dataset's training split held out for validation (data.hold_out): the learning
+# rate and method settings are chosen on it, never on the test split. A task file may set its own.
+DEFAULT_VAL_FRACTION = 0.1
+SPLIT_FIELDS = ("val_fraction",)  # dataset fields that are not arguments of its factory
 # Far above any task's, low enough that a stray digit fails here rather than filling memory (the
 # telemetry holds every step of every run); other integers only have to fit JAX's int32.
 TRAIN_BOUNDS = {"seeds": 1000, "steps": 1_000_000}
+# train.precision: the compute dtype of the forward and backward pass (parameters, optimizer state
+# and the loss stay float32). The default is left out of a task's config, so a float32 cell keeps
+# the hash it had before precision was a setting.
+PRECISIONS = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+DEFAULT_PRECISION = "fp32"
 
 
 def positive_int(name: str, value: Any, most: int) -> int:
@@ -82,10 +96,19 @@ class TaskSpec:
     def loss(self) -> str:
         return self.config["loss"]
 
+    @property
+    def val_fraction(self) -> float | None:
+        """The share of the training split held out for validation; None in records trained
+        before tasks held one out."""
+        return self.config["dataset"].get("val_fraction")
+
     def component(self, section: str) -> str:
         """The dataset or model section as a registry spec string: name(k=v, ...)."""
         fields = dict(self.config[section])
         name = fields.pop("name")
+        if section == "dataset":
+            for key in SPLIT_FIELDS:
+                fields.pop(key, None)
         args = ", ".join(f"{k}={v!r}" for k, v in sorted(fields.items()))
         return f"{name}({args})" if args else name
 
@@ -107,6 +130,8 @@ def validate(doc: dict, source: str) -> dict:
     """Check a task document against SCHEMA; errors name the file and the field."""
     for section, fields in SCHEMA.items():
         table = doc if section == "" else doc.get(section)
+        if section in OPTIONAL_SECTIONS and section not in doc:
+            continue
         if not isinstance(table, dict):
             raise UserError(f"{source}: missing section [{section}]")
         for field, (ftype, required) in fields.items():
@@ -129,6 +154,12 @@ def validate(doc: dict, source: str) -> dict:
     for field in ("seeds", "steps", "batch_size", "eval_every"):
         positive_int(f"{source}: field 'train.{field}'", train[field],
                      TRAIN_BOUNDS.get(field, INT_LIMIT))
+    precision = train.get("precision", DEFAULT_PRECISION)
+    if precision not in PRECISIONS:
+        raise UserError(f"{source}: field 'train.precision' must be one of "
+                        f"{', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == DEFAULT_PRECISION:
+        train.pop("precision", None)
     if doc["loss"] not in LOSSES:
         raise UserError(f"{source}: field 'loss' must be one of {', '.join(LOSSES)}")
     if doc["target"]["metric"] not in TARGET_METRICS:
@@ -139,9 +170,24 @@ def validate(doc: dict, source: str) -> dict:
     if not (0 <= value <= 1 if doc["target"]["metric"] == "test_accuracy" else value > 0):
         raise UserError(f"{source}: field 'target.value' must lie in [0, 1] for test_accuracy and "
                         f"be positive for test_loss, got {value}")
+    fraction = doc["dataset"].get("val_fraction")
+    if fraction is not None and not 0 < fraction < 1:
+        raise UserError(f"{source}: field 'dataset.val_fraction' must lie in (0, 1), got "
+                        f"{fraction!r}")
     for section in OPEN_SECTIONS:
         spec = ", ".join(f"{k}={v!r}" for k, v in doc[section].items() if k != "name")
         parse_call(f"{doc[section]['name']}({spec})", section)
+    every = doc.get("telemetry", {}).get("sharpness_every", 0)
+    if not 0 <= every <= INT_LIMIT:
+        raise UserError(f"{source}: field 'telemetry.sharpness_every' must be 0 (off) or a "
+                        f"positive number of steps, got {every!r}")
+    for section, defaults in OPTIONAL_SECTIONS.items():
+        if section in doc:
+            for field, default in defaults.items():
+                if doc[section].get(field) == default:
+                    del doc[section][field]
+            if not doc[section]:
+                del doc[section]
     return doc
 
 
@@ -185,8 +231,9 @@ def read_toml(path: Path, where: str) -> dict:
 
 def _read_task(path: Path, source: str) -> TaskSpec:
     """The task a file defines, named by the file's stem; `source` names the file in errors."""
-    doc = read_toml(path, source)
-    return TaskSpec(path.name[: -len(".toml")], validate(doc, source), source)
+    doc = validate(read_toml(path, source), source)
+    doc["dataset"].setdefault("val_fraction", DEFAULT_VAL_FRACTION)  # what runs is recorded
+    return TaskSpec(path.name[: -len(".toml")], doc, source)
 
 
 _CACHE: dict[tuple[Path, ...], dict[str, TaskSpec]] = {}
@@ -277,12 +324,18 @@ def with_overrides(task: TaskSpec, overrides: dict[str, Any]) -> TaskSpec:
     doc = copy.deepcopy(task.config)
     for key, value in overrides.items():
         section, _, field = key.rpartition(".")
+        optional = field in OPTIONAL_SECTIONS.get(section, {})
+        if optional:
+            doc.setdefault(section, {})
         table = doc if section == "" else doc.get(section)
-        if not isinstance(table, dict) or (field not in table and section not in OPEN_SECTIONS):
-            valid = sorted(
+        optional = optional or field in SCHEMA.get(section, {})  # a field a file may leave out
+        if not isinstance(table, dict) or (field not in table and section not in OPEN_SECTIONS
+                                           and not optional):
+            valid = sorted(set(
                 [k for k, v in doc.items() if not isinstance(v, dict)]
                 + [f"{s}.{k}" for s, t in doc.items() if isinstance(t, dict) for k in t]
-            )
+                + [f"{s}.{k}" for s, fields in OPTIONAL_SECTIONS.items() for k in fields]
+                + [f"{s}.{k}" if s else k for s, fields in SCHEMA.items() for k in fields]))
             # the open sections also take any argument of their factory: suggest one that exists
             guesses = valid + [f"{s}.{field}" for s in OPEN_SECTIONS
                                if field in _factory_arguments(doc, s)]

@@ -25,7 +25,7 @@ from flax import nnx
 
 from . import methods
 from .config import RunSpec, build_cell, data_source, make_spec, task_of, trace_first_update
-from .data import DATASETS, Dataset
+from .data import Dataset
 from .inits import INITS
 from .optimizers import OPTIMIZERS
 from .train import CellResult, Engine
@@ -39,6 +39,11 @@ RESIDUAL = {"model.residual": True, "model.depth": 6, "model.norm": "layer"}
 LRS, OTHER_LR = (0.05, 0.02), 0.01
 # What a method is composed with: a lenient clipper before it and a warmup after it.
 COMPOSE = "clip_norm(max_norm=10.0)+{}+warmup(steps=2)"
+# The tasks the checks train, made small: digits' MLP, and for entries that need attention a
+# Transformer on short generated ListOps.
+SMALL = {"digits": {"model.width": 16},
+         "listops": {"model.dim": 16, "model.heads": 2, "dataset.max_length": 32,
+                     "dataset.n_train": 256, "dataset.n_test": 64}}
 
 
 def covers(kind: str, *names: str):
@@ -55,20 +60,29 @@ def covers(kind: str, *names: str):
 
 @functools.cache
 def digits() -> Dataset:
-    return DATASETS.get("digits").load(None)
+    """The digits data as the digits task trains on it: its validation split held out."""
+    from .config import data_source
+    from .tasks import get_task
+
+    return data_source(get_task("digits")).load(None)
 
 
 def catalog_spec(method: str = "none", init: str = "default", optimizer: str | None = None,
                  steps: int = 8, residual: bool = False, lrs: tuple[float, ...] = (0.05,),
-                 **overrides) -> RunSpec:
-    """A tiny digits cell (width 16, one seed per learning rate): what the checks train."""
-    overrides = {"train.steps": steps, "train.eval_every": steps, "model.width": 16,
+                 task: str = "digits", **overrides) -> RunSpec:
+    """A tiny cell of a task of SMALL (digits: width 16), one seed per learning rate: what the
+    checks train."""
+    overrides = {"train.steps": steps, "train.eval_every": steps, **SMALL[task],
                  **(RESIDUAL if residual else {}), **overrides}
-    return make_spec("digits", method, init, optimizer, seeds=1, lrs=lrs, overrides=overrides)
+    return make_spec(task, method, init, optimizer, seeds=1, lrs=lrs, overrides=overrides)
 
 
 def engine_for(spec: RunSpec, data: Dataset | None = None) -> Engine:
-    return Engine(build_cell(spec, data_source(task_of(spec))), data or digits())
+    """The cell's engine on `data`, else on its task's data (digits': loaded once)."""
+    source = data_source(task_of(spec))
+    if data is None:
+        data = digits() if spec.task == "digits" else source.load(None)
+    return Engine(build_cell(spec, source), data)
 
 
 def _label(spec: RunSpec) -> str:
@@ -110,24 +124,25 @@ def _check_entry(kind: str, registry, name: str) -> None:
                                    f"with @covers({kind!r}, {name!r})")
 
 
-def check_method(method: str, data: Dataset | None = None) -> None:
+def check_method(method: str, data: Dataset | None = None, task: str = "digits") -> None:
     """A registered method (its name, with arguments if its defaults do not fit an 8-step run):
-    help, reference and stage; a @covers test; trains alone with independent runs; composes."""
+    help, reference and stage; a @covers test; trains alone with independent runs; composes. It
+    trains on a task of SMALL (`data`: that task's)."""
     calls = methods.resolve(method)
     assert len(calls) == 1, f"check one method at a time, not {method!r}"
     name = calls[0].name
     _check_entry("method", methods.METHODS, name)
     stage = methods.METHODS.entry(name).meta.get("stage")
     assert stage in methods.STAGES, f"method {name}: stage must be one of {methods.STAGES}"
-    check_runs_independent(catalog_spec(method, lrs=LRS), data)
-    check_composes(method)
+    check_runs_independent(catalog_spec(method, lrs=LRS, task=task), data)
+    check_composes(method, task)
 
 
-def check_composes(method: str) -> None:
+def check_composes(method: str, task: str = "digits") -> None:
     """The method composed by `+` with a clipper before it and a warmup after it: the cell's
     update traces, so its state and arguments fit the others' (traced, not compiled: the method
     alone is what trains)."""
-    spec = catalog_spec(COMPOSE.format(method))
+    spec = catalog_spec(COMPOSE.format(method), task=task)
     cell = build_cell(spec, data_source(task_of(spec)))
     trace_first_update(cell, nnx.eval_shape(lambda: cell.build_model(nnx.Rngs(0))))
 

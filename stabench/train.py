@@ -32,10 +32,10 @@ from .data import Dataset
 from .grouping import batch_indices, cpu_group, in_groups
 from .models import activation_stds
 from .process import forced_run_group
-from .program import TELEMETRY, Cell, RunProgram
+from .program import Cell, RunProgram
 
 DEVICES = "devices"  # the mesh axis the runs are sharded over
-# test examples evaluated together: at most this, and at most a training batch, whose forward pass
+# examples evaluated together: at most this, and at most a training batch, whose forward pass
 # fits wherever training does (a 1024-example batch of 512-token IMDB made 4 GB of attention
 # logits and evaluated 2.5x slower per example)
 EVAL_BATCH = 1024
@@ -45,7 +45,7 @@ EVAL_BATCH = 1024
 class CellResult:
     telemetry: dict[str, np.ndarray]  # name -> [runs, steps(, layers)]
     eval_steps: np.ndarray  # [evals]
-    evals: dict[str, np.ndarray]  # test_loss, test_accuracy -> [runs, evals]
+    evals: dict[str, np.ndarray]  # {val,test}_loss, {val,test}_accuracy -> [runs, evals]
     diverged_at: np.ndarray  # [runs], -1 where the run stayed finite
     layer_names: list[str]
     timing: dict[str, float]
@@ -123,21 +123,26 @@ class Engine:
 
     def _device_data(self) -> dict[str, jax.Array]:
         d = self.data
-        n_test = len(d.x_test)
-        eval_batch = min(EVAL_BATCH, n_test, self.cell.batch_size)
-        n_pad = -n_test % eval_batch
-        pad = lambda a: np.concatenate([a, np.repeat(a[:1], n_pad, 0)])  # noqa: E731
-        arrays = {
-            "x_train": d.x_train, "y_train": d.y_train,
-            "x_test": pad(d.x_test).reshape(-1, eval_batch, *d.x_test.shape[1:]),
-            "y_test": pad(d.y_test).reshape(-1, eval_batch, *d.y_test.shape[1:]),
-            "w_test": np.concatenate([np.ones(n_test), np.zeros(n_pad)]).astype(np.float32)
-                        .reshape(-1, eval_batch),
-        }
+        arrays = {"x_train": d.x_train, "y_train": d.y_train,
+                  **self._eval_batches("test", d.x_test, d.y_test)}
+        if d.x_val is not None:
+            arrays.update(self._eval_batches("val", d.x_val, d.y_val))
         if d.mean is not None:
             arrays["mean"] = np.asarray(d.mean, np.float32)
             arrays["std"] = np.asarray(d.std, np.float32)
         return jax.device_put(arrays, self.replicated)
+
+    def _eval_batches(self, split: str, x: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
+        """An evaluation split in batches [batches, eval batch, ...], padded with copies of its
+        first example, and the weights (1, 0 for padding) that leave the copies out."""
+        n = len(x)
+        eval_batch = min(EVAL_BATCH, n, self.cell.batch_size)
+        n_pad = -n % eval_batch
+        pad = lambda a: np.concatenate([a, np.repeat(a[:1], n_pad, 0)])  # noqa: E731
+        return {f"x_{split}": pad(x).reshape(-1, eval_batch, *x.shape[1:]),
+                f"y_{split}": pad(y).reshape(-1, eval_batch, *y.shape[1:]),
+                f"w_{split}": np.concatenate([np.ones(n), np.zeros(n_pad)]).astype(np.float32)
+                .reshape(-1, eval_batch)}
 
     def activation_stds_at_init(self, seed: int) -> np.ndarray:
         """Per-layer activation std of the seed's initial model on its first training batch."""
@@ -271,7 +276,7 @@ class Engine:
 
         steps = self.cell.steps
         telemetry = {}
-        for name in TELEMETRY:
+        for name in records[0]:  # program.TELEMETRY and the cell's own (logits, sharpness)
             done = np.concatenate([r[name] for r in records], axis=1)[:runs, :steps]
             full = np.full((runs, steps, *done.shape[2:]), np.nan, np.float32)
             full[:, : done.shape[1]] = done

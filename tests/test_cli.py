@@ -43,7 +43,7 @@ def test_run_writes_record_then_reuses_it(tmp_path):
     (("--lrs", "0.1,0.3,0.1"), "learning rates must be distinct, got [0.1, 0.3, 0.1]"),
     (("--steps", "0"), "--steps must be positive"),
     (("--seeds", "-2"), "--seeds must be positive"),
-    (("--batch-size", "5000"), "exceeds the 1438 training examples"),
+    (("--batch-size", "5000"), "exceeds the 1294 training examples"),
     (("--set", "model.nope=3"), "unknown argument 'nope'"),
     (("--set", "train.stepz=3"), "Valid keys"),
     (("--set", "model.depth=[2,4]"), "a list is a grid of values: `stabench sweep`"),

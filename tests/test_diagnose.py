@@ -2,6 +2,7 @@
 real training), the report read back from a stored record, recommendations, and the figure."""
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -44,6 +45,7 @@ def test_spike_in_one_layer_is_found_at_its_step_and_layer():
     assert (e.step, e.onset, e.layers, e.cause) == (120, 120, ("blocks[1]",), "grad norm")
     assert e.layer_ratios[0][0] == "blocks[1]" and e.layer_ratios[0][1] > 40
     assert all(r < 2 for _, r in e.layer_ratios[1:])
+    assert e.origin == "blocks[1]" and not e.together
     assert e.ratio == pytest.approx(grad[120] / np.median(grad[70:120]))
     assert e.loss_before == 1.0 and e.loss_after == pytest.approx((10 * 3 + 10 * 1) / 20)
     assert e.recovered_at == 130 and e.transient  # first 10-step window back within 10%
@@ -249,19 +251,180 @@ def test_recommendations_from_a_report_of_the_same_problem(tmp_path):
     rows, where = board_rows_for(tmp_path / "results", spec)
     assert where == tmp_path / "results" / "leaderboard.csv"
     assert {r["variant"] for r in rows} == {"digits[depth=1]"} and len(rows) == 3
-    recs = dg.board_recommendations(rows, str(where))
+    # each row carries its entry's divergence per rate, as TABLE made the runs
+    lr_runs = {r["method"].split("(")[0]: r["lr_runs"] for r in rows}
+    assert lr_runs == {m: {lr: (3 * div, 3) for lr, (_, _, div, _) in TABLE[m].items()}
+                       for m in TABLE}
+    recs = dg.board_recommendations(rows, str(where), 0.1)
     # TABLE: clip_norm improves the loss at every lr (most stable), none diverges at lr 10,
     # clip_value barely trains
     assert [r.action for r in recs] == [
         f"--method {m} --init default --optimizer 'sgd(momentum=0.9, nesterov=False)'"
         for m in ("'clip_norm(max_norm=1.0)'", "none", "'clip_value(limit=1.0)'")]
     assert recs[0].reason.startswith(f"rank 1 of 3 on digits[depth=1] in {where} (stability 0.86")
+    assert recs[0].reason.endswith("none of its 3 runs at lr 0.1 diverged")
+    # at lr 10, where every seed of none diverged, none is not offered; between 1 and 10 the
+    # grid's rate above (10) decides
+    for lr in (10.0, 3.0):
+        assert [r.action.split()[1] for r in dg.board_recommendations(rows, str(where), lr)] == [
+            "'clip_norm(max_norm=1.0)'", "'clip_value(limit=1.0)'"]
+    # a run of none that diverged at lr 10: the rate its entry never diverged at, then the entries
+    diverged = dg.diagnose(blow_up(), LAYERS, {**RUN, "lr": 10.0, "optimizer": spec.optimizer})
+    recs, notes = dg.recommendations(diverged, rows, str(where), set(), set(), set())
+    assert [r.action.split()[:2] for r in recs] == [
+        ["--lr", "1"], ["--method", "'clip_norm(max_norm=1.0)'"],
+        ["--method", "'clip_value(limit=1.0)'"]] and notes == ()
     deep = make_spec("digits", "none", seeds=1, lrs=(0.1,), overrides={"model.depth": 3})
     assert {r["variant"] for r in board_rows_for(tmp_path / "results", deep)[0]} == {
         "digits[depth=3]"}
     other = make_spec("digits", "none", seeds=1, lrs=(0.1,), overrides={"model.width": 8})
     assert board_rows_for(tmp_path / "results", other) == ([], None)
     assert board_rows_for(tmp_path / "nothing", spec) == ([], None)
+
+
+OPT = "sgd(momentum=0.9, nesterov=False)"
+
+
+def board_row(method, rank, lr_runs, init="default"):
+    """A leaderboard row as `reports.board_rows_for` returns it: {lr: (diverged runs, runs)}."""
+    return {"variant": "digits", "method": method, "init": init, "optimizer": OPT, "rank": rank,
+            "stability": 1 - rank / 10, "quality_metric": "test_accuracy", "quality_mean": 0.9,
+            "lr_runs": lr_runs}
+
+
+GRID = (0.1, 0.3, 1.0, 3.0)
+
+
+def fails_from(first, seeds=3, failed=2):
+    """An entry stable below `first` and diverging on `failed` of its seeds from it on."""
+    return {lr: (failed if lr >= first else 0, seeds) for lr in GRID}
+
+
+def test_the_board_never_recommends_an_entry_that_diverged_at_the_runs_rate():
+    """The leaderboard's top three entries diverge at lr 3 (as agc and autoclip did on digits):
+    at lr 3 only entries with no diverged run there are offered, in rank order; at lr 2 (between
+    the grid's 1 and 3) the rate above decides."""
+    rows = [board_row("agc", 1, fails_from(3.0)),
+            board_row("autoclip", 2, fails_from(3.0, failed=3)),
+            board_row("autoclip", 3, fails_from(3.0), init="he_normal"),
+            board_row("clip_norm", 4, fails_from(1.0, failed=1) | {3.0: (0, 3)}),  # not monotone
+            board_row("warmup", 5, fails_from(10.0)),
+            board_row("none", 6, fails_from(0.3)),
+            board_row("zclip", 7, {lr: (0, 3) for lr in GRID[:3]}),  # never ran at 3
+            board_row("skip", 8, fails_from(10.0))]
+    for lr in (3.0, 2.0):
+        recs = dg.board_recommendations(rows, "board", lr)
+        assert [r.action.split()[1] for r in recs] == ["clip_norm", "warmup", "skip"]
+        assert all("none of its 3 runs at lr 3" in r.reason for r in recs)
+    assert "the next rate of its grid above 2" in dg.board_recommendations(rows, "b", 2.0)[0].reason
+    # at lr 1 every entry stable there qualifies, the best three by rank
+    assert [r.action.split()[1] for r in dg.board_recommendations(rows, "board", 1.0)] == [
+        "agc", "autoclip", "autoclip"]
+    # the run's own entry is not advice
+    own = ("warmup", "default", OPT)
+    assert [r.action.split()[1] for r in dg.board_recommendations(rows, "b", 3.0, own)] == [
+        "clip_norm", "skip"]
+
+
+def test_no_stable_entry_is_said_and_the_learning_rate_advice_stays():
+    rows = [board_row("agc", 1, fails_from(3.0)), board_row("none", 2, fails_from(1.0))]
+    run = {**RUN, "lr": 3.0, "optimizer": OPT}
+    diag = dg.diagnose(blow_up(), LAYERS, run)
+    assert diag.divergence is not None
+    recs, notes = dg.recommendations(diag, rows, "board", {"clip_norm", "agc"}, set(), set())
+    # the run's entry (none) never diverged at 0.3 or below; agc not offered at 3
+    assert [r.action for r in recs] == ["--lr 0.3"]
+    assert "0 of 3 there, none at a lower rate" in recs[0].reason
+    assert notes == ("no entry of digits in board trained without diverging at lr 3 (or the next "
+                     "rate of its grid above it): each of the 2 entries that ran there diverged "
+                     "on at least one seed",)
+    assert f"- {notes[0]}" in dg.to_markdown(replace(diag, recommendations=recs, notes=notes))
+    # past every entry's grid: nothing is known there
+    _, notes = dg.recommendations(replace(diag, run={**run, "lr": 30.0}), rows, "board", set(),
+                                  set(), set())
+    assert notes[0].startswith("no entry of digits in board ran at lr 30 or above")
+    # the run's own entry absent: the largest rate at which no entry diverged (nor below it)
+    others = [board_row("agc", 1, fails_from(3.0)), board_row("zclip", 2, fails_from(1.0))]
+    recs, _ = dg.recommendations(diag, others, "board", set(), set(), set())
+    assert recs[0].action == "--lr 0.3" and "no entry of digits in board diverged" in \
+        recs[0].reason
+    # no rate known to be stable: LR_FACTOR lower, from the rules as from a board
+    unstable = [board_row("agc", 1, fails_from(0.1))]
+    recs, _ = dg.recommendations(diag, unstable, "board", set(), set(), set())
+    assert recs[0].action == f"--lr {3.0 / dg.LR_FACTOR:g}"
+    recs, notes = dg.recommendations(diag, [], None, {"clip_norm"}, set(), set())
+    assert [r.action for r in recs] == [f"--lr {3.0 / dg.LR_FACTOR:g}", "--method clip_norm"]
+    assert notes == ()
+    # a run that did not diverge gets no learning-rate advice
+    calm = dg.diagnose({"loss": np.ones(200), "grad_norm": noisy(200)[1],
+                        "layer_grad_norm": noisy(200)[0]}, LAYERS, {**run, "lr": 0.3})
+    recs, _ = dg.recommendations(calm, rows, "board", set(), set(), set())
+    assert [r.action.split()[:2] for r in recs] == [["--method", "agc"]]
+
+
+def blow_up(steps=60, start=20, rate=3.0, spread=None, seed=0):
+    """A run whose layers all grow `rate`x a step from `start` on (each layer's factor scaled by
+    `spread`), the loss with them, until it is non-finite: a learning rate too large."""
+    norms, _ = noisy(steps, seed=seed)
+    spread = np.ones(len(LAYERS)) if spread is None else np.asarray(spread)
+    k = np.clip(np.arange(steps) - start + 1, 0, None)[:, None]
+    norms = norms * (rate * spread) ** k
+    loss = np.where(k[:, 0] > 0, 2.0 * rate ** k[:, 0], 2.0)
+    frozen = start + 15
+    norms[frozen:], loss[frozen:] = np.nan, np.nan
+    grad = np.sqrt((norms ** 2).sum(1))
+    return {"loss": loss, "grad_norm": grad, "layer_grad_norm": norms, "frozen_at": frozen}
+
+
+def test_every_layer_rising_together_is_the_step_size_not_a_layer():
+    tel = blow_up()
+    frozen = tel.pop("frozen_at")
+    diag = dg.diagnose(tel, LAYERS, {**RUN, "lr": 3.0}, frozen_at=frozen)
+    e = diag.harmful
+    ratios = dg.jump_ratios(tel["layer_grad_norm"])
+    assert e.step == 22  # 3x then 9x: the global norm passes 10x its median at the second step
+    assert (ratios[e.step] > dg.EXPLODE_FACTOR).all() and set(e.exploded) == set(LAYERS)
+    # the noise decides which layer is first, by far less than LEAD_FACTOR
+    top, second = sorted(ratios[e.onset], reverse=True)[:2]
+    assert e.lead == pytest.approx(top / second) and e.lead < 1.5
+    assert e.origin is None and e.together
+    assert "in every layer at once: the step size, not a layer" in dg.summary(diag)
+    assert "starting in" not in dg.summary(diag)
+    text = "\n".join(dg._event_lines(e))
+    assert f"{e.layer_ratios[0][0]} leads: " in text and "not a clear lead" in text
+    assert "they rose together, the signature of a step size too large" in text
+    # the learning rate first, ahead of the methods
+    recs = dg.rule_recommendations(diag, {"clip_norm", "agc"}, set(), set())
+    assert [r.action for r in recs] == ["--lr 0.3", "--method clip_norm", "--method agc"]
+    assert recs[0].reason.startswith("every layer exploded together")
+
+
+def test_a_layer_that_clearly_leads_is_named_and_a_near_tie_is_not():
+    # blocks[1] grows 60x a step, the others 3x: it leads by 20x at the onset
+    tel = blow_up(rate=3.0, spread=[1, 1, 20, 1])
+    frozen = tel.pop("frozen_at")
+    diag = dg.diagnose(tel, LAYERS, RUN, frozen_at=frozen)
+    e = diag.harmful
+    assert e.onset == 20 and e.layers == ("blocks[1]",)
+    assert e.lead >= dg.LEAD_FACTOR and e.origin == "blocks[1]" and not e.together
+    assert "starting in blocks[1]" in dg.summary(diag)
+    text = "\n".join(dg._event_lines(e))
+    assert "- started in: blocks[1] (first to exceed 10x its own median, at that step; " \
+           "blocks[1] leads: " in text and "a clear lead: at least 10" in text
+    recs = dg.rule_recommendations(diag, {"clip_norm"}, set(), set())
+    assert [r.action for r in recs] == ["--method clip_norm", "--lr 0.01"]
+    # blocks[1] 25x, 5x ahead of the rest, which stay under 10x: no origin, no step-size verdict
+    norms, _ = noisy(200)
+    norms[120:] *= 5
+    norms[120:, 2] *= 5
+    grad = np.sqrt((norms ** 2).sum(1))
+    e = dg.explosion(np.ones(200), grad, norms, LAYERS)
+    assert e.layers == ("blocks[1]",) and 2 < e.lead < dg.LEAD_FACTOR
+    assert e.origin is None and not e.together
+    diag = dg.diagnose({"loss": np.where(np.arange(200) < 120, 1.0, 5.0), "grad_norm": grad,
+                        "layer_grad_norm": norms}, LAYERS, RUN)
+    assert "no layer clearly first" in dg.summary(diag)
+    assert "- started in: no single layer (blocks[1] first to exceed" in dg.to_markdown(diag)
 
 
 # ---- planted faults in real training -------------------------------------------------------------
@@ -344,8 +507,10 @@ DEEP = {"train.steps": 60, "train.eval_every": 60, "model.width": 16, "model.dep
 @pytest.mark.slow
 def test_deep_tanh_with_small_init_vanishes_and_its_residual_he_twin_does_not(digits_data, tmp_path,
                                                                             capsys):
+    from stabench.runner import load_data
+
     spec, arrays, names = train("none", 1, 0.1, digits_data, DEEP, init="normal(std=0.01)")
-    small, = diagnoses(spec, arrays, names, data=digits_data)
+    small, = diagnoses(spec, arrays, names, data=load_data(spec))  # the data the command reads
     # --at-init stops after the step-0 gradients: the same signal, nothing stored, no figure
     code, out, err = cli(capsys, "diagnose", "--task", "digits", "--init", "normal(std=0.01)",
                          "--lr", "0.1", "--at-init", *[f"--set={k}={v}" for k, v in DEEP.items()],
@@ -403,7 +568,9 @@ def test_diagnose_command_report_and_figure_then_the_same_report_from_the_record
     figure = report.with_suffix(".png")
     trained = report.read_text()
     assert proc.stdout.strip() == trained.strip()
-    assert f"at step {SPIKE} (grad norm" in trained and "starting in blocks[1]" in trained
+    verdict = next(line for line in trained.splitlines() if line.startswith("**"))
+    assert f"at step {SPIKE}" in verdict and "in blocks[1]" in verdict  # or "starting in"
+    assert "- started in: blocks[1] (first to exceed 10x" in trained and "a clear lead" in trained
     assert f"![per-layer gradient norms and loss]({figure.name})" in trained
     assert "| blocks[2] |" in trained and "| - |" not in trained  # activation stds present
     png = figure.read_bytes()

@@ -180,7 +180,7 @@ def test_corrupt_store_is_named_by_report_and_redone_by_sweep(tmp_path, tiny_swe
     old.write_text(json.dumps(data))
     problems = {truncated: "unreadable record", edited: "spec hash does not match its spec",
                 lost: f"telemetry file {lost.stem}.npz is missing",
-                old: "format version 0 is not 2"}
+                old: "format version 0 is not 3"}
 
     assert main(["report", str(out), "--no-plots"]) == 2  # nothing usable is left
     _, err = capsys.readouterr()

@@ -97,8 +97,9 @@ def test_every_task_trains_in_one_compiled_cell(name):
     assert list(result.eval_steps) == [2, 4]
     metric = "test_accuracy" if spec.task_config["loss"] == "cross_entropy" else "test_loss"
     assert np.isfinite(result.evals[metric]).all()
-    assert result.evals.keys() == ({"test_loss", "test_accuracy"} if metric == "test_accuracy"
-                                   else {"test_loss"})
+    scores = ("loss", "accuracy") if metric == "test_accuracy" else ("loss",)
+    assert result.evals.keys() == {f"{split}_{s}" for split in ("val", "test") for s in scores}
+    assert np.isfinite(result.evals[metric.replace("test_", "val_")]).all()
 
 
 @pytest.mark.parametrize("name", TASKS)
@@ -106,7 +107,7 @@ def test_fake_data_has_the_tasks_exact_shapes_dtypes_and_classes(name):
     spec = tiny_spec(name, fake_data=True)
     source, real = load(spec)
     fk = fake(source.meta)
-    for split in ("x_train", "y_train", "x_test", "y_test"):
+    for split in ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test"):
         a, b = getattr(real, split), getattr(fk, split)
         assert a.shape[1:] == b.shape[1:] and a.dtype == b.dtype, split
     assert (real.mean is None) == (fk.mean is None)

@@ -4,7 +4,7 @@ random data of a Meta's shapes (--fake-data)."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -25,6 +25,7 @@ class Meta:
     task_type: str = "classification"  # or "regression"
     y_shape: tuple[int, ...] = ()
     vocab_size: int = 0  # integer token inputs take values in [0, vocab_size); 0 = not tokens
+    n_val: int = 0  # examples held out of the training split for validation (see hold_out)
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,8 @@ class Dataset:
     """Whole splits as numpy arrays; the engine puts them on the device once.
 
     Inputs stored as integers (images as uint8) are normalized on device with `mean` and `std`.
+    The validation split (`x_val`, `y_val`) is None until `hold_out` takes it from the training
+    split.
     """
 
     meta: Meta
@@ -41,6 +44,8 @@ class Dataset:
     y_test: np.ndarray
     mean: np.ndarray | None = None
     std: np.ndarray | None = None
+    x_val: np.ndarray | None = None
+    y_val: np.ndarray | None = None
 
 
 class DataMissing(UserError):
@@ -75,18 +80,61 @@ class Source:
         return f"{self.name}: {how}; nothing to prepare."
 
 
+# ---- the validation split ------------------------------------------------------------------------
+# The held-out examples are drawn with this seed alone: the same split for every run seed, method
+# and entry of a task.
+VAL_SPLIT_SEED = 0
+
+
+def split_sizes(n_train: int, fraction: float) -> tuple[int, int]:
+    """(training, validation) examples when `fraction` of `n_train` is held out for validation:
+    round(fraction * n_train) of them, and at least one example on each side."""
+    if not 0.0 < fraction < 1.0:
+        raise UserError(f"val_fraction must lie in (0, 1), got {fraction!r}")
+    n_val = round(fraction * n_train)
+    if not 0 < n_val < n_train:
+        raise UserError(f"val_fraction={fraction!r} of {n_train} training examples leaves "
+                        f"{n_val} for validation and {n_train - n_val} for training: each needs "
+                        f"at least one")
+    return n_train - n_val, n_val
+
+
+def hold_out(data: Dataset, fraction: float) -> Dataset:
+    """The dataset with `fraction` of its training examples moved to the validation split: a
+    random subset drawn with VAL_SPLIT_SEED, both parts kept in their original order. The test
+    split is untouched. Normalization statistics (`mean`, `std`) stay those the source computed
+    on its whole training split: input statistics only, no labels, the same for every entry."""
+    if data.x_val is not None:
+        raise ValueError("the dataset already holds a validation split")
+    n_fit, n_val = split_sizes(len(data.x_train), fraction)
+    order = np.random.default_rng(VAL_SPLIT_SEED).permutation(len(data.x_train))
+    fit, val = np.sort(order[n_val:]), np.sort(order[:n_val])
+    meta = replace(data.meta, n_train=n_fit, n_val=n_val)
+    return replace(data, meta=meta, x_train=data.x_train[fit], y_train=data.y_train[fit],
+                   x_val=data.x_train[val], y_val=data.y_train[val])
+
+
+def with_validation(source: Source, fraction: float) -> Source:
+    """The source whose data holds out `fraction` of its training split for validation; its meta
+    counts the examples left for training (n_train) and held out (n_val)."""
+    n_fit, n_val = split_sizes(source.meta.n_train, fraction)
+    return replace(source, meta=replace(source.meta, n_train=n_fit, n_val=n_val),
+                   load=lambda data_dir=None: hold_out(source.load(data_dir), fraction))
+
+
 FAKE_MAX_TRAIN, FAKE_MAX_TEST = 8192, 1024
 
 
-def fake_sizes(meta: Meta) -> tuple[int, int]:
-    """Training and test examples of the task's --fake-data."""
-    return min(meta.n_train, FAKE_MAX_TRAIN), min(meta.n_test, FAKE_MAX_TEST)
+def fake_sizes(meta: Meta) -> tuple[int, int, int]:
+    """Training, validation and test examples of the task's --fake-data."""
+    return (min(meta.n_train, FAKE_MAX_TRAIN), min(meta.n_val, FAKE_MAX_TEST),
+            min(meta.n_test, FAKE_MAX_TEST))
 
 
 def fake(meta: Meta, seed: int = 0) -> Dataset:
     """Random data with the task's per-example shapes, dtypes and class count (--fake-data)."""
     rng = np.random.default_rng(seed)
-    n_train, n_test = fake_sizes(meta)
+    n_train, n_val, n_test = fake_sizes(meta)
 
     def inputs(n):
         shape = (n, *meta.x_shape)
@@ -105,12 +153,16 @@ def fake(meta: Meta, seed: int = 0) -> Dataset:
     return Dataset(
         meta, inputs(n_train), targets(n_train), inputs(n_test), targets(n_test),
         mean=np.float32(127.5) if is_image else None, std=np.float32(64.0) if is_image else None,
+        x_val=inputs(n_val) if n_val else None, y_val=targets(n_val) if n_val else None,
     )
 
 
 def check_finite(data: Dataset, name: str) -> Dataset:
     for split, arr in (("train", data.x_train), ("test", data.x_test),
-                       ("train targets", data.y_train), ("test targets", data.y_test)):
+                       ("train targets", data.y_train), ("test targets", data.y_test),
+                       ("validation", data.x_val), ("validation targets", data.y_val)):
+        if arr is None:
+            continue
         if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
             raise UserError(f"dataset {name}: {split} contain NaN or Inf values")
     return data
