@@ -192,7 +192,13 @@ class Registry:
         self.kind = kind
         self._entries: dict[str, Entry] = {}
 
-    def register(self, name: str, *, help: str, ref: str = "", **meta) -> Callable:
+    def register(self, name: str, *, help: str, ref: str = "", label: str | Callable | None = None,
+                 **meta) -> Callable:
+        """`label`: the entry's display name in tables and figures, a format string or a function
+        of the call's arguments (defaults filled in), e.g. "clip-norm ({max_norm:g})"."""
+        if label is not None:
+            meta["label"] = label
+
         def decorator(factory: Callable) -> Callable:
             if name in self._entries:
                 raise ValueError(f"duplicate {self.kind} name '{name}'")
@@ -249,3 +255,41 @@ class Registry:
 
     def get(self, spec: str) -> Any:
         return self.build(self.resolve(spec))
+
+    def label(self, spec: str) -> str:
+        """A short display name for a spec string, its '+' terms joined by " + ": each term's
+        registered label, else its name and the arguments that differ from their defaults. Never
+        fails: a name not registered (a plugin not loaded) shows the arguments as written."""
+        family, tuned = spec.removesuffix(" tuned"), spec.endswith(" tuned")
+        try:
+            if tuned:  # a tuned entry: its family's names, without the settings tried
+                return " + ".join(self._family_label(n) for n in family.split("+")) + " tuned"
+            return " + ".join(self._label(term) for term in split_plus(spec))
+        except UserError:
+            return spec
+
+    def _family_label(self, name: str) -> str:
+        """The words of the registered label at the defaults before the first that shows a value
+        ("clip-norm (1)" -> "clip-norm", "warmup 5%" -> "warmup"), else the name."""
+        words = []
+        for word in self._label(name).split():
+            if "(" in word or any(c.isdigit() for c in word):
+                break
+            words.append(word)
+        return " ".join(words) or name
+
+    def _label(self, term: str) -> str:
+        name, raw = parse_call(term, self.kind)
+        entry = self._entries.get(name)
+        if entry is None:
+            shown = raw
+        else:
+            params = entry.parameters()
+            label = entry.meta.get("label")
+            if label is not None:
+                full = {p.name: raw.get(p.name, p.default) for p in params.values()}
+                return label(**full) if callable(label) else label.format(**full)
+            shown = {k: v for k, v in raw.items() if k not in params or v != params[k].default}
+        args = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                         for k, v in shown.items())
+        return f"{name} ({args})" if args else name

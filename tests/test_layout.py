@@ -32,12 +32,12 @@ PACKAGE = ROOT / "stabench"
 LAYERS = [
     ("spec/catalog", {"registry", "text", "plugins", "tasks", "config", "sweeps", "inits",
                       "methods", "optimizers", "data", "models"}),
-    ("engine", {"hardware", "process", "program", "grouping", "train"}),
+    ("engine", {"hardware", "process", "program", "curvature", "grouping", "train"}),
     ("record/store", {"metrics", "diagnosis", "reproduce", "store", "runner", "executor",
                       "search", "signals"}),
-    ("tables", {"leaderboard"}),
+    ("tables", {"leaderboard", "paper"}),
     ("figures", {"plots"}),
-    ("report", {"reports"}),
+    ("report", {"reports", "html"}),
     ("api", {"", "api", "testing"}),
     ("cli", {"cli", "__main__"}),
 ]
