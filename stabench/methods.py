@@ -16,6 +16,11 @@ Each entry's `stage` says where it acts in a training step:
   scaling the gradient instead would do nothing under Adam.
 - "wrap": wraps the whole update (skipping steps, accumulating gradients); the first written is
   the outermost.
+- "model": changes the model (`ModelChange`): arguments of its builder (attention soft-capping)
+  or a function of its output logits, in training and evaluation alike (logit soft-capping).
+- "loss": acts on the training loss (`LossChange`): a term added to each example's loss (z-loss),
+  or a loss multiplier held in the update's state (dynamic loss scaling), whose wrapper encloses
+  every other.
 - "fault": plants an error in the computed gradient before the engine records it (fault injection
   for testing detectors, not a stabilizer): `build_fault`.
 
@@ -25,7 +30,9 @@ methods that need the number of optimizer updates, the run's own random key or t
 An entry's `traced` names its float arguments that may enter the compiled program as per-run inputs
 (`CellTransform.build(..., values)`), like the learning rate: runs of one program may then differ in
 them, so a search over them compiles once. A factory checks such an argument only when it is a
-number; a traced value was checked as a number when its run's spec was made.
+number; a traced value was checked as a number when its run's spec was made. An entry's
+`needs_value` says its update evaluates the loss: it takes `value_fn` (params -> the batch's loss)
+as line searches do.
 """
 
 from __future__ import annotations
@@ -41,12 +48,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from .models import key_names
+from .models import key_names, softcap
 from .optimizers import Optimizer, check_positive
 from .registry import Call, Registry, UserError, split_plus
 
 METHODS = Registry("method")
-STAGES = ("fault", "pre", "direction", "post", "wrap")
+STAGES = ("fault", "model", "loss", "pre", "direction", "post", "wrap")
 
 
 @dataclass(frozen=True)
@@ -67,6 +74,35 @@ class Wrap:
     inner: Callable[[Any], Any]  # this wrapper's state -> the wrapped update's state
     holds: Callable[[Any, Any], jax.Array] | None = None  # (old, new) state: took a micro-step
     every: int = 1  # training steps per optimizer update
+
+
+@dataclass(frozen=True)
+class SeesGradient:
+    """A "direction" method that also takes the gradient the optimizer stepped on:
+    `tx.update(direction, state, params, gradient=g)`."""
+
+    tx: optax.GradientTransformationExtraArgs
+
+
+@dataclass(frozen=True)
+class ModelChange:
+    """A "model" method: arguments its model's builder must take (`args`), and a function of the
+    model's output logits (`output`; classifiers only)."""
+
+    args: tuple[tuple[str, Any], ...] = ()
+    output: Callable[[jax.Array], jax.Array] | None = None
+
+
+@dataclass(frozen=True)
+class LossChange:
+    """A "loss" method: a term of the output logits added to each example's loss (`term`;
+    classifiers only), or a multiplier of the loss read from the update's state (`scale`) by the
+    program, which divides the gradient by it before anything sees it, with the wrapper that keeps
+    it (`wrap`, enclosing every other)."""
+
+    term: Callable[[jax.Array], jax.Array] | None = None
+    scale: Callable[[Any], jax.Array] | None = None
+    wrap: Wrap | None = None
 
 
 class Observation(NamedTuple):
@@ -121,6 +157,23 @@ def _observed(inner: optax.GradientTransformation | None) -> optax.GradientTrans
     return optax.GradientTransformationExtraArgs(init, update)
 
 
+def _seeing_gradient(direction: list) -> optax.GradientTransformation:
+    """The optimizer's direction and the direction methods after it, in order, as one
+    transformation: each `SeesGradient` method also gets the gradient the optimizer stepped on."""
+    txs = [m.tx if isinstance(m, SeesGradient) else m for m in direction]
+
+    def update(updates, state, params=None):
+        gradient, states = updates, []
+        for method, tx, s in zip(direction, txs, state):
+            seen = {"gradient": gradient} if isinstance(method, SeesGradient) else {}
+            updates, s = tx.update(updates, s, params, **seen)
+            states.append(s)
+        return updates, tuple(states)
+
+    return optax.GradientTransformation(lambda params: tuple(tx.init(params) for tx in txs),
+                                        update)
+
+
 @dataclass(frozen=True)
 class Traced:
     """A method whose traced arguments are inputs of the program: built per run from its values."""
@@ -155,15 +208,38 @@ class CellTransform:
     layer_order: tuple[str, ...] = ()
     stacked: tuple[str, ...] = ()
     values: tuple[float, ...] = ()  # the traced arguments' own values, in slot order
+    method_values: bool = False  # a method's update evaluates the loss (`needs_value`)
 
     @property
     def needs_value(self) -> bool:
-        return self.optimizer.needs_value
+        return self.optimizer.needs_value or self.method_values
+
+    @property
+    def wrappers(self) -> tuple[Wrap, ...]:
+        """Every wrapper of the update, the outermost first: the loss scaler's, then the "wrap"
+        methods'."""
+        return tuple(m.wrap for m in self.stages["loss"] if m.wrap is not None) + \
+            self.stages["wrap"]
 
     @property
     def updates(self) -> int:
         """Optimizer updates in a run: training steps over the accumulated micro-steps."""
-        return self.steps // math.prod(w.every for w in self.stages["wrap"])
+        return self.steps // math.prod(w.every for w in self.wrappers)
+
+    @property
+    def loss_terms(self) -> tuple[Callable[[jax.Array], jax.Array], ...]:
+        return tuple(m.term for m in self.stages["loss"] if m.term is not None)
+
+    @property
+    def outputs(self) -> tuple[Callable[[jax.Array], jax.Array], ...]:
+        """The "model" methods' functions of the output logits, in the written order."""
+        return tuple(m.output for m in self.stages["model"] if m.output is not None)
+
+    def loss_scale(self, state) -> jax.Array | None:
+        """The multiplier of the loss in this update's state (None: the loss is not scaled). The
+        scaler's wrapper is the outermost (`transform` allows one), so `state` is its own."""
+        scalers = [m for m in self.stages["loss"] if m.scale is not None]
+        return scalers[0].scale(state) if scalers else None
 
     def build(self, lr, key: jax.Array, values=None) -> optax.GradientTransformationExtraArgs:
         """The update for learning rate `lr` and traced-argument values `values` (a traced
@@ -179,17 +255,19 @@ class CellTransform:
                 for stage in ("pre", "direction", "post")}
         pre = [m for m in made["pre"] if m is not UNCHANGED]
         pre = optax.chain(*pre) if pre else None
-        tx = optax.chain(_observed(pre), self.optimizer.direction,
-                         *made["direction"], optax.scale_by_learning_rate(lr),
+        direction = [self.optimizer.direction, *made["direction"]]
+        if any(isinstance(m, SeesGradient) for m in made["direction"]):
+            direction = [_seeing_gradient(direction)]
+        tx = optax.chain(_observed(pre), *direction, optax.scale_by_learning_rate(lr),
                          self.optimizer.after_lr, *made["post"])
-        for wrapper in reversed(self.stages["wrap"]):
+        for wrapper in reversed(self.wrappers):
             tx = wrapper.wrap(tx)
         return tx
 
     def observe(self, old, new) -> Observation:
         """What the optimizer saw this step, from the update's state before and after it."""
         held = jnp.array(False)
-        for wrapper in self.stages["wrap"]:
+        for wrapper in self.wrappers:
             if wrapper.holds is not None:
                 held = held | wrapper.holds(old, new)
             old, new = wrapper.inner(old), wrapper.inner(new)
@@ -221,16 +299,25 @@ def transform(calls: tuple[Call, ...], optimizer: Optimizer, steps: int,
             built = Traced(call, tuple((a, slot + i) for i, a in enumerate(names)))
             slot += len(names)
         stages[METHODS.entry(call.name).meta["stage"]].append(built)
+    if sum(m.scale is not None for m in stages["loss"]) > 1:
+        raise UserError(f"{canonical(calls)}: one loss scaler at most")
+    takes_loss = any(METHODS.entry(c.name).meta.get("needs_value", False) for c in calls)
     cell = CellTransform({s: tuple(v) for s, v in stages.items()}, optimizer, steps,
-                         tuple(layer_order), tuple(stacked), traced_values(calls))
+                         tuple(layer_order), tuple(stacked), traced_values(calls), takes_loss)
     _check_acts(calls, cell)
     return cell
+
+
+def model_args(calls: tuple[Call, ...]) -> tuple[tuple[str, Any], ...]:
+    """The model arguments that a method string's "model" methods set."""
+    return tuple(arg for c in calls if METHODS.entry(c.name).meta["stage"] == "model"
+                 for arg in METHODS.build(c).args)
 
 
 def _check_acts(calls: tuple[Call, ...], cell: CellTransform) -> None:
     """A method that cannot act within the run is a mistake: its cell would train as another."""
     if cell.updates == 0:
-        every = math.prod(w.every for w in cell.stages["wrap"])
+        every = math.prod(w.every for w in cell.wrappers)
         raise UserError(f"{canonical(calls)}: no optimizer update in {cell.steps} training steps "
                         f"(one update takes {every}); train at least {every} steps")
     for call in calls:
@@ -272,7 +359,8 @@ def _per_layer(tx: optax.GradientTransformation, stacked: tuple[str, ...]):
 UNCHANGED = optax.identity()  # the baseline's gradient, known unchanged without comparing it
 
 
-@METHODS.register("none", help="no stabilization: the optimizer sees the raw gradient",
+@METHODS.register("none", label="none",
+                  help="no stabilization: the optimizer sees the raw gradient",
                   ref="the baseline", stage="pre")
 def none() -> optax.GradientTransformation:
     return UNCHANGED
@@ -295,7 +383,8 @@ def clip_to_norm(updates, threshold) -> tuple[Any, ClipState]:
                                                                         threshold, jnp.nan)))
 
 
-@METHODS.register("clip_norm", help="rescale the gradient so its global L2 norm is <= max_norm",
+@METHODS.register("clip_norm", label="clip-norm ({max_norm:g})",
+                  help="rescale the gradient so its global L2 norm is <= max_norm",
                   ref="Pascanu et al. 2013", stage="pre", traced=("max_norm",))
 def clip_norm(max_norm: float = 1.0) -> optax.GradientTransformation:
     check_positive(max_norm=max_norm)
@@ -307,14 +396,16 @@ def clip_norm(max_norm: float = 1.0) -> optax.GradientTransformation:
         lambda params: ClipState(jnp.zeros([], bool), jnp.zeros([])), update)
 
 
-@METHODS.register("clip_value", help="clip every gradient element to [-limit, limit]",
+@METHODS.register("clip_value", label="clip-value ({limit:g})",
+                  help="clip every gradient element to [-limit, limit]",
                   ref="Mikolov 2012 (PhD thesis)", stage="pre", traced=("limit",))
 def clip_value(limit: float = 1.0) -> optax.GradientTransformation:
     check_positive(limit=limit)
     return optax.clip(limit)
 
 
-@METHODS.register("clip_block_rms", help="rescale each layer's gradient so its RMS is <= threshold",
+@METHODS.register("clip_block_rms", label="block-RMS clip ({threshold:g})",
+                  help="rescale each layer's gradient so its RMS is <= threshold",
                   ref="Shazeer & Stern 2018 (Adafactor update clipping)", stage="pre",
                   traced=("threshold",))
 def clip_block_rms(threshold: float = 1.0):
@@ -322,7 +413,8 @@ def clip_block_rms(threshold: float = 1.0):
     return lambda ctx: _per_layer(optax.clip_by_block_rms(threshold), ctx.stacked)
 
 
-@METHODS.register("agc", help="adaptive gradient clipping: each unit's ||G|| <= clip * "
+@METHODS.register("agc", label="AGC ({clip:g})",
+                  help="adaptive gradient clipping: each unit's ||G|| <= clip * "
                   "max(||W||, eps); the final layer is not clipped",
                   ref="Brock et al. 2021 (NFNets)", stage="pre", traced=("clip",))
 def agc(clip: float = 0.01, eps: float = 1e-3):
@@ -353,7 +445,8 @@ def masked_percentile(values: jax.Array, n: jax.Array, q: float) -> jax.Array:
     return s[lo] + (pos - lo) * (s[hi] - s[lo])
 
 
-@METHODS.register("autoclip", help="clip the global norm to the given percentile of the recent "
+@METHODS.register("autoclip", label="AutoClip (p{percentile:g})",
+                  help="clip the global norm to the given percentile of the recent "
                   "gradient norms (the current one included; a window of `history` steps)",
                   ref="Seetharaman et al. 2020", stage="pre")
 def autoclip(percentile: float = 10.0, history: int = 1000) -> optax.GradientTransformation:
@@ -384,7 +477,8 @@ class ZClipState(NamedTuple):
     out_norm: jax.Array  # the global norm of its result
 
 
-@METHODS.register("zclip", help="clip a gradient norm whose z-score against an EMA of its mean "
+@METHODS.register("zclip", label="ZClip (z={z:g})",
+                  help="clip a gradient norm whose z-score against an EMA of its mean "
                   "and variance exceeds z, to mean + z^2 std / z-score (statistics from the first "
                   "`warmup` steps, unclipped)",
                   ref="Kumar et al. 2025 (ZClip)", stage="pre")
@@ -428,7 +522,8 @@ def _trust_ratio(trust: float):
     return lambda ctx: _per_layer(optax.scale_by_trust_ratio(trust_coefficient=trust), ctx.stacked)
 
 
-@METHODS.register("lars", help="layer-wise trust ratio on the gradient before the optimizer: "
+@METHODS.register("lars", label="LARS ({trust:g})",
+                  help="layer-wise trust ratio on the gradient before the optimizer: "
                   "each parameter's gradient rescaled to norm trust * ||W||, biases included, "
                   "unscaled where ||W|| = 0 (LARS with sgd+momentum)",
                   ref="You et al. 2017", stage="pre", traced=("trust",))
@@ -455,7 +550,8 @@ def _not_lookup_table(params):
         lambda path, _: key_names(path)[-1] not in LOOKUP_TABLES, params)
 
 
-@METHODS.register("centralize", help="gradient centralization: subtract from each output unit's "
+@METHODS.register("centralize", label="grad. centralization",
+                  help="gradient centralization: subtract from each output unit's "
                   "weight gradient its mean (weight matrices and conv kernels only: not biases, "
                   "embedding or position tables)",
                   ref="Yong et al. 2020", stage="pre")
@@ -464,7 +560,8 @@ def centralize():
     return lambda ctx: optax.masked(_per_layer(tx, ctx.stacked), _not_lookup_table)
 
 
-@METHODS.register("grad_noise", help="add Gaussian noise of variance eta / (1 + t)^gamma to the "
+@METHODS.register("grad_noise", label="grad. noise ({eta:g})",
+                  help="add Gaussian noise of variance eta / (1 + t)^gamma to the "
                   "gradient (t = update count, a random key per run)",
                   ref="Neelakantan et al. 2015", stage="pre", traced=("eta",))
 def grad_noise(eta: float = 0.01, gamma: float = 0.55):
@@ -474,8 +571,27 @@ def grad_noise(eta: float = 0.01, gamma: float = 0.55):
     return lambda ctx: optax.add_noise(eta, gamma, ctx.key)
 
 
+@METHODS.register("sam", label="SAM ({rho:g})",
+                  help="sharpness-aware minimization: the optimizer gets the gradient at the "
+                  "parameters moved rho along the normalized gradient, w + rho g / ||g|| (a "
+                  "second forward and backward pass on the batch; one update per step)",
+                  ref="Foret et al. 2021", stage="pre", needs_value=True, traced=("rho",))
+def sam(rho: float = 0.05) -> optax.GradientTransformationExtraArgs:
+    check_positive(rho=rho)
+
+    def update(updates, state, params=None, *, value_fn, **extra):
+        norm = optax.tree.norm(updates)
+        # a zero gradient has no direction: its point is the parameters themselves
+        step = jnp.where(norm > 0, rho / jnp.where(norm > 0, norm, 1.0), 0.0)
+        ascent = jax.tree.map(lambda p, g: p + step * g, params, updates)
+        return jax.grad(value_fn)(ascent), state
+
+    return optax.GradientTransformationExtraArgs(optax.init_empty_state, update)
+
+
 # ---- on the optimizer's direction ("direction") ----------------------------------------------
-@METHODS.register("lamb", help="layer-wise trust ratio on the optimizer's direction before the "
+@METHODS.register("lamb", label="LAMB ({trust:g})",
+                  help="layer-wise trust ratio on the optimizer's direction before the "
                   "learning rate: each parameter's step rescaled to norm trust * ||W|| (LAMB with "
                   "adam; write weight_decay+lamb for LAMB's decay, which the ratio includes)",
                   ref="You et al. 2020", stage="direction", traced=("trust",))
@@ -483,7 +599,8 @@ def lamb(trust: float = 1.0):
     return _trust_ratio(trust)
 
 
-@METHODS.register("weight_decay", help="decoupled weight decay: add wd * W to the optimizer's "
+@METHODS.register("weight_decay", label="weight decay ({wd:g})",
+                  help="decoupled weight decay: add wd * W to the optimizer's "
                   "direction, scaled by the learning rate (adam + weight_decay = adamw)",
                   ref="Loshchilov & Hutter 2019", stage="direction", traced=("wd",))
 def weight_decay(wd: float = 1e-4) -> optax.GradientTransformation:
@@ -491,12 +608,60 @@ def weight_decay(wd: float = 1e-4) -> optax.GradientTransformation:
     return optax.add_decayed_weights(wd)
 
 
+class UpdateClipState(NamedTuple):
+    count: jax.Array
+    nu: Any  # the EMA of the squared gradient, not bias-corrected
+
+
+@METHODS.register("update_clip", label="update clip",
+                  help="StableAdamW's update clipping: each parameter tensor's step (each "
+                  "layer's, in a stack) divided by max(1, RMS(g^2 / max(v, eps^2))), g the "
+                  "gradient the optimizer took and v the bias-corrected EMA of g^2 (decay b2: the "
+                  "optimizer's), this step's included",
+                  ref="Wortsman et al. 2023 (StableAdamW, Algorithm 2)", stage="direction")
+def update_clip(b2: float = 0.999, eps: float = 1e-8):
+    if not 0.0 < b2 < 1.0:
+        raise ValueError("b2 must lie in (0, 1)")
+    check_positive(eps=eps)
+
+    def init(params):
+        return UpdateClipState(jnp.zeros([], jnp.int32), jax.tree.map(jnp.zeros_like, params))
+
+    def make(ctx: Context) -> SeesGradient:
+        def update(updates, state, params=None, *, gradient):
+            count = optax.safe_increment(state.count)
+            nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * jnp.square(g), state.nu, gradient)
+            correction = 1 - b2 ** count.astype(jnp.float32)
+
+            def clip(path, u, v, g):
+                ratio = jnp.square(g) / jnp.maximum(v / correction, eps * eps)
+                first = 1 if _part(path) in ctx.stacked else 0  # stacked: a tensor per layer
+                rms = jnp.sqrt(jnp.mean(ratio, tuple(range(first, g.ndim)), keepdims=True))
+                return u / jnp.maximum(1.0, rms)
+
+            return (jax.tree_util.tree_map_with_path(clip, updates, nu, gradient),
+                    UpdateClipState(count, nu))
+
+        return SeesGradient(optax.GradientTransformationExtraArgs(init, update))
+
+    return make
+
+
 # ---- learning-rate multipliers ("post") ------------------------------------------------------
 WARMUP_SHAPES = ("linear", "cosine")
 SCHEDULES = ("cosine", "step", "constant")
 
 
-@METHODS.register("warmup", help="learning-rate warmup from 0 to the full rate over `steps` "
+def _warmup_label(steps: int, shape: str) -> str:
+    return f"warmup {steps} steps" + ("" if shape == "linear" else f" ({shape})")
+
+
+def _warmup_frac_label(fraction: float, shape: str) -> str:
+    return f"warmup {fraction * 100:.3g}%" + ("" if shape == "linear" else f" ({shape})")
+
+
+@METHODS.register("warmup", label=_warmup_label,
+                  help="learning-rate warmup from 0 to the full rate over `steps` "
                   "optimizer updates (shape linear or cosine)",
                   ref="Goyal et al. 2017", stage="post")
 def warmup(steps: int = 100, shape: str = "linear") -> optax.GradientTransformation:
@@ -511,7 +676,8 @@ def warmup(steps: int = 100, shape: str = "linear") -> optax.GradientTransformat
     return optax.scale_by_schedule(multiplier)
 
 
-@METHODS.register("warmup_frac", help="learning-rate warmup from 0 to the full rate over a "
+@METHODS.register("warmup_frac", label=_warmup_frac_label,
+                  help="learning-rate warmup from 0 to the full rate over a "
                   "fraction of the run's optimizer updates (shape linear or cosine)",
                   ref="Goyal et al. 2017", stage="post", traced=("fraction",))
 def warmup_frac(fraction: float = 0.05, shape: str = "linear"):
@@ -530,7 +696,8 @@ def warmup_frac(fraction: float = 0.05, shape: str = "linear"):
     return make
 
 
-@METHODS.register("schedule", help="learning-rate decay over the run: cosine to 0, step (x0.1 at "
+@METHODS.register("schedule", label="{kind} schedule",
+                  help="learning-rate decay over the run: cosine to 0, step (x0.1 at "
                   "50% and 75% of the updates) or constant",
                   ref="Loshchilov & Hutter 2017 (cosine); He et al. 2016 (step)", stage="post")
 def schedule(kind: str = "cosine"):
@@ -549,7 +716,8 @@ def schedule(kind: str = "cosine"):
 
 
 # ---- wrappers ("wrap") -----------------------------------------------------------------------
-@METHODS.register("skip_nonfinite", help="skip an update whose gradient holds NaN or Inf "
+@METHODS.register("skip_nonfinite", label="skip non-finite",
+                  help="skip an update whose gradient holds NaN or Inf "
                   "(parameters unchanged, counted as a non-finite step); give up after max_skips "
                   "in a row",
                   ref="Micikevicius et al. 2018 (skipped overflow steps); optax.apply_if_finite",
@@ -559,7 +727,8 @@ def skip_nonfinite(max_skips: int = 10) -> Wrap:
     return Wrap(lambda tx: optax.apply_if_finite(tx, max_skips), lambda s: s.inner_state)
 
 
-@METHODS.register("skip_large_updates", help="skip an update whose gradient's squared global "
+@METHODS.register("skip_large_updates", label="skip large ({max_sq_norm:g})",
+                  help="skip an update whose gradient's squared global "
                   "norm is >= max_sq_norm (NaN included)",
                   ref="optax.skip_large_updates (via optax.MultiSteps)", stage="wrap")
 def skip_large_updates(max_sq_norm: float = 1e4) -> Wrap:
@@ -569,7 +738,8 @@ def skip_large_updates(max_sq_norm: float = 1e4) -> Wrap:
                 .gradient_transformation(), lambda s: s.inner_opt_state)
 
 
-@METHODS.register("accumulate", help="gradient accumulation: one optimizer update from the mean "
+@METHODS.register("accumulate", label="accumulate {k}",
+                  help="gradient accumulation: one optimizer update from the mean "
                   "gradient of k successive batches (effective batch k x the task's)",
                   ref="Ott et al. 2018 (delayed updates); optax.MultiSteps", stage="wrap")
 def accumulate(k: int = 4) -> Wrap:
@@ -580,6 +750,79 @@ def accumulate(k: int = 4) -> Wrap:
 
     return Wrap(lambda tx: optax.MultiSteps(tx, k).gradient_transformation(),
                 lambda s: s.inner_opt_state, holds, every=k)
+
+
+# ---- the model ("model") and the loss ("loss") -----------------------------------------------
+@METHODS.register("logit_softcap", label="logit soft-cap ({cap:g})",
+                  help="soft-cap the output logits, cap * tanh(logits / cap), in training and "
+                  "evaluation (classifiers)",
+                  ref="Gemma Team 2024 (Gemma 2)", stage="model")
+def logit_softcap(cap: float = 30.0) -> ModelChange:
+    check_positive(cap=cap)
+    return ModelChange(output=functools.partial(softcap, cap=cap))
+
+
+@METHODS.register("attn_softcap", label="attention soft-cap ({cap:g})",
+                  help="soft-cap the attention logits before the softmax, cap * tanh(logits / "
+                  "cap) (models with attention: the transformer's attn_softcap argument)",
+                  ref="Gemma Team 2024 (Gemma 2)", stage="model")
+def attn_softcap(cap: float = 50.0) -> ModelChange:
+    check_positive(cap=cap)
+    return ModelChange(args=(("attn_softcap", float(cap)),))
+
+
+@METHODS.register("z_loss", label="z-loss ({coef:g})",
+                  help="auxiliary loss coef * (log Z)^2 per example, Z the softmax partition of "
+                  "the output logits (classifiers): keeps log Z near 0",
+                  ref="Chowdhery et al. 2022 (PaLM)", stage="loss")
+def z_loss(coef: float = 1e-4) -> LossChange:
+    check_positive(coef=coef)
+    return LossChange(term=lambda logits: coef * jnp.square(jax.nn.logsumexp(logits, axis=-1)))
+
+
+class LossScaleState(NamedTuple):
+    inner: Any
+    scale: jax.Array  # S: the loss is multiplied by it, the gradient divided by it
+    good_steps: jax.Array  # finite steps in a row since S last changed
+
+
+def _scaled(tx: optax.GradientTransformation, scale: float,
+            period: int) -> optax.GradientTransformationExtraArgs:
+    tx = optax.with_extra_args_support(tx)
+
+    def init(params):
+        return LossScaleState(tx.init(params), jnp.asarray(scale, jnp.float32),
+                              jnp.zeros([], jnp.int32))
+
+    def update(updates, state, params=None, **extra):
+        finite = jnp.all(jnp.array([jnp.isfinite(x).all() for x in jax.tree.leaves(updates)]))
+        # at S = 1 an overflow is not the scale's: the update goes on and the run ends
+        skip = ~finite & (state.scale > 1)
+        out, inner = tx.update(updates, state.inner, params, **extra)
+        grow = finite & (state.good_steps + 1 >= period)
+        new_scale = jnp.where(grow, 2 * state.scale,
+                              jnp.where(skip, state.scale / 2, state.scale))
+        keep = lambda old, new: jnp.where(skip, old, new)  # noqa: E731
+        return (jax.tree.map(lambda u: jnp.where(skip, jnp.zeros_like(u), u), out),
+                LossScaleState(jax.tree.map(keep, state.inner, inner), new_scale,
+                               jnp.where(finite & ~grow, state.good_steps + 1, 0)))
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+@METHODS.register("loss_scale", label="loss scaling",
+                  help="dynamic loss scaling for low precision: the loss is multiplied by S "
+                  "(from `scale`, a power of 2) and the gradient divided by it; a non-finite "
+                  "gradient skips the update (parameters unchanged) and halves S; S doubles after "
+                  "`period` finite steps in a row; at S = 1 a non-finite gradient ends the run",
+                  ref="Micikevicius et al. 2018 (mixed precision training)", stage="loss")
+def loss_scale(scale: float = 2.0 ** 15, period: int = 2000) -> LossChange:
+    check_positive(period=period)
+    if not (scale >= 1 and math.log2(scale).is_integer()):
+        raise ValueError(f"scale must be a power of 2 of at least 1 (dividing by it is then "
+                         f"exact), got {scale:g}")
+    return LossChange(scale=lambda state: state.scale,
+                      wrap=Wrap(lambda tx: _scaled(tx, scale, period), lambda s: s.inner))
 
 
 def _is_fault(call: Call) -> bool:
@@ -645,7 +888,8 @@ def _spike_args(step: int, factor: float, steps: int) -> None:
         raise ValueError("step must be >= 0, steps and factor positive")
 
 
-@METHODS.register("inject_spike", stage="fault", ref="a planted fault (tests of diagnose)",
+@METHODS.register("inject_spike", label="gradient spike (fault)",
+                  stage="fault", ref="a planted fault (tests of diagnose)",
                   help="fault injection to test detectors, not a stabilizer: multiplies the "
                        "computed gradient of `layer` ('' = all) by `factor` for `steps` steps from "
                        "`step`")
@@ -660,7 +904,8 @@ def inject_spike(step: int = 100, factor: float = 100.0, layer: str = "", steps:
     return fault
 
 
-@METHODS.register("inject_lr_spike", stage="pre", ref="a planted fault (tests of diagnose)",
+@METHODS.register("inject_lr_spike", label="LR spike (fault)",
+                  stage="pre", ref="a planted fault (tests of diagnose)",
                   help="fault injection to test detectors, not a stabilizer: multiplies the "
                        "gradient the optimizer gets for `layer` ('' = all) by `factor` for `steps` "
                        "steps from `step` (a learning-rate spike, for SGD)")

@@ -8,6 +8,7 @@ import test_diagnose  # noqa: F401  (their @covers marks)
 import test_inits  # noqa: F401
 import test_methods  # noqa: F401
 import test_optimizers  # noqa: F401
+import test_stabilizers  # noqa: F401
 from stabench import cli
 from stabench.inits import INITS
 from stabench.methods import FIRES_BY, METHODS
@@ -17,6 +18,8 @@ from stabench.testing import check_init, check_method, check_optimizer
 REGISTRIES = {"method": METHODS, "optimizer": OPTIMIZERS, "init": INITS}
 # inits that need residual blocks run on the deep residual MLP (and fail on the plain one)
 RESIDUAL_INITS = {"fixup", "skipinit", "rezero", "zero_init_residual"}
+# methods that need a model with attention train on a small Transformer (stabench.testing.SMALL)
+ON_TASK = {"attn_softcap": "listops"}
 
 
 def built_in(registry) -> list[str]:
@@ -28,7 +31,9 @@ def built_in(registry) -> list[str]:
 @pytest.mark.parametrize("name", built_in(METHODS))
 def test_every_method_conforms(digits_data, name):
     # a planted fault fires within the short run (its default step is past it, an error)
-    check_method(f"{name}(step=2)" if name in FIRES_BY else name, digits_data)
+    task = ON_TASK.get(name, "digits")
+    check_method(f"{name}(step=2)" if name in FIRES_BY else name,
+                 digits_data if task == "digits" else None, task)
 
 
 @pytest.mark.slow

@@ -8,7 +8,8 @@ applied with `scan_layers`), so each index along it is one layer.
 Models call `observe("part", output)` on each top-level part's output (`part/3` for item 3 of a
 list; `scan_layers` does it per layer of a stack), so `activation_stds` reports every layer's
 activation std in the same order as the per-layer gradient norms. Outside `activation_stds` it
-records nothing.
+records nothing. Within a `tapping` block, models `tap` values of their forward pass that the
+training step records (a Transformer block its largest attention logit).
 
 Residual structure, for the inits that need it (fixup, skipinit, rezero, zero_init_residual): a
 model lists in `residual_parts` the parts holding residual blocks (empty for a plain model). A
@@ -23,8 +24,8 @@ bounds (an RNN's hidden state), which no rescaling of their kernel brings to uni
 from . import cnn, mlp, resnet, rnn, transformer  # noqa: F401  (registers the models)
 from .layers import (BATCHNORM_MOMENTUM, MODELS, MUTABLE, NORMS, LayerLayout, activation_stds,
                      branch_gain_param, gained, key_names, make_norm, observe, residual_blocks,
-                     scan_layers)
+                     scan_layers, softcap, tap, tapping)
 
 __all__ = ["BATCHNORM_MOMENTUM", "MODELS", "MUTABLE", "NORMS", "LayerLayout", "activation_stds",
            "branch_gain_param", "gained", "key_names", "make_norm", "observe", "residual_blocks",
-           "scan_layers"]
+           "scan_layers", "softcap", "tap", "tapping"]

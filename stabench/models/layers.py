@@ -4,6 +4,7 @@ residual gains. The package docstring states the contract a model keeps with the
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import jax
@@ -103,6 +104,7 @@ class LayerLayout:
 
 
 _RECORDERS: list[dict] = []  # active activation_stds calls, innermost last
+_TAPS: list[dict] = []  # active `tapping` blocks, innermost last
 
 
 def observe(part: str, h: jax.Array, std: jax.Array | None = None) -> jax.Array:
@@ -111,6 +113,27 @@ def observe(part: str, h: jax.Array, std: jax.Array | None = None) -> jax.Array:
     if _RECORDERS:
         _RECORDERS[-1][part] = jnp.std(h) if std is None else std
     return h
+
+
+def tap(name: str, value: jax.Array) -> None:
+    """Report a value of the forward pass to the innermost active `tapping` block (a layer of a
+    stack reports to `scan_layers`, which reports the values of all its layers, stacked)."""
+    if _TAPS:
+        _TAPS[-1][name] = value
+
+
+@contextlib.contextmanager
+def tapping():
+    """Collect, in the dict it yields, what the calls inside report with `tap`: values of the
+    caller's own trace, which it may return from the function it traces (the training step returns
+    them beside the loss, from the forward pass the gradient takes). Outside a block, `tap`
+    records nothing."""
+    taps: dict[str, jax.Array] = {}
+    _TAPS.append(taps)
+    try:
+        yield taps
+    finally:
+        _TAPS.pop()
 
 
 def residual_blocks(model: nnx.Module) -> list[tuple[nnx.Module, int]]:
@@ -136,15 +159,20 @@ def scan_layers(model: nnx.Module, part: str, h: jax.Array, *args) -> jax.Array:
     """
     stack = getattr(model, part)
     graphdef, state = nnx.split(stack)
+    tapped = bool(_TAPS)
 
     def body(carry, layer_state):
         layer = nnx.merge(graphdef, layer_state)
-        out = layer(carry, *args)
-        return out, (nnx.state(layer, MUTABLE), jnp.std(out))
+        # a layer's taps are values of the scan's trace: they leave it as the scan's outputs
+        with tapping() if tapped else contextlib.nullcontext({}) as taps:
+            out = layer(carry, *args)
+        return out, (nnx.state(layer, MUTABLE), jnp.std(out), taps)
 
-    h, (new_state, stds) = jax.lax.scan(body, h, state)
+    h, (new_state, stds, taps) = jax.lax.scan(body, h, state)
     if jax.tree.leaves(new_state):
         nnx.update(stack, new_state)
+    for name, value in taps.items():
+        tap(name, value)
     return observe(part, h, stds)
 
 
@@ -176,6 +204,11 @@ def branch_gain_param(value: float | None) -> nnx.Param | None:
 def gained(gain: nnx.Param | None, branch: jax.Array) -> jax.Array:
     """The branch multiplied by its block's gain, when the block has one."""
     return branch if gain is None else gain[...] * branch
+
+
+def softcap(x: jax.Array, cap: float) -> jax.Array:
+    """Logits soft-capped to (-cap, cap): cap * tanh(x / cap), about x where |x| << cap."""
+    return cap * jnp.tanh(x / cap)
 
 
 def activation_stds(model: nnx.Module, x: jax.Array, layout: LayerLayout) -> jax.Array:

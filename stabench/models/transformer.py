@@ -4,7 +4,8 @@ Token (or feature) embedding plus learned positions; `depth` identical blocks
 h += [gain *] attn(LN(h)); h += [gain *] mlp(LN(h)) (`gain`: a learnable scalar per block when
 branch_gain is given); a final LayerNorm; mean pooling over non-padding positions
 (token 0 pads); a linear head. `qk_norm=true` applies LayerNorm to queries and keys per head, the
-logit-growth fix studied by Dehghani et al. 2023 and Wortsman et al. 2023.
+logit-growth fix studied by Dehghani et al. 2023 and Wortsman et al. 2023; `attn_softcap=c`
+soft-caps the attention logits to c * tanh(logits / c) (Gemma 2).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from . import dense
-from .layers import MODELS, branch_gain_param, gained, observe, scan_layers
+from .layers import MODELS, branch_gain_param, gained, observe, scan_layers, softcap, tap
 from .mlp import kernel_init_kwargs
 
 MASKED = -1e9  # attention logit of a padding key: softmax weight exactly 0 in float32
@@ -41,9 +42,11 @@ class Block(nnx.Module):
 
     branches = (("norm1", "qkv", "out"), ("norm2", "mlp_in", "mlp_out"))
 
-    def __init__(self, dim, heads, mlp_ratio, qk_norm, branch_gain, kernel_init, rngs):
+    def __init__(self, dim, heads, mlp_ratio, qk_norm, branch_gain, kernel_init, rngs,
+                 attn_softcap=None):
         init = kernel_init_kwargs(kernel_init)
         self.heads = heads
+        self.attn_softcap = attn_softcap
         head_dim = dim // heads
         self.norm1 = nnx.LayerNorm(dim, rngs=rngs)
         self.qkv = nnx.Linear(dim, 3 * dim, **init, rngs=rngs)
@@ -61,6 +64,10 @@ class Block(nnx.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
+        if self.attn_softcap is not None:
+            logits = softcap(logits, self.attn_softcap)
+        pairs = mask[:, None, :, None] & mask[:, None, None, :]  # both positions hold tokens
+        tap("attn_logit_max", jnp.max(jnp.where(pairs, jnp.abs(logits), 0.0)))
         logits = jnp.where(mask[:, None, None, :], logits, MASKED)
         weights = jax.nn.softmax(logits, axis=-1)
         return self.out(jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, length, dim))
@@ -76,13 +83,14 @@ class Transformer(nnx.Module):
     residual_parts = ("blocks",)
 
     def __init__(self, meta, *, dim, depth, heads, mlp_ratio, qk_norm, branch_gain, kernel_init,
-                 rngs):
+                 rngs, attn_softcap=None):
         self.embed = Embedding(meta, dim, kernel_init, rngs)
 
         @nnx.split_rngs(splits=depth)
         @nnx.vmap(in_axes=(0,), out_axes=0)
         def make_blocks(rngs):
-            return Block(dim, heads, mlp_ratio, qk_norm, branch_gain, kernel_init, rngs)
+            return Block(dim, heads, mlp_ratio, qk_norm, branch_gain, kernel_init, rngs,
+                         attn_softcap)
 
         self.blocks = make_blocks(rngs)
         self.final_norm = nnx.LayerNorm(dim, rngs=rngs)
@@ -101,12 +109,17 @@ class Transformer(nnx.Module):
 
 
 @MODELS.register("transformer",
-                 help="pre-LN Transformer encoder, mean-pooled; qk_norm=true: LayerNorm on q and k",
-                 ref="Vaswani et al. 2017; Xiong et al. 2020 (pre-LN); Wortsman et al. 2023")
+                 help="pre-LN Transformer encoder, mean-pooled; qk_norm=true: LayerNorm on q and "
+                 "k; attn_softcap=c: attention logits soft-capped to c * tanh(logits / c)",
+                 ref="Vaswani et al. 2017; Xiong et al. 2020 (pre-LN); Wortsman et al. 2023; "
+                 "Gemma Team 2024 (soft-capping)")
 def transformer(dim: int = 64, depth: int = 2, heads: int = 4, mlp_ratio: int = 4,
-                qk_norm: bool = False, branch_gain: float | None = None):
+                qk_norm: bool = False, branch_gain: float | None = None,
+                attn_softcap: float | None = None):
     if min(dim, depth, heads, mlp_ratio) <= 0:
         raise ValueError("dim, depth, heads and mlp_ratio must be positive")
+    if attn_softcap is not None and not attn_softcap > 0:
+        raise ValueError("attn_softcap must be positive")
     if dim % heads:
         raise ValueError(f"dim ({dim}) must be divisible by heads ({heads})")
 
@@ -116,6 +129,6 @@ def transformer(dim: int = 64, depth: int = 2, heads: int = 4, mlp_ratio: int = 
                              f"got {meta.x_shape}")
         return Transformer(meta, dim=dim, depth=depth, heads=heads, mlp_ratio=mlp_ratio,
                            qk_norm=qk_norm, branch_gain=branch_gain, kernel_init=kernel_init,
-                           rngs=rngs)
+                           rngs=rngs, attn_softcap=attn_softcap)
 
     return build
