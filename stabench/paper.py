@@ -274,13 +274,14 @@ TASK_SPECS = {
                         {"decimals": 0, "inf_text": "never"}),
     "lr_sensitivity": (("LR", "sensitivity"), "lr_sensitivity", "min", {"digits": 2}),
     "rank": (("rank",), "rank", None, {"decimals": 0}),
+    "spiked": (("spiked",), "spiked_rate", None, {"decimals": 2}),
     "stable_width": (("stable", "width"), "stable_width", "max", {"digits": 2}),
     "clipped_share": (("clipped", "share"), "clipped_share", None, {"decimals": 2}),
     "max_grad_norm": (("max grad", "norm"), "max_grad_norm", "min", {"each": True}),
 }
 TASK_COLUMNS = 7
 INTERVAL_OF = {"stability": None, "quality": ("quality_lo", "quality_hi"),
-               "diverged": ("diverged_lo", "diverged_hi")}
+               "diverged": ("diverged_lo", "diverged_hi"), "spiked": ("spiked_lo", "spiked_hi")}
 TIE_OF = {"stability": "stability_tie", "quality": "quality_tie", "diverged": "diverged_tie"}
 
 
@@ -306,6 +307,10 @@ def task_tables(variant: str, board: pd.DataFrame, runs: pd.DataFrame) -> tuple[
         ties = board[TIE_OF[key]] if key in TIE_OF and TIE_OF[key] in board else None
         columns.append(_column(header, values, lo, hi, direction, learned, ties, **fmt))
     names = entry_names(board).reset_index(drop=True)
+    if "tuned" in board:  # a tuned entry shows the setting chosen on this task
+        chosen = board["tuned"].fillna("").astype(str).to_numpy() != ""
+        names.loc[chosen, "method"] = [f"{LABELLERS['method'](s)} tuned"
+                                       for s in board["setting"].to_numpy()[chosen]]
     seeds, lrs = runs["seed"].nunique(), runs["lr"].nunique()
     value = format_number(float(runs["target_value"].iloc[0]))
     target = f"{_metric_name(metric)} {'≥' if mode == 'max' else '≤'} {value}"
@@ -313,7 +318,7 @@ def task_tables(variant: str, board: pd.DataFrame, runs: pd.DataFrame) -> tuple[
              f"{plural(lrs, 'learning rate')}, {int(runs['steps'].max())} steps, target {target}")
     main = PaperTable(names, columns[:TASK_COLUMNS], (
         f"Task {variant} ({setup}). Bold: best among entries that learned; †: not significantly "
-        f"different from the best (α = 0.05)."), f"tab:{slug(variant)}")
+        f"different from the best (Holm-corrected, α = 0.05)."), f"tab:{slug(variant)}")
     appendix = PaperTable(names, columns[TASK_COLUMNS:], (
         f"Task {variant}, further columns. Bold: best among entries that learned."),
         f"tab:{slug(variant)}-more")
@@ -365,12 +370,19 @@ def definitions(alpha: float) -> list[tuple[str, str]]:
          "improved on the loss at initialization). Bold marks the best value of a column among "
          "the entries that learned only."),
         ("Diverged", "the share of all runs (every learning rate and seed) that diverged: frozen "
-         "(a non-finite loss, gradient or parameter that no method skipped), or the 20-step "
-         "moving average of the finite losses above max(2 L0, L0 + 1) after step 20, L0 the "
-         "initial loss."),
-        ("Target metric", "the task's test metric at the entry's best learning rate, the one "
-         "with the best mean over seeds (chosen on the data it is reported on: optimistic where "
-         "seeds disagree)."),
+         "(a non-finite loss, gradient or parameter that no method skipped), or with the mean "
+         "of its last 20 training losses above max(2 L0, L0 + 1), L0 the initial loss."),
+        ("Spiked", "the share of runs whose 20-step moving average of the loss went above that "
+         "threshold during training (after step 20) and is back below it at the end: a loss "
+         "spike the run recovered from, not a divergence."),
+        ("Target metric", "the task's test metric at the entry's learning rate, chosen on the "
+         "validation split held out of the training data: the rate with the best mean over "
+         "seeds of the matching validation metric; ties go to fewer diverged runs, then the "
+         "smaller rate. The test split is never read to choose."),
+        ("Tuned", "an entry NAME tuned is a method run at several settings of its own "
+         "hyperparameter (the same number for every method of the suite): the setting and "
+         "learning rate with the best validation metric, chosen as for the target metric; the "
+         "registered defaults stay an entry of their own."),
         ("Intervals", "95%: Student-t over seeds for means (cut to the values the metric can "
          "take), Wilson score for shares. Written as value [low, high], or value ± h, h the "
          "larger distance from the value to an end of the interval; where neither fits the "
@@ -378,7 +390,8 @@ def definitions(alpha: float) -> list[tuple[str, str]]:
          "0.97(2) is 0.97 ± 0.02."),
         ("Tests", f"†: not significantly different from the column's best entry of the task "
          f"(two-sided Welch t-test over seeds for the stability score and target metric, "
-         f"Fisher's exact test for divergence; α = {alpha})."),
+         f"Fisher's exact test for divergence), Holm-corrected over the column's comparisons; "
+         f"α = {alpha}."),
         ("Max stable LR", "the largest learning rate at which no seed diverged."),
         ("Steps to target", "the fewest, over learning rates, of the median over seeds of the "
          "steps to reach the target (never: no learning rate reached it on every seed)."),
@@ -390,9 +403,11 @@ def definitions(alpha: float) -> list[tuple[str, str]]:
          "changed, and the median largest gradient norm, over the seeds at the best learning "
          "rate."),
         ("Profile score", "(AlgoPerf) 1/3 of the integral over τ from 1 to 4 of ρ(τ), the "
-         "task-weighted share of tasks an entry brings to its target within τ times the fewest "
-         "steps any entry needs."),
-        ("Mean rank", "the task-weighted mean of the per-task ranks by stability score."),
+         "task-weighted share of all task variants an entry brings to its target within τ times "
+         "the fewest steps any entry needs (a variant no entry solves counts as unsolved for "
+         "every entry)."),
+        ("Mean rank", "the task-weighted mean of the per-task ranks by stability score, ranked "
+         "among the entries that ran every task variant only."),
     ]
 
 

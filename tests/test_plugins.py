@@ -20,6 +20,7 @@ import pytest
 from stabench import cli
 from stabench.config import make_spec
 from stabench.registry import UserError
+from stabench.tasks import DEFAULT_VAL_FRACTION
 
 from conftest import ROOT, run_cli
 
@@ -185,7 +186,11 @@ def task_file(directory: Path, name: str, description: str) -> Path:
 def test_a_task_file_is_given_by_its_path(tmp_path, capsys):
     path = task_file(tmp_path, "my_digits", "digits, my way")
     spec = make_spec(str(path), seeds=1, lrs=(0.1,))
-    assert spec.task == "my_digits" and spec.task_config == tomllib.loads(path.read_text())
+    # the spec holds the file's content, with the defaults and the settings that ran filled in
+    content = tomllib.loads(path.read_text())
+    content["dataset"]["val_fraction"] = DEFAULT_VAL_FRACTION
+    content["train"].update(optimizer=spec.optimizer, seeds=1, lrs=[0.1])
+    assert spec.task == "my_digits" and spec.task_config == content
     assert spec.task_config["description"] == "digits, my way"  # the spec holds the content
     assert cli.main(["sweep", "--task", str(path), "--dry-run", "--out", str(tmp_path)]) == 0
     assert "to train  my_digits | none" in capsys.readouterr().out

@@ -19,6 +19,9 @@ from hypothesis import strategies as st
 
 from conftest import ROOT, run_cli
 
+COMMITTED = sorted((ROOT / "results" / "default" / "adding").glob("*.json"))[0]
+COMMITTED_RUNS = len(json.loads(COMMITTED.read_text())["runs"])
+
 FAST = ("--steps", "40", "--seeds", "2", "--lrs", "0.1,3")
 ZEROS = "1" + "0" * 400  # past a float's range
 HUGE = "99999999999999999999"  # past int64
@@ -296,8 +299,8 @@ def test_random_method_strings_raise_only_user_errors(spec):
     (["diagnose", "nowhere.json"], "nowhere.json: unreadable record"),
     (["diagnose", "--task", "digits", "--results", "nowhere"],
      "--results: no results directory nowhere"),
-    (["diagnose", str(ROOT / "results" / "default" / "adding" / "2d02c898d7d396c9.json"), "--run",
-      "99", "--report", "figures"], "--run must lie in 0..14: the record has 15 runs"),
+    (["diagnose", str(COMMITTED), "--run", "999", "--report", "figures"],
+     f"--run must lie in 0..{COMMITTED_RUNS - 1}: the record has {COMMITTED_RUNS} runs"),
     (["report", "nowhere"], "no results directory nowhere"),
     (["report", "."], "no usable records in ."),
     (["merge", "merged", "nowhere"], "merge: no results directory nowhere"),
