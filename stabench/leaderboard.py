@@ -16,10 +16,13 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from .inits import INITS
+from .methods import METHODS
 from .metrics import (MA_START, METRIC_RANGES, VALIDATION_OF, fisher_p, holm, improvement,
                       lr_sensitivity, mean_ci, performance_ratios, profile_score, stable_width,
                       welch_p, wilson)
 from .reproduce import numerics_facts
+from .optimizers import OPTIMIZERS
 from .store import commit_label
 from .registry import UserError, parse_call, split_plus
 from .tasks import DEFAULT_PRECISION, OPTIONAL_SECTIONS, flatten
@@ -456,18 +459,34 @@ def _bold_mask(values: pd.Series, direction: str | None) -> pd.Series:
     return v == best
 
 
+LABELLERS = {"method": METHODS.label, "init": INITS.label, "optimizer": OPTIMIZERS.label}
+
+
+def entry_names(entries: pd.DataFrame, chosen: bool = False) -> pd.DataFrame:
+    """Display labels of entries (rows holding ENTRY columns): the method's, and the init's and
+    optimizer's where they vary. Labels that coincide get the full spec's arguments appended.
+    `chosen`: a tuned entry of one task names the setting chosen there (`setting`, `tuned`)."""
+    names = pd.DataFrame(index=entries.index)
+    for c in ENTRY:
+        if c == "method" or entries[c].nunique() > 1:
+            label = LABELLERS.get(c, str)
+            names[c] = [label(str(v)) for v in entries[c]]
+    if chosen and "tuned" in entries:
+        picked = entries["tuned"].fillna("").astype(str) != ""
+        names.loc[picked, "method"] = [f"{METHODS.label(s)} {TUNED}"
+                                       for s in entries.loc[picked, "setting"]]
+    for c in names.columns:  # two specs with one label: tell them apart by their spec
+        specs = entries[c].astype(str)
+        clash = specs.groupby(names[c]).transform("nunique") > 1
+        names.loc[clash, c] = [f"{n} [{s}]" for n, s in zip(names.loc[clash, c], specs[clash])]
+    return names
+
+
 def _rank_and_entry(board: pd.DataFrame) -> pd.DataFrame:
-    """A table's first columns: rank, method (a tuned entry with its chosen arguments), and init
-    and optimizer where they vary."""
+    """A table's first columns: rank and the entry's display labels (a tuned entry with the
+    setting chosen on the task); leaderboard.csv keeps the full specs."""
     frame = pd.DataFrame({"rank": board["rank"].map(format_number)})
-    for c in ["method"] + [c for c in ("init", "optimizer") if board[c].nunique() > 1]:
-        frame[c] = board[c]
-    if "tuned" in board:
-        frame["method"] = [f"{m} ({t})" if t else m
-                           for m, t in zip(board["method"], board["tuned"])]
-    return frame
-
-
+    return frame.join(entry_names(board, chosen=True))
 def _marked(text: str, tie) -> str:
     return text + MARK if tie is True else text
 

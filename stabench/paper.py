@@ -14,16 +14,12 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from .inits import INITS
-from .leaderboard import ALPHA, ENTRY, Leaderboards, Table, slug, task_weights
-from .methods import METHODS
+from .leaderboard import ALPHA, ENTRY, Leaderboards, Table, entry_names, slug, task_weights
 from .metrics import METRIC_RANGES, mean_ci
-from .optimizers import OPTIMIZERS
 from .text import format_number, plural
 
 MAIN_METRICS = ("stability", "target")
 INTERVALS = ("brackets", "pm")
-LABELLERS = {"method": METHODS.label, "init": INITS.label, "optimizer": OPTIMIZERS.label}
 
 
 @dataclass(frozen=True)
@@ -80,21 +76,6 @@ class PaperTable:
 
 
 # ---- labels --------------------------------------------------------------------------------------
-def entry_names(entries: pd.DataFrame) -> pd.DataFrame:
-    """Display labels of entries (rows holding ENTRY columns): the method's, and the init's and
-    optimizer's where they vary. Labels that coincide get the full spec's arguments appended."""
-    names = pd.DataFrame(index=entries.index)
-    for c in ENTRY:
-        if c == "method" or entries[c].nunique() > 1:
-            label = LABELLERS.get(c, str)
-            names[c] = [label(str(v)) for v in entries[c]]
-    for c in names.columns:  # two specs with one label: tell them apart by their spec
-        specs = entries[c].astype(str)
-        clash = specs.groupby(names[c]).transform("nunique") > 1
-        names.loc[clash, c] = [f"{n} [{s}]" for n, s in zip(names.loc[clash, c], specs[clash])]
-    return names
-
-
 def entry_labels(entries: pd.DataFrame) -> dict[tuple, str]:
     """(method, init, optimizer) -> the entry's display label as one line, " / " between its
     parts: what figure legends show, so they name entries as the tables do."""
@@ -306,11 +287,7 @@ def task_tables(variant: str, board: pd.DataFrame, runs: pd.DataFrame) -> tuple[
             lo, hi = board[INTERVAL_OF[key][0]], board[INTERVAL_OF[key][1]]
         ties = board[TIE_OF[key]] if key in TIE_OF and TIE_OF[key] in board else None
         columns.append(_column(header, values, lo, hi, direction, learned, ties, **fmt))
-    names = entry_names(board).reset_index(drop=True)
-    if "tuned" in board:  # a tuned entry shows the setting chosen on this task
-        chosen = board["tuned"].fillna("").astype(str).to_numpy() != ""
-        names.loc[chosen, "method"] = [f"{LABELLERS['method'](s)} tuned"
-                                       for s in board["setting"].to_numpy()[chosen]]
+    names = entry_names(board, chosen=True).reset_index(drop=True)
     seeds, lrs = runs["seed"].nunique(), runs["lr"].nunique()
     value = format_number(float(runs["target_value"].iloc[0]))
     target = f"{_metric_name(metric)} {'≥' if mode == 'max' else '≤'} {value}"

@@ -108,7 +108,8 @@ def test_the_board_shows_the_tuned_entry_once_per_task_beside_the_defaults(tmp_p
         CLIP[4.0], "max_norm=4", 3, 1.0)
     assert row["quality_mean"] == pytest.approx(0.5)  # the test score at the chosen setting
     table = lb.render_task("digits", board, tables.used)
-    assert "clip_norm tuned (max_norm=4)" in set(table.frame["method"])
+    # displayed as the chosen setting's label, tuned
+    assert "clip-norm (4) tuned" in set(table.frame["method"])
     assert "settings run" in table.caption
     assert sorted(tables.overall["method"]) == sorted(board["method"])
     assert set(tables.runs["method"]) == {"none", *CLIP.values()}  # every setting stays stored
