@@ -289,10 +289,16 @@ def _quartiles(values: np.ndarray) -> np.ndarray:
         return np.nanpercentile(values, [25, 50, 75], axis=0)
 
 
-def _median_band(ax, values: np.ndarray, style: EntryStyle) -> np.ndarray:
+def _median_band(ax, values: np.ndarray, style: EntryStyle, steps: np.ndarray | None = None,
+                 **line) -> np.ndarray:
+    """Median over seeds and the inter-quartile band of `values` [seeds, steps], at `steps`
+    only where given (a series recorded every K steps); returns the quartiles drawn."""
+    if steps is None:
+        steps = np.arange(values.shape[1])
+    else:
+        values = values[:, steps]
     q25, med, q75 = q = _quartiles(values)
-    steps = np.arange(values.shape[1])
-    ax.plot(steps, med, **style.line(marker=None, lw=0.9))
+    ax.plot(steps, med, **style.line(**{"marker": None, "lw": 0.9, **line}))
     ax.fill_between(steps, q25, q75, color=style.color, alpha=0.18, lw=0)
     return q
 
@@ -598,11 +604,8 @@ def sharpness_traces(traces: dict[float, dict[tuple, np.ndarray]], edges: dict[f
                 steps = np.flatnonzero(np.isfinite(values).any(axis=0))
                 if not steps.size:
                     continue
-                q25, med, q75 = q = _quartiles(values[:, steps])
-                entry_style = styles[entry]
-                ax.plot(steps, med, **entry_style.line(lw=0.9))
-                ax.fill_between(steps, q25, q75, color=entry_style.color, alpha=0.18, lw=0)
-                drawn.append(q)
+                drawn.append(_median_band(ax, values, styles[entry], steps,
+                                          marker=styles[entry].marker))
             if lr in edges:
                 ax.axhline(edges[lr], color="0.3", ls="--", lw=0.8, label="stability threshold")
                 drawn.append(np.array([edges[lr]]))
